@@ -1,0 +1,45 @@
+# Every target creates or reuses .venv and installs what it needs (see README).
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned torch/torchvision pair has wheels on local disk for CPython 3.11 x86_64; elsewhere pip resolves them.
+TORCH_SPEC ?= $(shell $(PY) -c 'import platform,sys; print("torch==2.14.1 torchvision==0.29.1" if (sys.version_info[:2]==(3,11) and platform.machine()=="x86_64") else "torch>=2.4 torchvision")')
+STAMP := $(VENV)/.medfuse-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test test-slow test-gpu bench lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "[setup] installing $(TORCH_SPEC) and medfuse[dev] into $(VENV) (first run takes a few minutes)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.medfuse-installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medfuse demo staging --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py --out docs/benchmarks.md
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,203 @@
+"""The ``medfuse`` command line (typer).
+
+User mistakes (any :class:`~medfuse.errors.MedfuseError`, however deep it was raised) print one
+line to stderr and exit with code 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medfuse.errors import MedfuseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medfuse: context-aware, multi-modal 3D medical image analysis.")
+data_app = typer.Typer(no_args_is_help=True, help="Data: demo generators and integrity checks.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+def demo_config_path(family: str) -> Path:
+    p = PACKAGE_CONFIGS / f"{family}_demo.yaml"
+    if not p.is_file():
+        from medfuse.registry import DEMOS
+
+        raise MedfuseError(family, "no demo for this family", f"use one of: {', '.join(DEMOS.names())}")
+    return p
+
+
+@app.command()
+def demo(
+    family: Annotated[str, typer.Argument(help="family whose demo to run")] = "staging",
+    out: Annotated[Path, typer.Option(help="output folder (data + runs)")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="tiny data and few epochs (smoke test)")] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(help="config overrides key=value")] = None,
+) -> None:
+    """Generate a family's demo data, train, evaluate on the test split and print the report."""
+    from medfuse.engine.demo import run_demo
+
+    run_demo(family, out, quick=quick, overrides=overrides or [], console=console)
+
+
+@data_app.command("make-demo")
+def make_demo_cmd(
+    family: Annotated[str, typer.Argument(help="family whose demo data to generate")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    quick: Annotated[bool, typer.Option(help="a small dataset")] = False,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+) -> None:
+    """Write a family's procedural demo dataset (NIfTI + manifest)."""
+    from medfuse.data.demo import make_demo
+
+    path = make_demo(family, out, quick=quick, seed=seed)
+    console.print(f"wrote demo data for [bold]{family}[/] -> {path}")
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="dataset folder or manifest")],
+    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats")] = "auto",
+) -> None:
+    """Check a dataset's integrity; one line per problem; exit 0 when clean, 2 otherwise."""
+    from medfuse.data.checks import run_check
+
+    raise typer.Exit(run_check(path, layout=layout))
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="overrides like train.max_epochs=3")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue a killed run from its last checkpoint")] = None,
+    stage: Annotated[str | None, typer.Option(help="run a single stage (from the previous stage's best)")] = None,
+) -> None:
+    """Train a model from a config (or resume a run)."""
+    from medfuse.engine.trainer import fit, resume_run
+
+    if resume is not None:
+        run_dir = resume_run(resume)
+    else:
+        if config is None:
+            raise MedfuseError("CONFIG", "no config given", "medfuse train configs/<family>_<dataset>.yaml")
+        from medfuse.config import load_config
+
+        cfg = load_config(config, overrides or [])
+        if stage is not None and stage.isdigit() and cfg.train.stages:
+            idx = int(stage) - 1
+            if not 0 <= idx < len(cfg.train.stages):
+                raise MedfuseError("--stage", f"no stage {stage}", f"use 1..{len(cfg.train.stages)}")
+            stage = cfg.train.stages[idx].name
+        run_dir = fit(cfg, only_stage=stage, resume=stage is not None)
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
+    split: Annotated[str, typer.Option(help="test | val | train")] = "test",
+    n_boot: Annotated[int | None, typer.Option(help="bootstrap resamples (default from config)")] = None,
+) -> None:
+    """Evaluate a run's best checkpoint with bootstrap CIs and write report.json/report.html."""
+    from medfuse.engine.evaluate import evaluate as _evaluate
+    from medfuse.reports import metrics_table
+
+    if split not in ("test", "val", "train"):
+        raise MedfuseError("--split", f"unknown split '{split}'", "use test, val or train")
+    report = _evaluate(run_dir, split=split, n_boot=n_boot)
+    console.print(metrics_table(report.get("metrics", {})))
+    console.print(f"report: {run_dir / 'report.html'}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
+    inputs: Annotated[list[str], typer.Argument(help="one image per modality, or a manifest/dataset folder")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
+    modalities: Annotated[str | None, typer.Option(help="comma-separated modality names of INPUTS")] = None,
+) -> None:
+    """Predict new cases with a trained run."""
+    from medfuse.engine.evaluate import predict as _predict
+
+    mods = [m.strip() for m in modalities.split(",")] if modalities else None
+    path = _predict(run_dir, inputs, out, modalities=mods)
+    console.print(f"predictions: {path}")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models, encoders, text encoders and demo generators."""
+    from rich.table import Table
+
+    from medfuse.registry import DEMOS, ENCODERS, MODELS, TEXT_ENCODERS
+
+    table = Table("registry", "name", "description")
+    for label, reg in (("model", MODELS), ("encoder", ENCODERS), ("text encoder", TEXT_ENCODERS), ("demo", DEMOS)):
+        for name in reg.names():
+            table.add_row(label, name, reg.help(name))
+    console.print(table)
+
+
+@app.command()
+def info() -> None:
+    """Versions, devices, fast paths and installed extras."""
+    import importlib.util
+
+    import torch
+
+    import medfuse
+
+    rows = [("medfuse", medfuse.__version__), ("python", sys.version.split()[0]), ("torch", torch.__version__),
+            ("cuda available", str(torch.cuda.is_available())),
+            ("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "-"),
+            ("bf16 on cuda", str(torch.cuda.is_available() and torch.cuda.is_bf16_supported())),
+            ("MEDFUSE_SCAN", os.environ.get("MEDFUSE_SCAN", "(auto)"))]
+    for pkg, extra in (("monai", "core"), ("lightning", "core"), ("timm", "core"), ("transformers", "core"),
+                       ("mamba_ssm", "mamba"), ("sam2", "oracles"), ("segment_anything", "oracles"),
+                       ("zarr", "zarr"), ("tensorboard", "dev")):
+        ok = importlib.util.find_spec(pkg) is not None
+        rows.append((f"{pkg} [{extra}]", "installed" if ok else "not installed"))
+    from rich.table import Table
+
+    table = Table("item", "value")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+def _user_error(exc: BaseException) -> MedfuseError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedfuseError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the typer app and maps user errors to exit code 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001
+        user = _user_error(e)
+        if user is None:
+            raise
+        err_console.print(f"error: {user.one_line()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(user.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Experiment configuration: pydantic v2 schemas, YAML loading and ``a.b=c`` overrides.
+
+One YAML file describes one experiment (``configs/<family>_<dataset>.yaml``). It has four sections,
+``data``, ``model``, ``train`` and ``eval``, plus a few top-level keys. Unknown keys and values of
+the wrong type are refused with a one-line :class:`~medfuse.errors.ConfigError` that names the key
+and lists the valid ones. Nothing in a config is executed or imported: models are registry names.
+
+All spatial tuples (``spacing``, ``spatial_size``, ``roi_size``) are in array order ``(D, H, W)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medfuse.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class IntensityConfig(_Strict):
+    """Intensity normalisation of one modality.
+
+    ``percentile`` clips to the ``lower``/``upper`` percentiles (of nonzero voxels when ``nonzero``)
+    and scales to [0, 1] (MR). ``ct_window`` clips HU to ``level +- width/2`` and scales to [0, 1].
+    ``zscore`` subtracts the mean and divides by the std (of nonzero voxels when ``nonzero``).
+    """
+
+    kind: Literal["percentile", "ct_window", "zscore", "none"] = "percentile"
+    lower: float = 0.5
+    upper: float = 99.5
+    level: float = 40.0
+    width: float = 400.0
+    nonzero: bool = False
+
+
+class AugmentConfig(_Strict):
+    """Training-only random augmentation (MONAI ``Rand*d`` transforms). Probabilities are per sample."""
+
+    flip_prob: float = 0.0
+    flip_axes: list[int] = Field(default_factory=lambda: [1, 2], description="array axes of (D, H, W)")
+    rotate_prob: float = 0.0
+    rotate_deg: float = 10.0
+    scale_prob: float = 0.0
+    scale_range: float = 0.1
+    intensity_prob: float = 0.0
+    intensity_shift: float = 0.1
+    intensity_scale: float = 0.1
+    noise_prob: float = 0.0
+    noise_std: float = 0.05
+
+
+class TransformsConfig(_Strict):
+    """The MONAI dict-transform chain (see :mod:`medfuse.data.transforms`)."""
+
+    orientation: str | None = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    intensity: dict[str, IntensityConfig] = Field(
+        default_factory=lambda: {"*": IntensityConfig()},
+        description="per modality; the key '*' applies to modalities not named",
+    )
+    spatial_size: tuple[int, int, int] | None = None
+    train_crop: Literal["center", "random", "foreground"] = "center"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class SplitConfig(_Strict):
+    """Patient-level train/val/test split; cases with a ``split`` column keep it."""
+
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    stratify: bool = True
+
+
+class DataConfig(_Strict):
+    """Where the cases are and how they become tensors."""
+
+    root: str | None = None
+    layout: Literal["auto", "manifest", "nnunet", "msd", "brats"] = "auto"
+    demo: str | None = Field(None, description="generate this family's demo data into root if it is missing")
+    demo_params: dict[str, Any] = Field(default_factory=dict)
+    modalities: list[str] | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    batch_size: int = 2
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    cache_dir: str | None = Field(None, description="MONAI PersistentDataset disk cache of deterministic transforms")
+
+
+class ModelConfig(_Strict):
+    """A registered model and its factory arguments (checked against the factory's signature)."""
+
+    name: str = "baseline_cnn3d"
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="local path to initial weights (safetensors or .pt)")
+
+
+class StageConfig(_Strict):
+    """One stage of multi-stage training: its own epochs, trainable parts and loss weights."""
+
+    name: str
+    max_epochs: int = Field(1, ge=1)
+    trainable: list[str] | None = Field(None, description="fnmatch patterns of parameter names; None = all")
+    frozen: list[str] = Field(default_factory=list, description="fnmatch patterns frozen in this stage")
+    losses: dict[str, float] = Field(default_factory=dict)
+    lr: float | None = None
+
+
+class TrainConfig(_Strict):
+    """Optimisation and the Lightning Trainer."""
+
+    max_epochs: int = Field(10, ge=1)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: int = 0
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float | None = 1.0
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto = bf16-mixed on CUDA, 32 on CPU"
+    )
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    seed: int = 0
+    deterministic: bool | Literal["warn"] = "warn"
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    loss: dict[str, float] = Field(default_factory=dict, description="loss weights, task-specific names")
+    seg_loss: Literal["dice_ce", "dice_focal", "dice"] = "dice_ce"
+    class_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, v: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return v
+
+
+class EvalConfig(_Strict):
+    """Evaluation: which split, bootstrap settings, inference settings."""
+
+    split: Literal["val", "test", "train"] = "test"
+    n_boot: int = 1000
+    ci: float = 0.95
+    roi_size: tuple[int, int, int] | None = Field(None, description="sliding-window ROI; None = whole volume")
+    sw_overlap: float = 0.25
+    overlays: int = 3
+
+
+class Config(_Strict):
+    """A whole experiment."""
+
+    name: str = "run"
+    family: str = "baseline"
+    task: Literal["classification", "segmentation", "contrastive"] = "classification"
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
+    model: Any = Config
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return model
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    """Strip Optional/list/dict wrappers down to a pydantic model class if there is one."""
+    for arg in (ann, *typing.get_args(ann)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        for sub in typing.get_args(arg):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                return sub
+    return ann
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "tagged-union")))
+
+
+def _to_config_error(err: ValidationError, source: str) -> ConfigError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    key = _key_path(loc)
+    where = f"{source}: {key}" if source else key
+    if e["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        return ConfigError(where, "unknown key", f"valid keys here are: {', '.join(valid)}")
+    parent = _model_at(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent is not None and loc else None
+    expected = _describe(field.annotation) if field is not None else ""
+    got = e.get("input")
+    fix = f"give {expected}" if expected else "fix the value"
+    return ConfigError(where, f"{e['msg']} (got {got!r})", fix)
+
+
+def _describe(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return "one of: " + ", ".join(repr(a) for a in typing.get_args(ann))
+    text = getattr(ann, "__name__", None) or str(ann)
+    return "a value of type " + text.replace("typing.", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value as YAML: numbers, lists, null, true) into (path, value)."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key.path=value", "e.g. train.max_epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, "empty key in override", "e.g. train.max_epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {e.problem}", "quote it or use YAML syntax") from e
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config dict (returns a new dict)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                key = ".".join(path[: i + 1])
+                raise ConfigError(key, f"is a value ({nxt!r}), not a section", "override the whole value instead")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(p, "config file not found", "pass the path of a YAML config (see configs/)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(p, f"invalid YAML{at}", "fix the syntax") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(p, "the top level must be a mapping of sections", "see configs/ for examples")
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "") -> Config:
+    """Validate a raw dict into a :class:`Config`, turning pydantic errors into one-line ConfigErrors."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _to_config_error(e, source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or ``base`` dict), apply overrides, validate.
+
+    Relative ``data.root`` and ``data.cache_dir`` paths stay relative to the working directory.
+    """
+    raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, str(path) if path is not None else "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,585 @@
+"""MONAI dictionary transforms assembled from config (DESIGN "data/transforms.py", "Arrays" contract).
+
+A case becomes a plain item with :func:`case_to_item` and then runs through the chain that
+:func:`build_transforms` returns::
+
+    LoadCased -> Orientationd -> Spacingd -> NormalizeIntensityPerModalityd -> crop/pad
+        -> [train only: random augmentation] -> ToSliceMajord
+
+Inside the chain arrays are MONAI's ``(C, i, j, k)`` file-index order (``i = w``, ``j = h``,
+``k = d``) as :class:`monai.data.MetaTensor` carrying the affine, so every MONAI spatial
+transform keeps the geometry right. The last step, :class:`ToSliceMajord`, turns them into the
+medfuse contract: plain tensors ``(C, D, H, W)`` with ``D`` the slice axis, plus ``item["affine"]``
+(the (4, 4) RAS affine of the final grid for voxel ``(w, h, d)``) for writing predictions back.
+
+All deterministic steps come before the first random one, so :func:`build_dataset` with a
+``cache_dir`` (a MONAI ``PersistentDataset``) caches everything up to the first random transform;
+for an eval chain that is the whole item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import monai.transforms as mt
+import numpy as np
+import torch
+from monai.data import Dataset, MetaTensor, PersistentDataset
+
+from medfuse.config import IntensityConfig, TransformsConfig
+from medfuse.data.io import read_image
+from medfuse.errors import ConfigError, DataError, MedfuseError
+
+# Two affines closer than this (mm, per entry) describe the same grid: NIfTI stores them as float32.
+_AFFINE_ATOL = 1e-4
+# Key under which CachedDataset keeps MetaTensor geometry while the item sits in the disk cache.
+_META_KEY = "_medfuse_meta"
+
+
+def case_to_item(case: Any, modalities: list[str]) -> dict[str, Any]:
+    """Turn a :class:`~medfuse.data.layouts.Case` into the plain dict the transform chain reads.
+
+    Only plain Python types are used, so the item pickles into DataLoader workers and hashes as a
+    PersistentDataset cache key.
+
+    Args:
+        case: a ``Case`` (``case_id``, ``patient_id``, ``images``, ``label``, ``mask``, ``text``,
+            ``channel_index``).
+        modalities: modality names in channel order.
+
+    Returns:
+        ``{"case_id", "patient_id", "image": [path or None per modality], "channel_index":
+        [int or None per modality]}`` plus ``"label"``, ``"mask"`` (path) and ``"text"`` when the
+        case has them.
+    """
+    chan = case.channel_index or {}
+    item: dict[str, Any] = {
+        "case_id": str(case.case_id),
+        "patient_id": str(case.patient_id),
+        "image": [str(case.images[m]) if case.images.get(m) else None for m in modalities],
+        "channel_index": [None if chan.get(m) is None else int(chan[m]) for m in modalities],
+    }
+    if case.label is not None:
+        item["label"] = case.label
+    if case.mask:
+        item["mask"] = str(case.mask)
+    if case.text:
+        item["text"] = str(case.text)
+    return item
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``path`` as (C, i, j, k) plus its affine; every failure is a DataError naming the file."""
+    try:
+        vol = read_image(path)
+    except (MedfuseError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure must name the file
+        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc})", "check the file") from exc
+    return vol.array.transpose(0, 3, 2, 1), vol.affine  # (C, D, H, W) -> (C, i, j, k)
+
+
+def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
+    return a.shape[1:] == b.shape[1:] and np.allclose(
+        a.affine.numpy(), b.affine.numpy(), atol=_AFFINE_ATOL, rtol=0.0
+    )
+
+
+class LoadCased(mt.MapTransform):
+    """Read a case's modality files and stack them into one image on one voxel grid.
+
+    ``item["image"]`` (a path or ``None`` per modality) becomes a float32 :class:`MetaTensor`
+    ``(M, i, j, k)`` (MONAI's file-index order, ``(M, W, H, D)``) whose affine is that of the first
+    present modality. A modality whose grid (shape or affine) differs from that one is resampled
+    onto it with MONAI ``ResampleToMatch`` (trilinear, zeros outside its field of view). A missing
+    modality (``None``) becomes zeros and ``item["present"]`` is a float tensor ``(M,)`` of 1/0.
+    ``item["mask"]`` (a path) becomes an integer ``(1, i, j, k)`` MetaTensor on the same grid
+    (nearest-neighbour when resampled).
+
+    Args:
+        modalities: modality names in channel order (for messages and a length check).
+        load_mask: read ``item["mask"]``; when False the key is dropped.
+        keys: the image key.
+        mask_key: the mask key.
+
+    Raises:
+        DataError: a file is missing or unreadable, a multi-channel file lacks a valid channel
+            index, voxels are NaN/inf, a mask is not integer-valued, or the case has no modality.
+    """
+
+    def __init__(self, modalities: Sequence[str], load_mask: bool = True, keys: str = "image",
+                 mask_key: str = "mask") -> None:
+        super().__init__(keys)
+        self.modalities = list(modalities)
+        self.load_mask = load_mask
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        case = d.get("case_id", "?")
+        cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a 4D file shared by modalities is read once
+        for key in self.key_iterator(d):
+            paths = list(d[key])
+            if len(paths) != len(self.modalities):
+                raise ValueError(f"case {case}: {len(paths)} image paths for modalities {self.modalities}")
+            chans = list(d.pop("channel_index", None) or [None] * len(paths))
+            loaded = [None if p is None else self._channel(str(p), c, m, cache)
+                      for p, c, m in zip(paths, chans, self.modalities, strict=True)]
+            ref = next((x for x in loaded if x is not None), None)
+            if ref is None:
+                raise DataError(f"case {case}", "has none of the modalities " + ", ".join(self.modalities),
+                                "give at least one image per case")
+            resample = mt.ResampleToMatch(mode="bilinear", padding_mode="zeros")
+            chans_out = [torch.zeros_like(ref.as_tensor()) if x is None
+                         else x.as_tensor() if _same_grid(x, ref)
+                         else resample(x, img_dst=ref).as_tensor().float()
+                         for x in loaded]
+            d[key] = MetaTensor(torch.cat(chans_out), affine=ref.affine.clone(),
+                                meta={"filename_or_obj": ref.meta["filename_or_obj"]})  # (M, i, j, k)
+            d["present"] = torch.tensor([0.0 if x is None else 1.0 for x in loaded])
+            if self.load_mask and d.get(self.mask_key) is not None:
+                d[self.mask_key] = self._mask(str(d[self.mask_key]), ref, cache)
+            else:
+                d.pop(self.mask_key, None)
+        return d
+
+    def _channel(self, path: str, chan: int | None, modality: str,
+                 cache: dict[str, tuple[np.ndarray, np.ndarray]]) -> MetaTensor:
+        """One modality as float32 (1, i, j, k)."""
+        if path not in cache:
+            cache[path] = _read(path)
+        arr, affine = cache[path]
+        n = arr.shape[0]
+        if chan is None and n != 1:
+            raise DataError(path, f"has {n} channels but no channel index is given for modality '{modality}'",
+                            f"add a channel_{modality} column (0..{n - 1}) to the manifest")
+        c = 0 if chan is None else chan
+        if not -n <= c < n:
+            raise DataError(path, f"has {n} channels; channel {c} of modality '{modality}' is out of range",
+                            f"use a channel index in 0..{n - 1}")
+        c %= n
+        x = np.asarray(arr[c : c + 1], dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(path, "contains NaN or infinite voxels", "fix or exclude this image")
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(x)), affine=torch.as_tensor(affine),
+                          meta={"filename_or_obj": path})
+
+    def _mask(self, path: str, ref: MetaTensor, cache: dict[str, tuple[np.ndarray, np.ndarray]],
+              ) -> MetaTensor:
+        """The label map as int32 (1, i, j, k) on ``ref``'s grid."""
+        arr, affine = cache[path] if path in cache else _read(path)
+        if arr.shape[0] != 1:
+            raise DataError(path, f"a mask must have one channel, this one has {arr.shape[0]}",
+                            "store the label map as a single 3D image")
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+                raise DataError(path, "mask has non-integer values", "store integer labels (0 = background)")
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise DataError(path, "mask values do not fit in int32", "store small integer class labels")
+        mask = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int32)),
+                          affine=torch.as_tensor(affine), meta={"filename_or_obj": path})
+        if _same_grid(mask, ref):
+            return mask
+        out = mt.ResampleToMatch(mode="nearest", padding_mode="zeros")(mask.float(), img_dst=ref)
+        return MetaTensor(out.as_tensor().round().to(torch.int32), affine=ref.affine.clone(),
+                          meta={"filename_or_obj": path})
+
+
+# -------------------------------------------------------------------------------------- intensity
+
+
+class NormalizeIntensityPerModalityd(mt.MapTransform):
+    """Normalise each modality's channel with its own :class:`~medfuse.config.IntensityConfig`.
+
+    ``intensity[modality]`` applies to that modality's channel, ``intensity["*"]`` to the others
+    (``IntensityConfig()`` if there is no ``"*"``). Kinds:
+
+    * ``percentile``: MONAI ``ScaleIntensityRangePercentiles`` semantics: clip to the ``lower`` /
+      ``upper`` percentiles and scale to [0, 1]. With ``nonzero`` the percentiles are those of the
+      nonzero voxels and voxels that were 0 stay 0 (MedSAM2's MR recipe).
+    * ``ct_window``: ``ScaleIntensityRange(level - width/2, level + width/2, 0, 1, clip=True)``.
+    * ``zscore``: ``NormalizeIntensity`` (``nonzero``: statistics of, and applied to, nonzero voxels).
+    * ``none``: identity.
+
+    A constant channel becomes 0. Channels of absent modalities (``item["present"] == 0``) stay 0.
+
+    Args:
+        modalities: modality names in channel order.
+        intensity: modality -> config, ``"*"`` the default.
+        keys: the image key, (M, ...) with M = len(modalities).
+    """
+
+    def __init__(self, modalities: Sequence[str], intensity: Mapping[str, IntensityConfig],
+                 keys: str = "image") -> None:
+        super().__init__(keys)
+        self.modalities = list(modalities)
+        default = intensity.get("*", IntensityConfig())
+        self.configs = [intensity.get(m, default) for m in self.modalities]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = d.get("present")
+        for key in self.key_iterator(d):
+            img = d[key]
+            out = img.clone()
+            for m, cfg in enumerate(self.configs):
+                if present is not None and float(present[m]) == 0.0:
+                    continue
+                out[m] = self._normalize(torch.as_tensor(img[m]).float(), cfg)
+            d[key] = out
+        return d
+
+    @staticmethod
+    def _normalize(x: torch.Tensor, cfg: IntensityConfig) -> torch.Tensor:
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        if cfg.kind == "none":
+            return x
+        if cfg.kind == "zscore":
+            return mt.NormalizeIntensity(nonzero=cfg.nonzero)(x)
+        if cfg.kind == "ct_window":
+            lo, hi = cfg.level - cfg.width / 2, cfg.level + cfg.width / 2
+        else:  # percentile
+            values = x[x != 0] if cfg.nonzero else x
+            if values.numel() == 0:
+                return torch.zeros_like(x)
+            # numpy: torch.quantile refuses inputs above 16M elements.
+            lo, hi = (float(v) for v in np.percentile(values.numpy(), [cfg.lower, cfg.upper]))
+        if hi <= lo:
+            return torch.zeros_like(x)
+        y = torch.as_tensor(mt.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(x))
+        if cfg.kind == "percentile" and cfg.nonzero:
+            y = torch.where(x == 0, torch.zeros_like(y), y)
+        return y
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+class ToSliceMajord(mt.MapTransform):
+    """Final step: MONAI ``(C, i, j, k)`` MetaTensors -> medfuse ``(C, D, H, W)`` plain tensors.
+
+    ``image`` becomes a contiguous float32 tensor (M, D, H, W), with the channels of absent
+    modalities (``item["present"] == 0``) set to exactly 0 again after any augmentation; ``mask``
+    becomes a contiguous int64 tensor (1, D, H, W). ``item["affine"]`` is the (4, 4) float64 numpy
+    RAS affine of the image's final grid (after reorientation, resampling, cropping) for voxel
+    ``(w, h, d)``, i.e. what :func:`medfuse.data.io.write_nifti` needs to write a prediction back.
+
+    Args:
+        keys: image key (first) and mask key; missing keys are skipped.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "mask")) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key = self.keys[0]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        img = d[self.image_key]
+        if not isinstance(img, MetaTensor):
+            raise TypeError(f"ToSliceMajord needs a MetaTensor '{self.image_key}', got {type(img).__name__}")
+        d["affine"] = img.affine.detach().cpu().numpy().astype(np.float64)
+        for key in self.key_iterator(d):
+            x = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            x = x.permute(0, 3, 2, 1)  # (C, i, j, k) = (C, W, H, D) -> (C, D, H, W)
+            if key == self.image_key:
+                x = x.float()
+                if "present" in d:
+                    x = x * torch.as_tensor(d["present"], dtype=x.dtype).view(-1, 1, 1, 1)
+            else:
+                x = x.round().long() if x.is_floating_point() else x.long()
+            d[key] = x.contiguous()
+        return d
+
+
+class _RandForegroundCropd(mt.RandCropByPosNegLabeld):
+    """``RandCropByPosNegLabeld`` (pos=1, neg=1, one sample) returning one dict instead of a list.
+
+    Unwrapping here, not in a later step, keeps the rest of the chain working on single items
+    (MONAI's Compose would otherwise map every later transform over the list).
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        if data.get(self.label_key) is None:
+            raise DataError(f"case {data.get('case_id', '?')}", "has no mask but train_crop is 'foreground'",
+                            "give every training case a mask, or set data.transforms.train_crop=random")
+        return super().__call__(data, lazy=lazy)[0]
+
+
+# ------------------------------------------------------------------------------------------- chain
+
+
+def _raise_user_error(exc: BaseException) -> None:
+    """Re-raise the MedfuseError that MONAI wrapped in ``RuntimeError("applying transform ...")``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, MedfuseError):
+            raise seen
+        seen = seen.__cause__
+
+
+class MedfuseCompose(mt.Compose):
+    """MONAI ``Compose`` that lets a :class:`~medfuse.errors.MedfuseError` out unwrapped.
+
+    MONAI wraps every exception raised inside a transform in ``RuntimeError("applying transform
+    ...")``; a user's data error must reach the CLI as itself, so it can print its one line.
+
+    Attributes:
+        fingerprint: JSON of everything that shapes the output (set by :func:`build_transforms`);
+            part of the PersistentDataset cache key.
+    """
+
+    fingerprint: str = ""
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as exc:
+            _raise_user_error(exc)
+            raise
+
+
+
+def _check(cfg: TransformsConfig, modalities: list[str]) -> None:
+    unknown = sorted(set(cfg.intensity) - {"*", *modalities})
+    if unknown:
+        raise ConfigError(f"data.transforms.intensity.{unknown[0]}", "is not one of the modalities",
+                          f"use '*' or one of: {', '.join(modalities)}")
+    bad = [a for a in cfg.augment.flip_axes if a not in (0, 1, 2)]
+    if bad:
+        raise ConfigError("data.transforms.augment.flip_axes", f"axis {bad[0]} is not an axis of (D, H, W)",
+                          "use 0 (D), 1 (H) and/or 2 (W)")
+
+
+def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: bool,
+                     has_mask: bool) -> MedfuseCompose:
+    """Assemble the dict-transform chain for items made by :func:`case_to_item`.
+
+    Order: :class:`LoadCased` -> ``Orientationd(cfg.orientation)`` -> ``Spacingd`` (``cfg.spacing``
+    (D, H, W) given to MONAI as (w, h, d); trilinear image, nearest mask) ->
+    :class:`NormalizeIntensityPerModalityd` -> crop/pad to ``cfg.spatial_size`` -> (train only)
+    augmentation -> :class:`ToSliceMajord`. Deterministic steps come first so that a
+    PersistentDataset caches everything before the first random transform.
+
+    Cropping. Eval: ``ResizeWithPadOrCropd`` (centre). Train, by ``cfg.train_crop``: ``center`` as
+    eval; ``random``: ``SpatialPadd`` then ``RandSpatialCropd``; ``foreground``: ``SpatialPadd``
+    then ``RandCropByPosNegLabeld`` (pos=1, neg=1, num_samples=1) unwrapped to a single dict, so
+    the train chain also returns one dict per item. Without a mask ``foreground`` falls back to
+    ``random`` with a warning.
+
+    Augmentation (train only; a step with probability 0 is left out): ``RandFlipd`` per array axis
+    of ``flip_axes`` (D, H, W -> MONAI spatial axes k, j, i); ``RandRotated`` by up to
+    ``rotate_deg`` in the slice plane (about the slice axis); ``RandZoomd`` isotropic by up to
+    ``1 +- scale_range`` keeping the size; ``RandScaleIntensityd`` / ``RandShiftIntensityd``
+    (per channel); ``RandGaussianNoised``. The mask follows spatial steps with nearest-neighbour.
+
+    The returned :class:`MedfuseCompose` carries ``fingerprint`` (a JSON string of everything that
+    shapes its output), which :func:`build_dataset` puts into the cache key.
+
+    Args:
+        cfg: the ``data.transforms`` config section.
+        modalities: modality names in channel order.
+        train: build the training chain (random crop and augmentation).
+        has_mask: items carry a segmentation mask to load and transform alongside the image.
+
+    Returns:
+        A Compose (raising MedfuseErrors unwrapped) mapping an item to ``{"image": (M, D, H, W)
+        float32, "mask": (1, D, H, W) int64 (if has_mask), "present": (M,), "affine": (4, 4) float64
+        numpy, ...}``.
+
+    Raises:
+        ConfigError: an intensity key that is not a modality, or a flip axis outside 0..2.
+    """
+    _check(cfg, modalities)
+    img, mask = "image", "mask"
+    keys = [img, mask] if has_mask else [img]
+    both = dict(keys=keys, allow_missing_keys=True)
+    modes = ("bilinear", "nearest")[: len(keys)]
+    t: list[Any] = [LoadCased(modalities, load_mask=has_mask, keys=img)]
+    if cfg.orientation:
+        t.append(mt.Orientationd(axcodes=cfg.orientation, labels=None, **both))
+    if cfg.spacing:
+        t.append(mt.Spacingd(pixdim=tuple(reversed(cfg.spacing)), mode=modes, padding_mode="zeros", **both))
+    t.append(NormalizeIntensityPerModalityd(modalities, cfg.intensity, keys=img))
+    if cfg.spatial_size:
+        size = tuple(int(s) for s in reversed(cfg.spatial_size))  # (D, H, W) -> MONAI (i, j, k) = (w, h, d)
+        crop = cfg.train_crop if train else "center"
+        if crop == "foreground" and not has_mask:
+            warnings.warn("train_crop 'foreground' needs masks; using 'random' crops instead", stacklevel=2)
+            crop = "random"
+        if crop == "center":
+            t.append(mt.ResizeWithPadOrCropd(spatial_size=size, mode="constant", **both))
+        else:
+            t.append(mt.SpatialPadd(spatial_size=size, mode="constant", **both))
+            if crop == "random":
+                t.append(mt.RandSpatialCropd(roi_size=size, random_size=False, **both))
+            else:
+                t.append(_RandForegroundCropd(keys=keys, label_key=mask, spatial_size=size, pos=1, neg=1,
+                                              num_samples=1, allow_smaller=True))
+    if train:
+        t.extend(_augmentations(cfg, keys))
+    t.append(ToSliceMajord(keys=(img, mask)))
+    compose = MedfuseCompose(t)
+    compose.fingerprint = json.dumps(
+        {"cfg": cfg.model_dump(mode="json"), "modalities": list(modalities), "train": train,
+         "has_mask": has_mask}, sort_keys=True,
+    )
+    return compose
+
+
+def _augmentations(cfg: TransformsConfig, keys: list[str]) -> list[Any]:
+    a = cfg.augment
+    both = dict(keys=keys, allow_missing_keys=True)
+    nearest = len(keys) > 1
+    out: list[Any] = []
+    if a.flip_prob > 0:
+        for axis in sorted(set(a.flip_axes)):
+            # array axis 0, 1, 2 = (D, H, W) is MONAI spatial axis 2, 1, 0 = (k, j, i)
+            out.append(mt.RandFlipd(prob=a.flip_prob, spatial_axis=2 - axis, **both))
+    if a.rotate_prob > 0 and a.rotate_deg > 0:
+        # MONAI's 3D angles are (about i, about j, about k); range_z turns within the (i, j) slice
+        # plane (checked by tests/data/test_transforms.py; MONAI's docstring words it differently).
+        out.append(mt.RandRotated(range_z=float(np.deg2rad(a.rotate_deg)), prob=a.rotate_prob, keep_size=True,
+                               mode=("bilinear", "nearest") if nearest else "bilinear",
+                               padding_mode="zeros", **both))
+    if a.scale_prob > 0 and a.scale_range > 0:
+        out.append(mt.RandZoomd(prob=a.scale_prob, min_zoom=1 - a.scale_range, max_zoom=1 + a.scale_range,
+                             keep_size=True, mode=("trilinear", "nearest") if nearest else "trilinear",
+                             padding_mode="constant", **both))
+    if a.intensity_prob > 0:
+        if a.intensity_scale > 0:
+            out.append(mt.RandScaleIntensityd(keys="image", factors=a.intensity_scale, prob=a.intensity_prob,
+                                           channel_wise=True))
+        if a.intensity_shift > 0:
+            out.append(mt.RandShiftIntensityd(keys="image", offsets=a.intensity_shift, prob=a.intensity_prob,
+                                           channel_wise=True))
+    if a.noise_prob > 0 and a.noise_std > 0:
+        out.append(mt.RandGaussianNoised(keys="image", prob=a.noise_prob, mean=0.0, std=a.noise_std))
+    return out
+
+
+def set_transform_seed(transform: Any, seed: int) -> None:
+    """Re-seed every random transform of a Compose (``Compose.set_random_state``), for exact resume.
+
+    Each DataLoader worker holds its own copy of the transform; seed workers separately (e.g.
+    ``monai.data.utils.worker_init_fn``) or their augmentations repeat across workers.
+    """
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=int(seed))
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+
+def _path_state(path: str) -> list[Any]:
+    """[path, size, mtime_ns] of a file; a folder (DICOM series) lists every file inside it."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            return [path, [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+        st = os.stat(p)
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path, None, None]  # the load will raise a DataError naming the file
+
+
+def file_state_hash(item: Mapping[str, Any]) -> bytes:
+    """Cache key of an item: the item itself plus size and mtime of every file it references.
+
+    Editing or replacing a file changes its size or modification time and hence the key, so the
+    stale cache entry is simply not used again.
+    """
+    paths = [p for p in item.get("image", []) if p] + ([item["mask"]] if item.get("mask") else [])
+    payload = {"item": item, "files": [_path_state(str(p)) for p in paths]}
+    dump = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(dump).hexdigest().encode()
+
+
+class _UserErrors:
+    """Dataset mixin: a MedfuseError from the transform is raised as itself, not in a RuntimeError."""
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)  # type: ignore[misc]
+        except RuntimeError as exc:
+            _raise_user_error(exc)
+            raise
+
+
+class CaseDataset(_UserErrors, Dataset):
+    """``monai.data.Dataset`` that raises a MedfuseError from its transform unwrapped."""
+
+
+class CachedDataset(_UserErrors, PersistentDataset):
+    """``PersistentDataset`` whose cache files load with ``torch.load(weights_only=True)``.
+
+    MetaTensors are stored as plain tensors plus their affine and file name and are rebuilt on
+    load, because MONAI's MetaTensor metadata (enums, transform traces) is not loadable with
+    ``weights_only=True``, and an unpickling load must never run code from a file. A MedfuseError
+    from the transform is raised unwrapped, as in :class:`CaseDataset`.
+    """
+
+    def _pre_transform(self, item_transformed: Any) -> Any:
+        return _strip_meta(super()._pre_transform(item_transformed))
+
+    def _post_transform(self, item_transformed: Any) -> Any:
+        out = super()._post_transform(_restore_meta(item_transformed))
+        if isinstance(out, dict) and isinstance(out.get("affine"), torch.Tensor):
+            out["affine"] = out["affine"].numpy().astype(np.float64)  # the cache turned numpy into tensors
+        return out
+
+
+def _strip_meta(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item
+    out, meta = dict(item), {}
+    for key, value in item.items():
+        if isinstance(value, MetaTensor):
+            name = str(value.meta.get("filename_or_obj", ""))
+            meta[key] = {"affine": value.affine.clone(), "filename_or_obj": name}
+            out[key] = value.as_tensor().clone()
+    if meta:
+        out[_META_KEY] = meta
+    return out
+
+
+def _restore_meta(item: Any) -> Any:
+    if not isinstance(item, dict) or _META_KEY not in item:
+        return item
+    out = dict(item)
+    for key, m in out.pop(_META_KEY).items():
+        out[key] = MetaTensor(out[key], affine=m["affine"], meta={"filename_or_obj": m["filename_or_obj"]})
+    return out
+
+
+def build_dataset(items: list[dict[str, Any]], transform: Any,
+                  cache_dir: str | Path | None = None) -> torch.utils.data.Dataset:
+    """A dataset over ``items``, optionally caching the deterministic transforms on disk.
+
+    Args:
+        items: plain items from :func:`case_to_item`.
+        transform: the chain from :func:`build_transforms`.
+        cache_dir: None for a :class:`CaseDataset` (a ``monai.data.Dataset``); else a :class:`CachedDataset`
+            (PersistentDataset) there. Its key is :func:`file_state_hash` of the item (so an edited
+            image or mask invalidates its entry) plus the chain's ``fingerprint`` (so a changed
+            transforms config, or a train vs eval chain, never reuses another's entries).
+
+    Returns:
+        The dataset; ``ds[i]`` is the transformed item.
+    """
+    if cache_dir is None:
+        return CaseDataset(data=items, transform=transform)
+    ds = CachedDataset(data=items, transform=transform, cache_dir=Path(cache_dir), hash_func=file_state_hash)
+    fingerprint = getattr(transform, "fingerprint", None) or type(transform).__name__
+    digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:16].encode()
+    ds.set_transform_hash(lambda _transforms: b"-" + digest)
+    return ds

@@ -1,0 +1,277 @@
+"""LightningModules, one per task kind: classification, segmentation, contrastive.
+
+A task owns a registered model (``self.model``), its loss and its validation metric. Families plug
+in through the model: a model may define ``forward_batch(batch) -> dict`` to take the whole batch
+(text, modality presence, ...), ``loss(batch, outputs, stage) -> dict[str, Tensor]`` to replace the
+task's loss (the dict must hold ``"loss"``), and ``on_stage(stage_cfg)`` to react to a training
+stage. Without those hooks the model is called as ``model(batch["image"])``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medfuse.config import Config, StageConfig, validate
+from medfuse.engine.data import derive_seed
+
+
+class BaseTask(L.LightningModule):
+    """Shared optimisation, staging and seeding.
+
+    Args:
+        config: the resolved config as a plain dict (stored in checkpoints as hyper-parameters).
+        auto: data-derived model arguments (``in_channels``, ``num_classes``, ``modalities``).
+        stage: the current training stage, if the config declares stages.
+    """
+
+    def __init__(self, config: dict[str, Any], auto: dict[str, Any] | None = None,
+                 stage: dict[str, Any] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        from medfuse.engine.build import build_model
+
+        self.cfg: Config = validate(config)
+        self.stage_cfg = StageConfig.model_validate(stage) if stage else None
+        self.model = build_model(self.cfg, auto)
+        self._val_outputs: list[dict[str, Any]] = []
+        if self.stage_cfg is not None:
+            apply_stage(self.model, self.stage_cfg)
+
+    # --- model plumbing --------------------------------------------------------------------
+    def forward_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if hasattr(self.model, "forward_batch"):
+            return self.model.forward_batch(batch)
+        return {"logits": self.model(batch["image"])}
+
+    def compute_loss(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if hasattr(self.model, "loss"):
+            return self.model.loss(batch, out, self.stage_cfg)
+        return self.default_loss(batch, out)
+
+    def default_loss(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- training --------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout etc. draw from the global generator: re-seed per batch so that a resumed run
+        # replays exactly what an uninterrupted one would have done, whatever else drew numbers.
+        torch.manual_seed(derive_seed(self.cfg.train.seed, self._stage_name(), self.current_epoch, batch_idx))
+
+    def _stage_name(self) -> str:
+        return self.stage_cfg.name if self.stage_cfg else "main"
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.forward_batch(batch)
+        losses = self.compute_loss(batch, out)
+        bs = _batch_size(batch)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v.detach(), on_step=False, on_epoch=True, batch_size=bs,
+                     prog_bar=(k == "loss"))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.forward_batch(batch)
+        losses = self.compute_loss(batch, out)
+        self.log("val/loss", losses["loss"].detach(), on_epoch=True, batch_size=_batch_size(batch))
+        self._val_outputs.append(self.collect(batch, out))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        merged = merge_outputs(self._val_outputs)
+        self._val_outputs.clear()
+        for k, v in self.epoch_metrics(merged).items():
+            if v is not None and math.isfinite(v):
+                self.log(f"val/{k}", float(v), prog_bar=(k == self.cfg.train.monitor.split("/")[-1]))
+
+    def collect(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What to keep from a validation batch (as numpy) for the epoch metrics."""
+        raise NotImplementedError
+
+    def epoch_metrics(self, merged: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        t = self.cfg.train
+        lr = self.stage_cfg.lr if self.stage_cfg and self.stage_cfg.lr else t.lr
+        params = [p for p in self.parameters() if p.requires_grad]
+        if t.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+        elif t.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+        if t.scheduler == "none":
+            return opt
+        epochs = self.stage_cfg.max_epochs if self.stage_cfg else t.max_epochs
+        warm = min(t.warmup_epochs, max(epochs - 1, 0))
+
+        def factor(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / (warm + 1)
+            prog = (epoch - warm) / max(1, epochs - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))) * 0.99 + 0.01
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    x = batch.get("image")
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else len(batch.get("case_id", [1]))
+
+
+def merge_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key in outputs[0]:
+        vals = [o[key] for o in outputs]
+        merged[key] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else sum(vals, [])
+    return merged
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> None:
+    """Set ``requires_grad`` from a stage's ``trainable``/``frozen`` fnmatch patterns and notify the model."""
+    from fnmatch import fnmatch
+
+    for name, p in model.named_parameters():
+        trainable = stage.trainable is None or any(fnmatch(name, pat) for pat in stage.trainable)
+        if any(fnmatch(name, pat) for pat in stage.frozen):
+            trainable = False
+        p.requires_grad_(trainable)
+    if hasattr(model, "on_stage"):
+        model.on_stage(stage)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class ClassificationTask(BaseTask):
+    """Case-level classification: cross-entropy, balanced accuracy / AUC / QWK per epoch."""
+
+    def default_loss(self, batch, out):
+        y = torch.as_tensor(batch["label"], device=out["logits"].device).long()
+        w = self.cfg.train.class_weights
+        weight = torch.tensor(w, device=y.device, dtype=out["logits"].dtype) if w else None
+        return {"loss": F.cross_entropy(out["logits"].float(), y, weight=weight,
+                                        label_smoothing=self.cfg.train.label_smoothing)}
+
+    def collect(self, batch, out):
+        probs = out["logits"].float().softmax(-1).detach().cpu().numpy()
+        return {"probs": probs, "label": np.asarray(torch.as_tensor(batch["label"]).cpu()),
+                "case_id": list(batch["case_id"])}
+
+    def epoch_metrics(self, merged):
+        from medfuse.metrics import accuracy, balanced_accuracy, macro_f1, quadratic_kappa, roc_auc
+
+        y, p = merged["label"], merged["probs"]
+        return {"accuracy": accuracy(y, p), "balanced_accuracy": balanced_accuracy(y, p),
+                "macro_f1": macro_f1(y, p), "roc_auc": roc_auc(y, p), "qwk": quadratic_kappa(y, p)}
+
+    def predict_step(self, batch, batch_idx):
+        out = self.forward_batch(batch)
+        return {"case_id": list(batch["case_id"]), "probs": out["logits"].float().softmax(-1).cpu().numpy()}
+
+
+class SegmentationTask(BaseTask):
+    """Voxel-wise segmentation (softmax labels): MONAI loss, sliding-window validation, Dice."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from medfuse.losses import build_segmentation_loss
+
+        self.seg_loss = build_segmentation_loss(self.cfg.train.seg_loss, class_weights=self.cfg.train.class_weights)
+
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, M, D, H, W) -> logits (B, K, D, H, W), by sliding window when ``eval.roi_size`` is set."""
+        roi = self.cfg.eval.roi_size
+        if roi is None:
+            return self.model(image)
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(image, roi, sw_batch_size=2, predictor=self.model,
+                                        overlap=self.cfg.eval.sw_overlap, mode="gaussian")
+
+    def default_loss(self, batch, out):
+        return {"loss": self.seg_loss(out["logits"].float(), batch["mask"].long())}
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.infer(batch["image"])
+        out = {"logits": logits}
+        self.log("val/loss", self.compute_loss(batch, out)["loss"].detach(), on_epoch=True,
+                 batch_size=_batch_size(batch))
+        self._val_outputs.append(self.collect(batch, out))
+
+    def collect(self, batch, out):
+        from medfuse.metrics import segmentation_case_metrics
+
+        pred = out["logits"].argmax(1)
+        k = out["logits"].shape[1]
+        m = segmentation_case_metrics(pred.cpu(), batch["mask"][:, 0].long().cpu(), num_classes=k)
+        return {"dice": np.asarray(m["dice"])}
+
+    def epoch_metrics(self, merged):
+        d = merged["dice"]  # (N, K-1)
+        res = {"dice": float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")}
+        for i in range(d.shape[1]):
+            res[f"dice_{i + 1}"] = float(np.nanmean(d[:, i])) if np.isfinite(d[:, i]).any() else float("nan")
+        return res
+
+    def predict_step(self, batch, batch_idx):
+        logits = self.infer(batch["image"])
+        return {"case_id": list(batch["case_id"]), "probs": logits.float().softmax(1).cpu().numpy()}
+
+
+class ContrastiveTask(BaseTask):
+    """Image-text alignment: the model returns ``image_emb``/``text_emb`` (and may add its own
+    loss terms); symmetric InfoNCE; Recall@k on validation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from medfuse.losses import InfoNCE
+
+        self.contrastive = InfoNCE()
+
+    def forward_batch(self, batch):
+        if hasattr(self.model, "forward_batch"):
+            return self.model.forward_batch(batch)
+        img, txt = self.model(batch["image"], batch["text"])
+        return {"image_emb": img, "text_emb": txt}
+
+    def default_loss(self, batch, out):
+        return {"loss": self.contrastive(out["image_emb"].float(), out["text_emb"].float())}
+
+    def collect(self, batch, out):
+        return {"image_emb": F.normalize(out["image_emb"].float(), dim=-1).detach().cpu().numpy(),
+                "text_emb": F.normalize(out["text_emb"].float(), dim=-1).detach().cpu().numpy()}
+
+    def epoch_metrics(self, merged):
+        from medfuse.metrics import recall_at_k
+
+        sim = merged["image_emb"] @ merged["text_emb"].T
+        ks = tuple(k for k in (1, 5, 10) if k <= sim.shape[0])
+        i2t, t2i = recall_at_k(sim, ks), recall_at_k(sim.T, ks)
+        res = {f"i2t_R@{k}": float(i2t[f"R@{k}"]) for k in ks}
+        res.update({f"t2i_R@{k}": float(t2i[f"R@{k}"]) for k in ks})
+        res["mean_recall"] = float(np.mean(list(res.values())))
+        return res
+
+    def predict_step(self, batch, batch_idx):
+        out = self.forward_batch(batch)
+        return {"case_id": list(batch["case_id"]),
+                "image_emb": F.normalize(out["image_emb"].float(), dim=-1).cpu().numpy(),
+                "text_emb": F.normalize(out["text_emb"].float(), dim=-1).cpu().numpy()}
+
+
+TASKS: dict[str, type[BaseTask]] = {
+    "classification": ClassificationTask,
+    "segmentation": SegmentationTask,
+    "contrastive": ContrastiveTask,
+}

@@ -1,0 +1,118 @@
+"""Percentile bootstrap confidence intervals (DESIGN "Evaluation honesty": every metric carries n and a CI).
+
+Cases are resampled with replacement, jointly across all arrays (the same indices for labels and
+scores), with a seeded :class:`numpy.random.Generator`, so an interval is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Convert a tensor (any device, with or without grad), list or array to a numpy array."""
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _finite_float(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def _index_chunks(rng: np.random.Generator, n: int, n_boot: int):
+    """Resample indices in row chunks (bounded memory); the same stream for both code paths."""
+    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // max(n, 1)))
+    done = 0
+    while done < n_boot:
+        rows = min(chunk, n_boot - done)
+        yield rng.integers(0, n, size=(rows, n))
+        done += rows
+
+
+_CHUNK_ELEMENTS = 4_000_000
+
+
+def bootstrap_ci(
+    metric_fn: Callable[..., Any],
+    *arrays: Any,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    vectorized: bool = False,
+) -> dict[str, float | int]:
+    """Point estimate and percentile bootstrap interval of ``metric_fn`` over cases.
+
+    The first axis of every array indexes cases; one resample draws ``n`` case indices with
+    replacement and applies them to all arrays. A resample on which the metric is undefined
+    (``metric_fn`` raises ``ValueError``/``ZeroDivisionError`` or returns NaN/inf, e.g. ROC-AUC on a
+    single class) is skipped; ``n_boot`` in the result says how many resamples were used.
+
+    Args:
+        metric_fn: called as ``metric_fn(*arrays)``; returns a scalar. With ``vectorized=True`` it
+            must also accept arrays with a leading resample axis, (R, n, ...), and return (R,)
+            values; resamples are then evaluated in chunks instead of one call each.
+        *arrays: one or more arrays (or tensors) with the same length along axis 0.
+        n_boot: number of resamples to draw.
+        ci: coverage of the interval (0.95 -> 2.5th and 97.5th percentiles).
+        seed: seed of the numpy Generator. For a given seed and n, both code paths draw the same
+            resamples.
+        vectorized: see ``metric_fn``.
+
+    Returns:
+        ``{"value", "low", "high", "n", "n_boot"}``: ``value`` is ``metric_fn`` on the full data
+        (NaN when undefined), ``low``/``high`` the interval (NaN when no resample was usable),
+        ``n`` the number of cases and ``n_boot`` the number of resamples used.
+    """
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one array")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    data = [to_numpy(a) for a in arrays]
+    n = len(data[0])
+    if any(len(a) != n for a in data):
+        raise ValueError(f"arrays differ in length along axis 0: {[len(a) for a in data]}")
+    if n == 0:
+        return {"value": math.nan, "low": math.nan, "high": math.nan, "n": 0, "n_boot": 0}
+
+    rng = np.random.default_rng(seed)
+    stats: list[float] = []
+    with warnings.catch_warnings():
+        # Undefined resamples are expected (and skipped); their library warnings are noise.
+        warnings.simplefilter("ignore")
+        try:
+            if vectorized:
+                value = _finite_float(np.asarray(metric_fn(*(a[None] for a in data))).reshape(-1)[0])
+            else:
+                value = _finite_float(metric_fn(*data))
+        except (ValueError, ZeroDivisionError):
+            value = math.nan
+        for idx in _index_chunks(rng, n, int(n_boot)):
+            if vectorized:
+                values = np.asarray(metric_fn(*(a[idx] for a in data)), dtype=np.float64).reshape(-1)
+                stats.extend(values[np.isfinite(values)].tolist())
+                continue
+            for row in idx:
+                try:
+                    stat = _finite_float(metric_fn(*(a[row] for a in data)))
+                except (ValueError, ZeroDivisionError):
+                    continue
+                if not math.isnan(stat):
+                    stats.append(stat)
+
+    if stats:
+        alpha = (1.0 - ci) / 2.0
+        low, high = np.percentile(np.asarray(stats), [100 * alpha, 100 * (1 - alpha)])
+        low, high = float(low), float(high)
+    else:
+        low = high = math.nan
+    return {"value": value, "low": low, "high": high, "n": int(n), "n_boot": len(stats)}

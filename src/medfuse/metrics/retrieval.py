@@ -1,0 +1,105 @@
+"""Retrieval metrics for image-text contrastive models (ct_encoder family, CT-CLIP style Recall@k).
+
+``sim`` is a similarity matrix (Nq, Ng): rows are queries, columns gallery items, larger is more
+similar. By default query i matches gallery item i (paired volumes and reports).
+
+Ties count against the query: a query's rank is the number of gallery items scoring *at least* as
+high as its best positive, other than that positive. A collapsed model (all similarities equal)
+therefore gets the worst rank, never a perfect one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .bootstrap import bootstrap_ci, to_numpy
+
+
+def retrieval_ranks(sim: Any, gt: Any = None) -> np.ndarray:
+    """0-based rank of the best-scoring positive for every query.
+
+    Args:
+        sim: similarity matrix (Nq, Ng), array or tensor.
+        gt: positives: ``None`` (query i <-> gallery i; needs Nq <= Ng), an int array (Nq,) of
+            gallery indices, or a boolean matrix (Nq, Ng) allowing several positives per query.
+
+    Returns:
+        int array (Nq,); rank 0 means retrieved first. A query without any positive gets rank Ng.
+    """
+    s = to_numpy(sim).astype(np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"sim must be (Nq, Ng); got shape {s.shape}")
+    nq, ng = s.shape
+    if gt is None:
+        if nq > ng:
+            raise ValueError(f"default pairing needs Nq <= Ng; got {nq} queries and {ng} gallery items")
+        positive = np.zeros_like(s, dtype=bool)
+        positive[np.arange(nq), np.arange(nq)] = True
+    else:
+        g = to_numpy(gt)
+        if g.ndim == 1:
+            if g.shape[0] != nq:
+                raise ValueError(f"gt has {g.shape[0]} entries for {nq} queries")
+            positive = np.zeros_like(s, dtype=bool)
+            positive[np.arange(nq), g.astype(np.int64)] = True
+        elif g.shape == s.shape:
+            positive = g.astype(bool)
+        else:
+            raise ValueError(f"gt must be (Nq,) indices or a (Nq, Ng) mask; got shape {g.shape}")
+    best_pos = np.where(positive, s, -np.inf).max(axis=1, keepdims=True)  # (Nq, 1)
+    # items (positives excluded) that score at least as high as the best positive
+    ahead = ((s >= best_pos) & ~positive).sum(axis=1)
+    return np.where(positive.any(axis=1), ahead, ng).astype(np.int64)
+
+
+def _recall(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(ranks < k))
+
+
+def recall_at_k(sim: Any, ks: Sequence[int] = (1, 5, 10, 50), gt: Any = None) -> dict[str, float]:
+    """Fraction of queries with a positive among the top k, for each k.
+
+    Args:
+        sim: similarity matrix (Nq, Ng).
+        ks: cut-offs; those larger than the gallery (trivially 1.0) are left out.
+        gt: positives, as in :func:`retrieval_ranks`.
+
+    Returns:
+        ``{"R@k": recall}``.
+    """
+    ranks = retrieval_ranks(sim, gt)
+    ng = to_numpy(sim).shape[1]
+    return {f"R@{k}": _recall(ranks, k) for k in ks if k <= ng}
+
+
+def retrieval_report(
+    sim: Any, ks: Sequence[int] = (1, 5, 10, 50), n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Image->text and text->image Recall@k with bootstrap CIs over queries.
+
+    Args:
+        sim: paired similarity matrix (N, N); rows are images, columns texts, pair i is (i, i).
+        ks: cut-offs; those larger than N are left out.
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"image_to_text/R@k": ci, "text_to_image/R@k": ci, ..., "n": N}``, each ``ci`` being
+        ``{"value", "low", "high", "n", "n_boot"}``.
+    """
+    s = to_numpy(sim)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"retrieval_report needs a paired square matrix (N, N); got {s.shape}")
+    out: dict[str, Any] = {}
+    for direction, matrix in (("image_to_text", s), ("text_to_image", s.T)):
+        ranks = retrieval_ranks(matrix)
+        for k in ks:
+            if k <= s.shape[1]:
+                out[f"{direction}/R@{k}"] = bootstrap_ci(
+                    lambda r, k=k: (r < k).mean(-1), ranks, n_boot=n_boot, seed=seed, vectorized=True
+                )
+    out["n"] = int(s.shape[0])
+    return out

@@ -1,0 +1,66 @@
+"""A training run killed after its first checkpoints resumes to the same end as an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import tiny_cls_config
+from medfuse.config import validate
+from medfuse.engine.checkpoint import safe_torch_load
+from medfuse.engine.trainer import fit, resume_run
+
+KILLER = r"""
+import json, os, sys
+import lightning as L
+from medfuse.config import validate
+from medfuse.engine.trainer import fit
+
+class Kill(L.Callback):
+    # Dies without any cleanup (like SIGKILL) once epochs 0 and 1 have been checkpointed.
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            os._exit(137)
+
+fit(validate(json.loads(sys.argv[1])), callbacks=[Kill()])
+"""
+
+
+def _last_val_row(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    return rows[-1]
+
+
+def test_killed_run_resumes_to_same_result(cls_dataset, tmp_path):
+    root = cls_dataset.parent
+    full_cfg = validate(tiny_cls_config(root, tmp_path, name="full"))
+    fit(full_cfg)
+
+    killed_cfg = tiny_cls_config(root, tmp_path, name="killed")
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed_cfg)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    last = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 1  # two epochs done, the third never started
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+    resume_run(run_dir)
+
+    a = safe_torch_load(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    assert a["epoch"] == b["epoch"] == full_cfg.train.max_epochs - 1
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    ra, rb = _last_val_row(tmp_path / "full"), _last_val_row(run_dir)
+    for key in ("val/loss", "val/balanced_accuracy", "val/accuracy"):
+        assert abs(float(ra[key]) - float(rb[key])) < 1e-6, key
+    # best.ckpt was chosen on validation in both runs at the same epoch
+    assert safe_torch_load(tmp_path / "full" / "checkpoints" / "best.ckpt")["epoch"] == \
+        safe_torch_load(run_dir / "checkpoints" / "best.ckpt")["epoch"]

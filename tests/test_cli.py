@@ -1,0 +1,59 @@
+"""CLI wiring: user mistakes exit 2 with one line; listing commands work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from medfuse.cli import main
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv_fn, needle",
+    [
+        (lambda t: ["train", str(t / "missing.yaml")], "missing.yaml"),
+        (lambda t: ["train", str(t / "ok.yaml"), "train.max_epoch=3"], "train.max_epoch"),
+        (lambda t: ["train", str(t / "ok.yaml"), "model.name=nonexistent"], "model.name"),
+        (lambda t: ["evaluate", str(t / "not_a_run")], "not_a_run"),
+        (lambda t: ["demo", "no_such_family"], "no_such_family"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv_fn, needle, cls_dataset):
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump({"name": "x", "output_dir": str(tmp_path / "runs"),
+                                                      "data": {"root": str(cls_dataset.parent)}}))
+    code, out, err = run_cli(argv_fn(tmp_path), capsys)
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+
+
+def test_models_lists_registries(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0
+    assert "baseline_cnn3d" in out and "tiny" in out and "staging" in out
+
+
+def test_info(capsys):
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    assert "torch" in out and "monai" in out
+
+
+def test_data_check_reports_and_exits_2(tmp_path, capsys):
+    code, out, err = run_cli(["data", "check", str(tmp_path / "nothing_here")], capsys)
+    assert code == 2
+    assert "nothing_here" in out + err
+
+
+def test_data_check_clean_exits_0(cls_dataset, capsys):
+    code, out, _ = run_cli(["data", "check", str(cls_dataset.parent)], capsys)
+    assert code == 0
+    assert "OK" in out
