@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-slow test-gpu bench lint setup clean
+.PHONY: demo test test-slow test-gpu test-oracles bench lint setup clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# Parity against the peers' own packages (sam2, segment-anything), installed on demand.
+test-oracles: $(STAMP)
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q -e '.[oracles]'
+	$(BIN)/python -m pytest -q -m oracles
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py --out docs/benchmarks.md

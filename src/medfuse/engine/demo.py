@@ -19,9 +19,15 @@ from medfuse.config import load_config
 # family -> [(variant name, extra overrides)]; the first variant is the family's full model.
 ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
     "staging": [
-        ("T2W + DWI", []),
-        ("T2W only", ["data.modalities=[t2w]"]),
-        ("DWI only", ["data.modalities=[dwi]"]),
+        ("BGAMF (T2W + DWI)", []),
+        ("concat (T2W + DWI)", ["model.params.fusion=concat"]),
+        ("T2W only", ["model.params.fusion=t2w_only"]),
+        ("DWI only", ["model.params.fusion=dwi_only"]),
+    ],
+    "baseline": [
+        ("3D CNN, T2W + DWI", []),
+        ("3D CNN, T2W only", ["data.modalities=[t2w]"]),
+        ("3D CNN, DWI only", ["data.modalities=[dwi]"]),
     ],
 }
 

@@ -56,6 +56,9 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
     from lightning.pytorch.loggers import CSVLogger
 
     t = cfg.train
+    # Lightning's start-up banner (GPU/TPU availability, tips) is noise in a CLI run.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Two callbacks: "best" on the validation metric, and "last" after every epoch (Lightning's
     # save_last only writes when a top-k save happened, which would break resume).
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=t.monitor, mode=t.mode, save_top_k=1,
@@ -150,6 +153,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.interrupted:
             return run_dir

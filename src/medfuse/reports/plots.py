@@ -324,3 +324,41 @@ def plot_heatmap(
     ax.set_yticks(range(r), rows)
     ax.set_title(title)
     return _save(fig, out_png)
+
+
+def plot_gate_overlay(image: Any, gate: Any, out_png: str | Path, n_slices: int = 4, title: str = "") -> Path:
+    """A continuous per-position map (e.g. the BGAMF gate, (D, h, w) in [0, 1]) over image slices.
+
+    The map is upsampled (nearest) to the image grid; slices are evenly spaced through the volume.
+
+    Args:
+        image: volume (D, H, W).
+        gate: map (D, h, w) with values in [0, 1].
+        out_png: output file.
+        n_slices: number of slices shown.
+        title: figure title.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    g = np.asarray(gate, dtype=np.float64)
+    if img.ndim != 3 or g.ndim != 3 or g.shape[0] != img.shape[0]:
+        raise ValueError(f"image (D, H, W) and gate (D, h, w) must share D; got {img.shape}, {g.shape}")
+    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+    img = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    depth = img.shape[0]
+    n = max(1, min(n_slices, depth))
+    slices = np.linspace(0, depth - 1, n).round().astype(int).tolist()
+    fig = _figure(2.6 * n, 2.9)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    extent = (0, img.shape[2], img.shape[1], 0)
+    im = None
+    for ax, z in zip(axes, slices, strict=True):
+        ax.imshow(img[z], cmap="gray", extent=extent)
+        im = ax.imshow(g[z], cmap="coolwarm", vmin=0.0, vmax=1.0, alpha=0.45, extent=extent,
+                       interpolation="nearest")
+        ax.set_title(f"z={z} mean={g[z].mean():.2f}", fontsize=8)
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="gate")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
