@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medfuse demo staging --out runs/demo
+	$(BIN)/medfuse demo baseline --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
