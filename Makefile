@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONDONTWRITEBYTECODE := 1
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made torch ~5x slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test test-slow test-gpu test-oracles bench lint setup clean
 
@@ -41,6 +43,7 @@ test-oracles: $(STAMP)
 	$(BIN)/python -m pytest -q -m oracles
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py --out docs/benchmarks.md
 
 lint: $(STAMP)

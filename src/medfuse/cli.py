@@ -160,6 +160,9 @@ def info() -> None:
             ("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "-"),
             ("bf16 on cuda", str(torch.cuda.is_available() and torch.cuda.is_bf16_supported())),
             ("MEDFUSE_SCAN", os.environ.get("MEDFUSE_SCAN", "(auto)"))]
+    from medfuse.ssm import available_paths
+
+    rows.append(("selective-scan paths", ", ".join(available_paths())))
     for pkg, extra in (("monai", "core"), ("lightning", "core"), ("timm", "core"), ("transformers", "core"),
                        ("mamba_ssm", "mamba"), ("sam2", "oracles"), ("segment_anything", "oracles"),
                        ("zarr", "zarr"), ("tensorboard", "dev")):

@@ -1,0 +1,199 @@
+"""Family ``staging``: rectal cancer T-staging from paired T2W + DWI MRI (seed 000).
+
+Pipeline (seed sections in brackets):
+
+1. A 2D slice encoder (MedSAM2 in the paper, ``tiny`` for CPU demos) runs slice by slice in
+   chunks of ``slice_batch_size`` [Base Feature Extraction, Slice Batching].
+2. Each modality's (B, D, C, h, w) features become a (B, L = D*h*w, C) slice-major sequence with
+   a 3D (z, y, x) sin-cos position [From Image to Sequence]; ``token_pool`` shrinks h, w first.
+3. A :class:`~medfuse.layers.memory.MemoryBlock` per modality [Spatiotemporal Context Enhancement].
+4. :class:`~medfuse.layers.fusion.BGAMF`: alignment cross-attention both ways, a Bi-Mamba per
+   modality, gated fusion [BGAMF].
+5. A post-fusion Bi-Mamba, global average pooling and a linear head [Classification Prediction].
+
+Ablations are config switches: ``fusion: bgamf | concat | sum | t2w_only | dwi_only``,
+``memory_block: true | false``, ``mamba: bi | uni``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from medfuse.errors import ConfigError, DataError
+from medfuse.layers.fusion import BGAMF
+from medfuse.layers.memory import MemoryBlock
+from medfuse.layers.pos_embed import PosEmbed3d
+from medfuse.registry import MODELS
+
+FUSIONS = ("bgamf", "concat", "sum", "t2w_only", "dwi_only")
+
+
+class StagingModel(nn.Module):
+    """MedSAM2-Mamba staging model.
+
+    Args:
+        modalities: input modality names; the first is T2W, the second DWI.
+        num_classes: K stages (4 for T1-T4; 2 for a binary head).
+        encoder: registered slice encoder (``tiny``, ``medsam2``, ``medsam``, ``dinov3``).
+        encoder_params: keyword arguments of the encoder factory (e.g. ``weights``).
+        freeze_encoder: freeze the encoder (then its features may be cached on disk).
+        encoder_preprocess: the encoder's own preprocessing on raw intensities (MedSAM2 recipe);
+            False when the data transforms already normalised intensities to [0, 1].
+        slice_batch_size: slices per encoder call.
+        token_pool: pool each slice's feature map to ``token_pool`` x ``token_pool`` tokens.
+        dim: sequence width.
+        memory_block: use the MemoryBlock.
+        memory_mode: MemoryBlock attention ``auto`` | ``full`` | ``factorized``.
+        num_prototypes: K learnable prototypes of the memory.
+        fusion: one of ``bgamf``, ``concat``, ``sum``, ``t2w_only``, ``dwi_only``.
+        mamba: ``bi`` or ``uni``.
+        align_mode: BGAMF cross-attention ``auto`` | ``full`` | ``slice``.
+        num_heads: attention heads.
+        d_state: Mamba state size.
+        dropout: dropout before the head.
+    """
+
+    def __init__(self, modalities: list[str] | None = None, num_classes: int = 4, encoder: str = "tiny",
+                 encoder_params: dict[str, Any] | None = None, freeze_encoder: bool = False,
+                 encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
+                 dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
+                 fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
+                 d_state: int = 16, dropout: float = 0.1):
+        super().__init__()
+        from medfuse.encoders.base import build_encoder
+        from medfuse.encoders.slicewise import SlicewiseExtractor
+        from medfuse.ssm import BiMamba
+
+        if fusion not in FUSIONS:
+            raise ConfigError("model.params.fusion", f"unknown fusion '{fusion}'", f"use one of: {', '.join(FUSIONS)}")
+        if mamba not in ("bi", "uni"):
+            raise ConfigError("model.params.mamba", f"unknown mamba '{mamba}'", "use bi or uni")
+        self.modalities = list(modalities or ["t2w", "dwi"])
+        if len(self.modalities) != 2:
+            raise ConfigError("data.modalities", f"staging needs exactly 2 modalities (T2W, DWI), got {self.modalities}",
+                              "set data.modalities=[t2w, dwi]; use model.params.fusion=t2w_only for one")
+        self.fusion, self.token_pool = fusion, token_pool
+        enc = build_encoder(encoder, **(encoder_params or {}))
+        if freeze_encoder:
+            enc.freeze()
+        self.extractor = SlicewiseExtractor(enc, slice_batch_size=slice_batch_size, preprocess=encoder_preprocess)
+        self.encoder_preprocess = encoder_preprocess
+        self.proj = nn.Linear(enc.out_channels, dim)
+        self.pos = PosEmbed3d(dim, kind="sincos")
+        self.modality_embed = nn.Parameter(torch.zeros(2, dim))
+        branches = {"t2w_only": [0], "dwi_only": [1]}.get(fusion, [0, 1])
+        self.branches = branches
+        self.memory = nn.ModuleList(
+            [MemoryBlock(dim, num_heads=num_heads, num_prototypes=num_prototypes, mode=memory_mode)
+             if memory_block else nn.Identity() for _ in branches])
+        bidirectional = mamba == "bi"
+        if fusion == "bgamf":
+            self.bgamf = BGAMF(dim, num_heads=num_heads, bidirectional=bidirectional, align_mode=align_mode,
+                               d_state=d_state)
+        elif fusion == "concat":
+            self.concat = nn.Linear(2 * dim, dim)
+        self.post_norm = nn.LayerNorm(dim)
+        self.post = BiMamba(dim, d_state=d_state, bidirectional=bidirectional)
+        self.head_norm = nn.LayerNorm(dim)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        self.last_gate: torch.Tensor | None = None
+        self.last_grid: tuple[int, int, int] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def tokens(self, volume: torch.Tensor, branch: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One modality (B, 1, D, H, W) -> tokens (B, L, C) with L = D*h*w (slice-major), and (D, h, w)."""
+        if self.encoder_preprocess:
+            feats = self.extractor(volume)  # (B, D, C_enc, h, w)
+        else:
+            enc = self.extractor.encoder
+            mean = torch.tensor(enc.mean, device=volume.device).view(1, 3, 1, 1, 1)
+            std = torch.tensor(enc.std, device=volume.device).view(1, 3, 1, 1, 1)
+            x = (volume.expand(-1, 3, -1, -1, -1) - mean) / std  # (B, 3, D, H, W), encoder-ready
+            feats = self.extractor(x)
+        b, d = feats.shape[:2]
+        if self.token_pool:
+            feats = F.adaptive_avg_pool2d(rearrange(feats, "b d c h w -> (b d) c h w"), self.token_pool)
+            feats = rearrange(feats, "(b d) c h w -> b d c h w", b=b)
+        h, w = feats.shape[-2:]
+        x = rearrange(feats, "b d c h w -> b (d h w) c")  # (B, L, C_enc), slice-major
+        x = self.proj(x)
+        x = self.pos(x, (d, h, w)) + self.modality_embed[branch]
+        return x, (d, h, w)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 2, D, H, W) with channels (T2W, DWI) -> logits (B, K)."""
+        seqs, grid = [], None
+        for i, m in enumerate(self.branches):
+            x, grid = self.tokens(image[:, m: m + 1], m)
+            x = self.memory[i](x, grid) if isinstance(self.memory[i], MemoryBlock) else x
+            seqs.append(x)
+        self.last_grid = grid
+        if self.fusion == "bgamf":
+            f, gate = self.bgamf(seqs[0], seqs[1], grid)
+            self.last_gate = gate.detach()
+        elif self.fusion == "concat":
+            f = self.concat(torch.cat(seqs, dim=-1))
+        elif self.fusion == "sum":
+            f = seqs[0] + seqs[1]
+        else:
+            f = seqs[0]
+        f = f + self.post(self.post_norm(f))  # (B, L, C)
+        return self.head(self.head_norm(f.mean(dim=1)))  # GAP -> (B, K)
+
+    def forward_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        present = batch.get("present")
+        if present is not None:
+            missing = (torch.as_tensor(present)[:, self.branches] < 0.5).nonzero()
+            if len(missing):
+                i, j = missing[0].tolist()
+                raise DataError(batch["case_id"][i], f"modality '{self.modalities[self.branches[j]]}' is missing",
+                                "staging needs both T2W and DWI for every case")
+        return {"logits": self(batch["image"])}
+
+    # ------------------------------------------------------------------------------------------
+    def gate_map(self) -> torch.Tensor | None:
+        """Mean gate per position of the last forward: (B, D, h, w); 1 = trusted T2W, 0 = DWI."""
+        if self.last_gate is None or self.last_grid is None:
+            return None
+        d, h, w = self.last_grid
+        return rearrange(self.last_gate.mean(-1), "b (d h w) -> b d h w", d=d, h=h, w=w)
+
+    @torch.no_grad()
+    def evaluate_extra(self, task, dm, split: str, run_dir: Path) -> dict[str, Any]:
+        """Gate maps of a few cases of ``split`` as PNG overlays on T2W (BGAMF only)."""
+        if self.fusion != "bgamf":
+            return {}
+        from medfuse.reports.plots import plot_gate_overlay
+
+        batch = next(iter(dm.loader(split)))
+        image = batch["image"].to(next(self.parameters()).device)
+        self(image)
+        gate = self.gate_map().cpu()  # (B, D, h, w)
+        out: dict[str, Any] = {"gate_maps": {}}
+        for i, cid in enumerate(batch["case_id"][:3]):
+            png = plot_gate_overlay(batch["image"][i, 0].numpy(), gate[i].numpy(),
+                                    Path(run_dir) / "plots" / f"gate_{cid}.png",
+                                    title=f"{cid}: BGAMF gate (1 = T2W, 0 = DWI)")
+            out["gate_maps"][cid] = {"png": str(png.relative_to(run_dir)),
+                                     "mean_gate": float(gate[i].mean()),
+                                     "per_slice": [float(v) for v in gate[i].mean(dim=(1, 2))]}
+        return out
+
+
+@MODELS.register("staging", help="MedSAM2-Mamba T-staging (T2W + DWI): MemoryBlock + BGAMF + Bi-Mamba")
+def staging(modalities: list[str] | None = None, num_classes: int = 4, encoder: str = "tiny",
+            encoder_params: dict[str, Any] | None = None, freeze_encoder: bool = False,
+            encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
+            dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
+            fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
+            d_state: int = 16, dropout: float = 0.1) -> StagingModel:
+    """The staging family's model (see :class:`StagingModel`)."""
+    return StagingModel(modalities, num_classes, encoder, encoder_params, freeze_encoder, encoder_preprocess,
+                        slice_batch_size, token_pool, dim, memory_block, memory_mode, num_prototypes, fusion,
+                        mamba, align_mode, num_heads, d_state, dropout)
