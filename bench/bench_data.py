@@ -40,8 +40,8 @@ def main() -> str:
                 for i in range(len(ds)):
                     ds[i]
                 dt = time.perf_counter() - t0
-                rows.append((label, epoch, len(ds) / dt))
-        n_mod = len(table.modalities)
+                rows.append((label, epoch, len(ds) * len(table.modalities) / dt))
+        n_mod = len(table.modalities)  # each case is n_mod volumes
         lines = [f"Data loading: {len(items)} cases x {n_mod} modalities, {tuple(args.shape)} (D,H,W) NIfTI.gz, "
                  "eval chain (orientation, spacing resample, percentile normalisation, pad/crop), "
                  "single process.", "",

@@ -1,6 +1,8 @@
 """Run the benchmarks and write docs/benchmarks.md (``make bench``).
 
-Each ``bench_*.py`` prints a markdown section. Sections that need a GPU are skipped without one.
+``bench_data.py`` and ``bench_demo.py`` print markdown sections collected here. The long family
+benchmarks (``bench_ssm.py``, ``bench_slicewise.py``, each several minutes) write their own pages
+(docs/benchmarks_ssm.md, docs/benchmarks_slicewise.md) and run with ``--all``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SECTIONS = [("Data loading", "bench_data.py"), ("Demo", "bench_demo.py")]
-EXTRA = [("Selective scan and Bi-Mamba", "bench_ssm.py"), ("Slice-wise encoder features", "bench_slicewise.py")]
+EXTRA = [("bench_ssm.py", "docs/benchmarks_ssm.md"), ("bench_slicewise.py", "docs/benchmarks_slicewise.md")]
 
 
 def machine() -> str:
@@ -31,10 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--only", nargs="*", help="script names to run")
+    ap.add_argument("--all", action="store_true", help="also run the long family benchmarks")
     args = ap.parse_args()
     parts = ["# Benchmarks", "", f"Machine: {machine()}.", "",
              "Produced by `make bench` (bench/run_all.py). Targets live here, never in timed unit tests.", ""]
-    for title, script in SECTIONS + EXTRA:
+    for script, page in EXTRA:
+        if args.all:
+            print(f"[bench] {script}", flush=True)
+            subprocess.run([sys.executable, str(HERE / script), "--out", page], check=False)
+    for title, script in SECTIONS:
         if args.only and script not in args.only:
             continue
         if not (HERE / script).exists():
@@ -43,6 +50,10 @@ def main() -> None:
         proc = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True)
         body = proc.stdout.strip() if proc.returncode == 0 else f"failed (exit {proc.returncode}):\n\n```\n{proc.stderr[-1500:]}\n```"
         parts += [f"## {title}", "", body, ""]
+    parts += ["## Family benchmarks", "",
+              "- Selective scan / Bi-Mamba vs mambapy: [benchmarks_ssm.md](benchmarks_ssm.md)",
+              "- MedSAM2 slice-wise features, memory per slice_batch_size, feature cache: "
+              "[benchmarks_slicewise.md](benchmarks_slicewise.md)", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(parts), encoding="utf-8")
     print(f"wrote {args.out}")

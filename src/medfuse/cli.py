@@ -40,12 +40,13 @@ def demo(
     family: Annotated[str, typer.Argument(help="family whose demo to run")] = "staging",
     out: Annotated[Path, typer.Option(help="output folder (data + runs)")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="tiny data and few epochs (smoke test)")] = False,
+    main_only: Annotated[bool, typer.Option(help="train only the full model, not the ablation variants")] = False,
     overrides: Annotated[list[str] | None, typer.Argument(help="config overrides key=value")] = None,
 ) -> None:
-    """Generate a family's demo data, train, evaluate on the test split and print the report."""
+    """Generate a family's demo data, train every ablation variant, evaluate on the test split, report."""
     from medfuse.engine.demo import run_demo
 
-    run_demo(family, out, quick=quick, overrides=overrides or [], console=console)
+    run_demo(family, out, quick=quick, overrides=overrides or [], console=console, main_only=main_only)
 
 
 @data_app.command("make-demo")

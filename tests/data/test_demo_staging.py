@@ -165,7 +165,7 @@ def test_tumour_depth_monotone_in_stage():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_dwi_contrast_exceeds_t2w_and_mimic_is_dark_on_dwi(seed):
     _, dbg = _patient_scans(seed % 4, seed)
-    tumour, mimic = dbg["tumour"] > 0.9, dbg["mimic"] > 0.9
+    tumour, mimic = dbg["core"] > 0.9, dbg["mimic"] > 0.9  # the DWI-bright core of the tumour
     body = (dbg["tumour"] < 0.05) & (dbg["mimic"] < 0.05) & (dbg["layers"] > 0)
 
     def contrast(vol):
@@ -175,6 +175,14 @@ def test_dwi_contrast_exceeds_t2w_and_mimic_is_dark_on_dwi(seed):
     assert dbg["dwi"][tumour].mean() > 3 * dbg["dwi"][mimic].mean()
     # On T2W the mimic and the tumour have the same intermediate signal.
     assert abs(dbg["t2w"][tumour].mean() - dbg["t2w"][mimic].mean()) < 0.15
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_dwi_core_lies_inside_the_tumour(seed):
+    patient, dbg = _patient_scans(seed % 4, seed)
+    assert patient.tumour.core_depth <= patient.tumour.depth + 1e-6
+    assert np.all(dbg["core"] <= dbg["tumour"] + 1e-6)
+    assert (dbg["core"] > 0.5).sum() > 0
 
 
 @pytest.mark.parametrize("n_mimics", [0, 2])

@@ -35,7 +35,7 @@ QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
 def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[str] | None = None,
-             console: Console | None = None) -> dict[str, Any]:
+             console: Console | None = None, main_only: bool = False) -> dict[str, Any]:
     """Run a family's demo end to end; return the combined report."""
     from medfuse.cli import demo_config_path
     from medfuse.engine.evaluate import evaluate
@@ -45,8 +45,11 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     console = console or Console()
     out = Path(out)
     cfg_path = demo_config_path(family)
-    base = [f"data.root={out / 'data'}", f"output_dir={out}", *(QUICK if quick else []), *(overrides or [])]
+    base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
+            *(QUICK if quick else []), *(overrides or [])]
     variants = ABLATIONS.get(family, [("full", [])])
+    if main_only:
+        variants = variants[:1]
     rows: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
     t0 = time.perf_counter()

@@ -14,10 +14,13 @@ as an ablation of the family's key idea (fusion):
   intermediate T2 signal, the same shape distribution and an independent random invasion depth
   at another sector. On T2W alone one cannot tell which of the two regions is the tumour.
 * **DWI alone is ambiguous.** DWI shows the tumour bright and the mimic dark on a low, nearly
-  uniform background, so it says *which* region is the tumour, but not the layers. Every layer
-  thickness, the lumen radius, the ellipticity, the centre and an overall scale are randomised per
-  patient, and the tumour bulges into the lumen by a random amount, so its extent on DWI does not
-  determine how deep it invades relative to the layers.
+  uniform background, so it says *which* region is the tumour, but not the layers. The lumen
+  radius, the outer radius and the split of the wall between the layers are randomised per
+  patient, the tumour bulges into the lumen by a random amount, and only a random share of its
+  invasion (the cellular core) is diffusion-restricted while the invasive front is barely brighter
+  than the background, as in clinical practice where T2W, not DWI, is read for the T stage. So
+  the extent of the bright region on DWI does not determine how deep the tumour invades relative
+  to the layers.
 
 Together the depth is readable: T2W gives the layers, DWI points at the tumour.
 
@@ -75,8 +78,10 @@ REPEAT_FRACTION = 0.1
 
 # Signal levels per layer (lumen .. outside), before a per-patient jitter.
 _T2_LEVELS = np.array([0.12, 0.40, 0.85, 0.22, 0.95, 0.18, 0.35])
-_DWI_LEVELS = np.array([0.09, 0.13, 0.12, 0.13, 0.11, 0.12, 0.12])  # nearly uniform: anatomy barely visible
+_DWI_TISSUE = 0.12  # DWI of every layer: the anatomy is invisible on DWI
 _EDGE = 1.0  # partial-volume ramp width of every boundary, in voxels (in-plane)
+_CORE_FRACTION = (0.6, 1.0)  # share of the invasion depth that is bright on DWI
+_MIN_CORE = 2.0  # voxels: the tumour core always shows on DWI
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,10 @@ class Lesion:
         depth: outer radius reached on the plateau (voxels, in the wall's elliptic metric).
         protrusion: how far it bulges into the lumen on the plateau (voxels).
         t2: T2W signal.
-        dwi: DWI signal (bright for the tumour, dark for a mimic).
+        dwi: DWI signal of the core (bright for the tumour, dark for a mimic).
+        core_depth: outer radius of the diffusion-restricted core (voxels); between it and
+            ``depth`` lies the invasive front.
+        dwi_front: DWI signal of the invasive front (close to the background).
     """
 
     angle: float
@@ -102,6 +110,8 @@ class Lesion:
     protrusion: float
     t2: float
     dwi: float
+    core_depth: float
+    dwi_front: float
 
 
 @dataclass(frozen=True)
@@ -147,10 +157,10 @@ def staging_affine(shape: tuple[int, int, int]) -> np.ndarray:
     return aff
 
 
-def _depth_in_layer(radii: np.ndarray, layer: int, rng: np.random.Generator) -> float:
+def _depth_in_layer(radii: np.ndarray, layer: int, px: float, rng: np.random.Generator) -> float:
     """An outer radius well inside ``layer`` (not within a partial-volume edge of its borders)."""
     if layer == len(radii):  # outside tissue: a few voxels past the fascia
-        return float(radii[-1] + rng.uniform(1.5, 4.0))
+        return float(radii[-1] + rng.uniform(1.5, 4.0) * px)
     lo, hi = radii[layer - 1], radii[layer]
     margin = min(0.7, 0.25 * (hi - lo))
     return float(lo + margin + rng.uniform(0.0, 1.0) * (hi - lo - 2 * margin))
@@ -163,8 +173,8 @@ def _sample_radii(rng: np.random.Generator) -> np.ndarray:
     submucosa, muscularis and fat are drawn independently (Dirichlet split above a minimum per
     layer), so an absolute invasion depth does not identify the layer it reaches.
     """
-    r_lumen = rng.uniform(2.5, 7.0)
-    r_out = rng.uniform(13.0, 24.0)  # leaves room for a T4 tumour and the centre drift
+    r_lumen = rng.uniform(3.0, 11.0)
+    r_out = rng.uniform(max(12.0, r_lumen + 8.0), 25.0)  # leaves room for a T4 tumour and the drift
     fascia = rng.uniform(0.8, 1.2)
     minimum = np.array([0.8, 1.2, 1.5, 2.0])  # mucosa, submucosa, muscularis, fat
     spare = max(r_out - r_lumen - fascia - minimum.sum(), 0.0)
@@ -173,17 +183,25 @@ def _sample_radii(rng: np.random.Generator) -> np.ndarray:
 
 
 def _sample_lesion(
-    radii: np.ndarray, stage: int, angle: float, depth_d: int, rng: np.random.Generator, tumour: bool
+    radii: np.ndarray, stage: int, angle: float, shape: tuple[int, int, int], rng: np.random.Generator, tumour: bool
 ) -> Lesion:
+    depth_d, px = shape[0], min(shape[1:]) / 64.0
+    depth = _depth_in_layer(radii, STAGE_LAYER[stage], px, rng)
+    invasion = depth - radii[0]
+    # Only part of the invasion is diffusion-restricted (cellular core); the front is read on T2W.
+    core = max(rng.uniform(*_CORE_FRACTION) * invasion, min(_MIN_CORE, invasion))
+    dwi = rng.uniform(0.75, 1.0) if tumour else rng.uniform(0.03, 0.07)
     return Lesion(
         angle=angle,
         half_width=float(np.deg2rad(rng.uniform(30, 60))),
         z_centre=float(rng.uniform(0.35, 0.65) * (depth_d - 1)),
         z_half=float(rng.uniform(0.25, 0.45) * depth_d),
-        depth=_depth_in_layer(radii, STAGE_LAYER[stage], rng),
-        protrusion=float(rng.uniform(0.0, 0.8) * radii[0]),
+        depth=depth,
+        protrusion=float(rng.uniform(0.3, 0.95) * radii[0]),
         t2=float(rng.uniform(0.50, 0.60)),
-        dwi=float(rng.uniform(0.75, 1.0) if tumour else rng.uniform(0.03, 0.07)),
+        dwi=float(dwi),
+        core_depth=float(radii[0] + core),
+        dwi_front=float(_DWI_TISSUE * rng.uniform(0.95, 1.15) if tumour else dwi),
     )
 
 
@@ -203,21 +221,20 @@ def sample_patient(
     """
     if stage not in range(len(CLASS_NAMES)):
         raise ValueError(f"stage must be 0..3, got {stage}")
-    d, h, w = shape
+    _, h, w = shape
     px = min(h, w) / 64.0
-    # Independent thickness per layer: lumen radius, mucosa, submucosa, muscularis, fat, fascia.
     radii = _sample_radii(rng) * px
-    centre = (h / 2 - 0.5 + rng.uniform(-2, 2) * px, w / 2 - 0.5 + rng.uniform(-2, 2) * px)
-    drift = (rng.uniform(0, 1.5) * px, rng.uniform(0, 1.5) * px, rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
+    centre = (h / 2 - 0.5 + rng.uniform(-1.5, 1.5) * px, w / 2 - 0.5 + rng.uniform(-1.5, 1.5) * px)
+    drift = (rng.uniform(0, 1) * px, rng.uniform(0, 1) * px, rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
     ellipse = (rng.uniform(1.0, 1.25), rng.uniform(0, np.pi))
     t_angle = rng.uniform(-np.pi, np.pi)
-    tumour = _sample_lesion(radii, stage, t_angle, d, rng, tumour=True)
+    tumour = _sample_lesion(radii, stage, t_angle, shape, rng, tumour=True)
     mimics = []
     for i in range(n_mimics):
         # Spread the mimics evenly over the rest of the circle, with jitter, so sectors do not overlap.
         angle = t_angle + 2 * np.pi * (i + 1) / (n_mimics + 1) + rng.uniform(-0.3, 0.3)
-        mimics.append(_sample_lesion(radii, int(rng.integers(4)), angle, d, rng, tumour=False))
-    jitter = rng.uniform(0.92, 1.08, size=(2, len(LAYERS)))
+        mimics.append(_sample_lesion(radii, int(rng.integers(4)), angle, shape, rng, tumour=False))
+    jitter = rng.uniform(0.92, 1.08, size=len(LAYERS))
     return Patient(
         stage=stage,
         radii=tuple(float(r) for r in radii),
@@ -226,8 +243,8 @@ def sample_patient(
         ellipse=ellipse,
         tumour=tumour,
         mimics=tuple(mimics),
-        t2_levels=tuple(float(v) for v in _T2_LEVELS * jitter[0]),
-        dwi_levels=tuple(float(v) for v in _DWI_LEVELS * jitter[1]),
+        t2_levels=tuple(float(v) for v in _T2_LEVELS * jitter),
+        dwi_levels=(float(_DWI_TISSUE * rng.uniform(0.9, 1.1)),) * len(LAYERS),
     )
 
 
@@ -236,13 +253,16 @@ def _beyond(x: np.ndarray) -> np.ndarray:
     return np.clip(x / _EDGE + 0.5, 0.0, 1.0)
 
 
-def _lesion_mask(les: Lesion, r0: float, r: np.ndarray, theta: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Soft (D, H, W) membership of a lesion: flat-topped in angle and z, invading from ``r0``."""
+def _lesion_mask(
+    les: Lesion, r0: float, r: np.ndarray, theta: np.ndarray, z: np.ndarray, depth: float | None = None
+) -> np.ndarray:
+    """Soft (D, H, W) membership of a lesion (flat-topped in angle and z) from ``r0`` to ``depth``."""
+    depth = les.depth if depth is None else depth
     dth = np.remainder(theta - les.angle + np.pi, 2 * np.pi) - np.pi  # wrapped to [-pi, pi)
     prof_a = np.clip(1.6 * (1 - (dth / les.half_width) ** 2), 0, 1)
     prof_z = np.clip(1.6 * (1 - ((z - les.z_centre) / les.z_half) ** 2), 0, 1)
     prof = prof_a * prof_z  # (D, H, W), 1 on the plateau
-    r_out = r0 + (les.depth - r0) * prof
+    r_out = r0 + (depth - r0) * prof
     r_in = r0 - les.protrusion * prof
     inside = _beyond(r_out - r) * _beyond(r - r_in)
     return inside * np.clip(4 * prof, 0, 1)  # fade out the zero-thickness sliver at the sector edge
@@ -291,8 +311,8 @@ def render_scan(
         return_debug: also return the ground-truth maps.
 
     Returns:
-        ``{"t2w": (D, H, W), "dwi": (D, H, W)}`` float32; with ``return_debug`` also ``"tumour"``
-        and ``"mimic"`` (soft memberships in [0, 1]), ``"layers"`` (int8 index into
+        ``{"t2w": (D, H, W), "dwi": (D, H, W)}`` float32; with ``return_debug`` also ``"tumour"``,
+        ``"core"`` (its DWI-bright part) and ``"mimic"`` (soft memberships in [0, 1]), ``"layers"`` (int8 index into
         :data:`LAYERS` of the clean anatomy) and ``"radius"`` (voxels, elliptic metric).
     """
     d, h, w = shape
@@ -317,21 +337,25 @@ def render_scan(
     t2 = t2l[0] + np.tensordot(np.diff(t2l), outside_of, axes=1)
     dwi = dwil[0] + np.tensordot(np.diff(dwil), outside_of, axes=1)
 
-    tumour = _lesion_mask(patient.tumour, radii[0], r, theta, z)
     mimic = np.zeros_like(r)
     for les in patient.mimics:
         m = _lesion_mask(les, radii[0], r, theta, z)
         t2 += m * (les.t2 - t2)
         dwi += m * (les.dwi - dwi)
         mimic = np.maximum(mimic, m)
-    t2 += tumour * (patient.tumour.t2 - t2)
-    dwi += tumour * (patient.tumour.dwi - dwi)
+    tum = patient.tumour
+    tumour = _lesion_mask(tum, radii[0], r, theta, z)
+    core = _lesion_mask(tum, radii[0], r, theta, z, depth=tum.core_depth)
+    t2 += tumour * (tum.t2 - t2)
+    dwi += tumour * (tum.dwi_front - dwi)
+    dwi += core * (tum.dwi - dwi)
 
-    t2 = _rician(t2 * _bias_field(shape, rng), rng.uniform(0.025, 0.04), rng)
+    t2 = _rician(t2 * _bias_field(shape, rng), rng.uniform(0.02, 0.035), rng)
     dwi = _acquire_dwi(dwi * _bias_field(shape, rng), rng.uniform(0.05, 0.07), rng)
     out = {"t2w": t2.astype(np.float32), "dwi": dwi.astype(np.float32)}
     if return_debug:
         out["tumour"] = tumour.astype(np.float32)
+        out["core"] = core.astype(np.float32)
         out["mimic"] = mimic.astype(np.float32)
         out["layers"] = np.searchsorted(radii, r, side="right").astype(np.int8)
         out["radius"] = r.astype(np.float32)
