@@ -77,7 +77,7 @@ _BUILTIN_MODULES = (
     "medfuse.encoders.dinov3",
     "medfuse.text.registry",
     "medfuse.models.baseline",
-    "medfuse.models.baseline_seg",
+    "medfuse.models.baseline_tasks",
     "medfuse.models.staging",
     "medfuse.models.ct_encoder",
     "medfuse.models.text_seg",
