@@ -106,6 +106,8 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
     split: Annotated[str, typer.Option(help="test | val | train")] = "test",
     n_boot: Annotated[int | None, typer.Option(help="bootstrap resamples (default from config)")] = None,
+    counterfactual: Annotated[list[str] | None, typer.Option(
+        help="FIELD=shuffle|VALUE: rerun with wrong text and report the metric drop (repeatable)")] = None,
 ) -> None:
     """Evaluate a run's best checkpoint with bootstrap CIs and write report.json/report.html."""
     from medfuse.engine.evaluate import evaluate as _evaluate
@@ -113,7 +115,11 @@ def evaluate(
 
     if split not in ("test", "val", "train"):
         raise MedfuseError("--split", f"unknown split '{split}'", "use test, val or train")
-    report = _evaluate(run_dir, split=split, n_boot=n_boot)
+    for spec in counterfactual or []:
+        if "=" not in spec:
+            raise MedfuseError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE",
+                               "e.g. --counterfactual margin=shuffle")
+    report = _evaluate(run_dir, split=split, n_boot=n_boot, counterfactual=counterfactual)
     console.print(metrics_table(report.get("metrics", {})))
     console.print(f"report: {run_dir / 'report.html'}")
 

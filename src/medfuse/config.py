@@ -98,6 +98,8 @@ class DataConfig(_Strict):
     eval_batch_size: int | None = None
     num_workers: int = 0
     cache_dir: str | None = Field(None, description="MONAI PersistentDataset disk cache of deterministic transforms")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="family-specific data options, checked by the family's data module")
 
 
 class ModelConfig(_Strict):

@@ -66,6 +66,12 @@ MODELS = Registry("model", "model.name")
 ENCODERS = Registry("encoder", "model.encoder")
 TEXT_ENCODERS = Registry("text encoder", "model.text_encoder")
 DEMOS = Registry("demo data generator", "family")
+# A family whose data are not plain image volumes (2D images with text, raw + context pairs, CT with
+# reports) registers a factory ``(cfg, run_dir) -> LightningDataModule`` under its family name; the
+# engine uses it instead of the generic case data module.
+DATAMODULES = Registry("data module", "family")
+# family -> [(variant name, config overrides)] for ``medfuse demo FAMILY``; first = the full model.
+DEMO_ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {}
 
 # Modules whose import registers built-in entries. Missing modules are skipped so a family can
 # land without touching this list's neighbours; a module that exists but fails to import is a bug
@@ -84,6 +90,10 @@ _BUILTIN_MODULES = (
     "medfuse.models.incomplete_seg",
     "medfuse.models.context_seg",
     "medfuse.data.demo",
+    "medfuse.data.ct_encoder",
+    "medfuse.data.text_seg",
+    "medfuse.data.incomplete_seg",
+    "medfuse.data.context_seg",
 )
 _imported = False
 

@@ -194,3 +194,17 @@ class CaseDataModule(L.LightningDataModule):
     def loader(self, split: str) -> DataLoader:
         """An unshuffled loader over any split (used by evaluate)."""
         return self._loader(split, False, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
+
+
+def build_datamodule(cfg: Config, run_dir: Path | None = None) -> L.LightningDataModule:
+    """The family's registered data module (``DATAMODULES[cfg.family]``) or :class:`CaseDataModule`.
+
+    A family data module must offer what the engine uses: ``loader(split)``, ``modalities``,
+    ``table`` (with ``class_names``) and the Lightning dataloader methods; subclassing
+    :class:`CaseDataModule` and overriding :meth:`CaseDataModule.dataset` gives all of them.
+    """
+    from medfuse.registry import DATAMODULES
+
+    if cfg.family in DATAMODULES:
+        return DATAMODULES.get(cfg.family)(cfg, run_dir)
+    return CaseDataModule(cfg, run_dir)

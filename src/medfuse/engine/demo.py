@@ -31,6 +31,14 @@ ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
     ],
 }
 
+def ablations(family: str) -> list[tuple[str, list[str]]]:
+    """The family's demo variants: built in here, or registered by the family in ``DEMO_ABLATIONS``."""
+    from medfuse.registry import DEMO_ABLATIONS, MODELS
+
+    MODELS.names()  # imports the families, which register their ablations
+    return ABLATIONS.get(family) or DEMO_ABLATIONS.get(family) or [("full", [])]
+
+
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
@@ -47,7 +55,7 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     cfg_path = demo_config_path(family)
     base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
             *(QUICK if quick else []), *(overrides or [])]
-    variants = ABLATIONS.get(family, [("full", [])])
+    variants = ablations(family)
     if main_only:
         variants = variants[:1]
     rows: list[dict[str, Any]] = []

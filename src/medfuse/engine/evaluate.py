@@ -17,10 +17,10 @@ import torch
 
 from medfuse.config import Config
 from medfuse.engine.checkpoint import find_checkpoint, load_model_weights
-from medfuse.engine.data import CaseDataModule, collate
+from medfuse.engine.data import CaseDataModule, build_datamodule, collate
 from medfuse.engine.tasks import BaseTask, merge_outputs
 from medfuse.engine.trainer import build_task, load_run
-from medfuse.errors import DataError
+from medfuse.errors import ConfigError, DataError
 
 
 def device_for(cfg: Config) -> torch.device:
@@ -34,7 +34,7 @@ def load_trained(run_dir: str | Path, which: str = "best") -> tuple[Config, Case
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
     ckpt = find_checkpoint(run_dir, which)
-    dm = CaseDataModule(cfg, run_dir)
+    dm = build_datamodule(cfg, run_dir)
     stages = cfg.train.stages
     task = build_task(cfg, dm, stages[-1] if stages else None)
     load_model_weights(task.model, ckpt)
@@ -51,8 +51,17 @@ def run_predictions(task: BaseTask, loader) -> dict[str, Any]:
     return merge_outputs(outs)
 
 
-def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None) -> dict[str, Any]:
+def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None,
+             counterfactual: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a run's best checkpoint on a split; write ``report.json``/``report.html``/plots.
+
+    Args:
+        run_dir: a trained run.
+        split: which split to evaluate (the test split is touched only here).
+        n_boot: bootstrap resamples (default ``cfg.eval.n_boot``).
+        counterfactual: ``FIELD=shuffle|VALUE`` specs; the model's ``evaluate_counterfactual(task,
+            dm, split, run_dir, specs, n_boot)`` hook reruns the split with that wrong input and
+            returns report entries (families without the hook refuse the option).
 
     Returns:
         The report dict (also written to disk).
@@ -83,6 +92,11 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
         report["metrics"] = rep
     if hasattr(task.model, "evaluate_extra"):
         report.update(task.model.evaluate_extra(task, dm, split, run_dir) or {})
+    if counterfactual:
+        if not hasattr(task.model, "evaluate_counterfactual"):
+            raise ConfigError("--counterfactual", f"model '{cfg.model.name}' has no counterfactual evaluation",
+                              "drop --counterfactual (it applies to text-conditioned families such as text_seg)")
+        report.update(task.model.evaluate_counterfactual(task, dm, split, run_dir, list(counterfactual), n_boot) or {})
     metrics_csv = run_dir / "metrics.csv"
     if metrics_csv.exists():
         from medfuse.reports.plots import plot_curves
@@ -170,6 +184,9 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         out: output folder: ``predictions.csv`` for classification, one NIfTI per case for
             segmentation (with the processed grid's affine).
         modalities: which modalities ``inputs`` are, when not all of them.
+
+    A model with a ``predict_inputs(task, cfg, dm, inputs, out, modalities) -> Path`` hook handles
+    its own inputs and outputs instead.
     """
     from medfuse.data.layouts import Case, load_cases
     from medfuse.data.transforms import build_transforms, case_to_item
@@ -178,6 +195,9 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
     mods = dm.modalities
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(task.model, "predict_inputs"):
+        # a family with its own inputs (text + boxes from a CSV, any subset of modalities, ...)
+        return task.model.predict_inputs(task, cfg, dm, list(inputs), out, modalities)
     if len(inputs) == 1 and (Path(inputs[0]).is_dir() or Path(inputs[0]).suffix in (".csv", ".json")):
         cases = load_cases(inputs[0], modalities=mods).cases
     else:

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
 from medfuse.engine.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_model_weights
-from medfuse.engine.data import CaseDataModule
+from medfuse.engine.data import CaseDataModule, build_datamodule
 from medfuse.engine.tasks import TASKS, BaseTask
 from medfuse.errors import RunDirError
 
@@ -127,7 +127,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    dm = CaseDataModule(cfg, run_dir)
+    dm = build_datamodule(cfg, run_dir)
     stages = _stages(cfg)
     names = [s.name for s in stages if s is not None]
     if only_stage is not None and only_stage not in names:
