@@ -4,6 +4,8 @@ Paths:
 
 - ``cuda``: mamba-ssm's fused kernel (:mod:`.scan_cuda`), only for CUDA tensors when importable;
 - ``chunked``: pure-PyTorch chunked scan (:mod:`.scan_chunked`), any device, O(L * Dm) memory;
+  inside a chunk it steps sequentially on CPU and runs a Blelloch scan on CUDA
+  (:mod:`.scan_parallel`); ``MEDFUSE_SCAN_INTRA=seq|parallel`` forces one;
 - ``ref``: the sequential loop (:mod:`.scan_ref`), the spec; slow, for tests and debugging.
 
 The path is chosen by the ``path`` argument, else the ``MEDFUSE_SCAN`` environment variable

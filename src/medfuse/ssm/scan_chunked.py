@@ -1,4 +1,4 @@
-"""Chunked selective scan in pure PyTorch: the default path on CPU (seed 000, Bi-Mamba).
+"""Chunked selective scan in pure PyTorch: the default path on CPU and GPU (seed 000, Bi-Mamba).
 
 The sequence is cut into chunks of ``chunk_size`` steps. For one chunk, every per-element quantity
 is built with large vectorised ops on a (T, B, Dm, N) tile, in time-major layout:
@@ -23,15 +23,29 @@ training, the autograd Function stores only its inputs and the state entering ea
 runs the adjoint recurrence ``g_t = C_t * dy_t + a_{t+1} * g_{t+1}`` on the same tile, carrying
 ``a_{t+1} g_{t+1}`` across chunk boundaries. Training memory is therefore O(L * Dm) plus
 O(L * Dm * N / T) (a quarter of L * Dm at the default chunk of 64 and N = 16).
+
+Intra-chunk mode: that sequential loop is the fastest form on CPU, but on a GPU each step is a tiny
+kernel and the scan is launch-bound (L kernels forward, 2 L backward). :mod:`.scan_parallel` keeps
+the same chunking, carry and recomputation but scans each chunk with a log-depth Blelloch scan
+(~3 log2(T) large kernels per chunk, chunks of up to 4096 steps). ``intra="seq"`` or ``"parallel"``
+(or the ``MEDFUSE_SCAN_INTRA`` environment variable) forces one; the default (``auto``) is
+``parallel`` for CUDA tensors and ``seq`` otherwise.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medfuse.errors import ConfigError
+from medfuse.ssm.scan_parallel import default_parallel_chunk_size, scan_parallel_time_major
+
+INTRA_ENV_VAR = "MEDFUSE_SCAN_INTRA"
+INTRA_MODES = ("seq", "parallel")
 
 # Elements of one (T, B, Dm, N) tile the default chunk size aims for (2 MB in fp32): large enough
 # to amortise Python overhead on the vectorised passes, small enough that the few live tiles stay
@@ -46,6 +60,32 @@ def default_chunk_size(batch: int, dim: int, d_state: int) -> int:
     per_step = max(1, batch * dim * d_state)
     target = max(1, _TILE_ELEMENTS // per_step)
     return int(min(_MAX_CHUNK, max(_MIN_CHUNK, 1 << (target.bit_length() - 1))))
+
+
+def resolve_intra(device: torch.device | str, intra: str | None = None) -> str:
+    """Intra-chunk mode for tensors on ``device``: ``seq`` or ``parallel``.
+
+    Args:
+        device: where the scan's tensors live.
+        intra: ``seq``, ``parallel`` or ``auto``; ``None`` reads ``MEDFUSE_SCAN_INTRA`` (unset: ``auto``).
+            ``auto`` is ``parallel`` on CUDA and ``seq`` elsewhere.
+
+    Raises:
+        ConfigError: ``MEDFUSE_SCAN_INTRA`` holds an unknown value.
+        ValueError: ``intra`` is not a known mode.
+    """
+    if intra is None:
+        want = os.environ.get(INTRA_ENV_VAR, "").strip().lower() or "auto"
+        if want not in (*INTRA_MODES, "auto"):
+            raise ConfigError(INTRA_ENV_VAR, f"unknown intra-chunk scan mode {want!r}",
+                              f"set {INTRA_ENV_VAR} to seq, parallel or auto, or unset it")
+    elif intra in (*INTRA_MODES, "auto"):
+        want = intra
+    else:
+        raise ValueError(f"unknown intra-chunk scan mode {intra!r}; expected seq, parallel or auto")
+    if want == "auto":
+        return "parallel" if torch.device(device).type == "cuda" else "seq"
+    return want
 
 
 def _step_sizes(delta_c: Tensor, delta_bias: Tensor | None, softplus: bool) -> Tensor:
@@ -214,6 +254,7 @@ def selective_scan_chunked(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int | None = None,
+    intra: str | None = None,
 ) -> Tensor:
     """Selective scan, chunked over time, differentiable with O(L * Dm) training memory.
 
@@ -229,7 +270,10 @@ def selective_scan_chunked(
         z: gate, (B, Dm, L).
         delta_bias: (Dm,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
-        chunk_size: steps per chunk; default :func:`default_chunk_size`.
+        chunk_size: steps per chunk; default :func:`default_chunk_size` for ``seq`` and
+            :func:`~medfuse.ssm.scan_parallel.default_parallel_chunk_size` for ``parallel``.
+        intra: scan inside a chunk: ``seq`` (step loop, best on CPU), ``parallel`` (log-depth scan,
+            best on GPU) or ``auto``; ``None`` reads ``MEDFUSE_SCAN_INTRA`` (see :func:`resolve_intra`).
 
     Returns:
         (B, Dm, L) in ``u``'s dtype, computed in fp32 (fp64 for fp64 inputs). The result may be a
@@ -246,7 +290,9 @@ def selective_scan_chunked(
             raise ValueError(f"{name} must be (B, N, L) = {(batch, n_state, length)}; got {tuple(t.shape)}")
     if length == 0:
         return u.new_zeros(u.shape)
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(batch, dim, n_state)
+    mode = resolve_intra(u.device, intra)
+    default = default_parallel_chunk_size if mode == "parallel" else default_chunk_size
+    chunk = int(chunk_size) if chunk_size else default(batch, dim, n_state)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
 
@@ -267,6 +313,8 @@ def selective_scan_chunked(
 
     args = (time_major(u), time_major(delta), cast(A), time_major(B), time_major(C), cast(D), time_major(z),
             cast(delta_bias), bool(delta_softplus), chunk)
+    if mode == "parallel":
+        return scan_parallel_time_major(*args).permute(1, 2, 0).to(u.dtype)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
         out = _ChunkedScan.apply(*args)  # (L, B, Dm)
     else:  # inference: no autograd Function, no per-chunk states kept
