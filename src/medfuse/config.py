@@ -92,6 +92,8 @@ class DataConfig(_Strict):
     modalities: list[str] | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
+    label_map: dict[int, int] | None = Field(
+        None, description="regroup case labels, e.g. {0: 0, 1: 0, 2: 1, 3: 1} for T1-2 vs T3-4 (set class_names too)")
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     batch_size: int = 2

@@ -110,7 +110,9 @@ def test_rescan_same_anatomy_fresh_noise():
     patient = sample_patient(2, np.random.default_rng(0), SHAPE)
     a = render_scan(patient, np.random.default_rng(1), SHAPE, return_debug=True)
     b = render_scan(patient, np.random.default_rng(2), SHAPE, return_debug=True)
-    shifted = render_scan(patient, np.random.default_rng(2), SHAPE, offset=(0.5, 1.0, -1.0), return_debug=True)
+    shifted = render_scan(
+        patient, np.random.default_rng(2), SHAPE, offset=(0.5, 1.0, -1.0), return_debug=True
+    )
     np.testing.assert_array_equal(a["tumour"], b["tumour"])
     np.testing.assert_array_equal(a["layers"], b["layers"])
     assert not np.array_equal(a["t2w"], b["t2w"]) and not np.array_equal(a["dwi"], b["dwi"])
@@ -128,7 +130,8 @@ def test_deterministic_for_fixed_seed(tmp_path):
     for x, y in zip(r1, r2, strict=True):
         for key in ("image_t2w", "image_dwi"):
             np.testing.assert_array_equal(
-                np.asarray(nib.load(str(m1.parent / x[key])).dataobj), np.asarray(nib.load(str(m2.parent / y[key])).dataobj)
+                np.asarray(nib.load(str(m1.parent / x[key])).dataobj),
+                np.asarray(nib.load(str(m2.parent / y[key])).dataobj),
             )
     v1 = np.asarray(nib.load(str(m1.parent / r1[0]["image_t2w"])).dataobj)
     v3 = np.asarray(nib.load(str(m3.parent / r3[0]["image_t2w"])).dataobj)
@@ -136,7 +139,9 @@ def test_deterministic_for_fixed_seed(tmp_path):
 
 
 def test_quick_shrinks(tmp_path):
-    rows = list(csv.DictReader(open(make_staging_demo(tmp_path, n_patients=240, quick=True, shape=(4, 16, 16)))))
+    rows = list(
+        csv.DictReader(open(make_staging_demo(tmp_path, n_patients=240, quick=True, shape=(4, 16, 16))))
+    )
     assert len({r["patient_id"] for r in rows}) == 60
 
 
@@ -190,6 +195,12 @@ def test_n_mimics(n_mimics):
     patient, dbg = _patient_scans(1, 5, n_mimics=n_mimics)
     assert len(patient.mimics) == n_mimics
     assert (dbg["mimic"].max() > 0.5) == (n_mimics > 0)
+
+
+@pytest.mark.parametrize("kw", [{"n_patients": 0}, {"shape": (4, 8, 8)}, {"shape": (16, 64)}])
+def test_bad_arguments_rejected(tmp_path, kw):
+    with pytest.raises(ValueError):
+        make_staging_demo(tmp_path, **kw)
 
 
 def test_bad_stage_rejected():

@@ -110,7 +110,36 @@ def load_table(cfg: Config):
         make_demo(cfg.data.demo, root, **cfg.data.demo_params)
     if not root.exists():
         raise DataError(root, "dataset not found", "set data.root to an existing folder or manifest")
-    return load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
+    table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
+    return regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
+
+
+def regroup_labels(table, label_map: dict[int, int] | None, class_names: list[str] | None):
+    """Apply ``data.label_map`` to every case label and ``data.class_names`` to the table.
+
+    Args:
+        table: the loaded case table (changed in place and returned).
+        label_map: old label -> new label; every case label must be a key.
+        class_names: names of the new classes (``None`` keeps the table's own).
+    """
+    if label_map:
+        for c in table.cases:
+            if c.label is None:
+                continue
+            try:
+                c.label = label_map[int(c.label)]
+            except (KeyError, ValueError, TypeError):
+                raise ConfigError("data.label_map", f"case {c.case_id} has label {c.label!r}, which the map lacks",
+                                  f"add it to data.label_map (keys now: {sorted(label_map)})") from None
+        n_new = max(label_map.values()) + 1
+        if class_names is None:
+            class_names = [str(i) for i in range(n_new)]
+        elif len(class_names) != n_new:
+            raise ConfigError("data.class_names", f"{len(class_names)} names for {n_new} mapped classes",
+                              "give one name per value of data.label_map")
+    if class_names is not None:
+        table.class_names = list(class_names)
+    return table
 
 
 def resolve_splits(cfg: Config, run_dir: Path | None) -> tuple[Any, dict[str, list]]:

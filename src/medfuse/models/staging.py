@@ -32,6 +32,7 @@ from medfuse.layers.pos_embed import PosEmbed3d
 from medfuse.registry import MODELS
 
 FUSIONS = ("bgamf", "concat", "sum", "t2w_only", "dwi_only")
+POOLS = ("avg", "max", "avgmax")
 
 
 class StagingModel(nn.Module):
@@ -57,6 +58,9 @@ class StagingModel(nn.Module):
         num_heads: attention heads.
         d_state: Mamba state size.
         dropout: dropout before the head.
+        pool: sequence pooling before the head: ``avg`` (the seed's GAP), ``max``, or ``avgmax``
+            (both, concatenated). A small tumour covers few tokens and its evidence is diluted by
+            an average over all L; ``avgmax`` keeps it (the demo's setting).
     """
 
     def __init__(self, modalities: list[str] | None = None, num_classes: int = 4, encoder: str = "tiny",
@@ -64,7 +68,7 @@ class StagingModel(nn.Module):
                  encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
                  dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
                  fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
-                 d_state: int = 16, dropout: float = 0.1):
+                 d_state: int = 16, dropout: float = 0.1, pool: str = "avg"):
         super().__init__()
         from medfuse.encoders.base import build_encoder
         from medfuse.encoders.slicewise import SlicewiseExtractor
@@ -72,6 +76,9 @@ class StagingModel(nn.Module):
 
         if fusion not in FUSIONS:
             raise ConfigError("model.params.fusion", f"unknown fusion '{fusion}'", f"use one of: {', '.join(FUSIONS)}")
+        if pool not in POOLS:
+            raise ConfigError("model.params.pool", f"unknown pool '{pool}'", f"use one of: {', '.join(POOLS)}")
+        self.pool = pool
         if mamba not in ("bi", "uni"):
             raise ConfigError("model.params.mamba", f"unknown mamba '{mamba}'", "use bi or uni")
         self.modalities = list(modalities or ["t2w", "dwi"])
@@ -84,7 +91,11 @@ class StagingModel(nn.Module):
             enc.freeze()
         self.extractor = SlicewiseExtractor(enc, slice_batch_size=slice_batch_size, preprocess=encoder_preprocess)
         self.encoder_preprocess = encoder_preprocess
-        self.proj = nn.Linear(enc.out_channels, dim)
+        # One encoder serves both modalities, but each gets its own projection: the gated blend
+        # g * h_t2w + (1 - g) * h_dwi must not mix two streams that share one feature space (a bright
+        # DWI spot would read like a bright T2W spot).
+        branches = {"t2w_only": [0], "dwi_only": [1]}.get(fusion, [0, 1])
+        self.proj = nn.ModuleDict({str(m): nn.Linear(enc.out_channels, dim) for m in branches})
         self.pos = PosEmbed3d(dim, kind="sincos")
         self.modality_embed = nn.Parameter(torch.zeros(2, dim))
         branches = {"t2w_only": [0], "dwi_only": [1]}.get(fusion, [0, 1])
@@ -100,8 +111,9 @@ class StagingModel(nn.Module):
             self.concat = nn.Linear(2 * dim, dim)
         self.post_norm = nn.LayerNorm(dim)
         self.post = BiMamba(dim, d_state=d_state, bidirectional=bidirectional)
-        self.head_norm = nn.LayerNorm(dim)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        feat = 2 * dim if pool == "avgmax" else dim
+        self.head_norm = nn.LayerNorm(feat)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, num_classes))
         self.last_gate: torch.Tensor | None = None
         self.last_grid: tuple[int, int, int] | None = None
 
@@ -122,7 +134,7 @@ class StagingModel(nn.Module):
             feats = rearrange(feats, "(b d) c h w -> b d c h w", b=b)
         h, w = feats.shape[-2:]
         x = rearrange(feats, "b d c h w -> b (d h w) c")  # (B, L, C_enc), slice-major
-        x = self.proj(x)
+        x = self.proj[str(branch)](x)
         x = self.pos(x, (d, h, w)) + self.modality_embed[branch]
         return x, (d, h, w)
 
@@ -144,7 +156,13 @@ class StagingModel(nn.Module):
         else:
             f = seqs[0]
         f = f + self.post(self.post_norm(f))  # (B, L, C)
-        return self.head(self.head_norm(f.mean(dim=1)))  # GAP -> (B, K)
+        if self.pool == "avg":
+            g = f.mean(dim=1)  # (B, C)
+        elif self.pool == "max":
+            g = f.amax(dim=1)
+        else:
+            g = torch.cat([f.mean(dim=1), f.amax(dim=1)], dim=-1)  # (B, 2C)
+        return self.head(self.head_norm(g))  # (B, K)
 
     def forward_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         present = batch.get("present")
@@ -192,8 +210,8 @@ def staging(modalities: list[str] | None = None, num_classes: int = 4, encoder: 
             encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
             dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
             fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
-            d_state: int = 16, dropout: float = 0.1) -> StagingModel:
+            d_state: int = 16, dropout: float = 0.1, pool: str = "avg") -> StagingModel:
     """The staging family's model (see :class:`StagingModel`)."""
     return StagingModel(modalities, num_classes, encoder, encoder_params, freeze_encoder, encoder_preprocess,
                         slice_batch_size, token_pool, dim, memory_block, memory_mode, num_prototypes, fusion,
-                        mamba, align_mode, num_heads, d_state, dropout)
+                        mamba, align_mode, num_heads, d_state, dropout, pool)

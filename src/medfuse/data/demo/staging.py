@@ -13,14 +13,12 @@ as an ablation of the family's key idea (fusion):
 * **T2W alone is ambiguous.** Every case also has a *mimic* (fibrosis/oedema): the same
   intermediate T2 signal, the same shape distribution and an independent random invasion depth
   at another sector. On T2W alone one cannot tell which of the two regions is the tumour.
-* **DWI alone is ambiguous.** DWI shows the tumour bright and the mimic dark on a low, nearly
-  uniform background, so it says *which* region is the tumour, but not the layers. The lumen
-  radius, the outer radius and the split of the wall between the layers are randomised per
-  patient, the tumour bulges into the lumen by a random amount, and only a random share of its
-  invasion (the cellular core) is diffusion-restricted while the invasive front is barely brighter
-  than the background, as in clinical practice where T2W, not DWI, is read for the T stage. So
-  the extent of the bright region on DWI does not determine how deep the tumour invades relative
-  to the layers.
+* **DWI alone is ambiguous.** DWI shows the tumour bright and the mimic dark on a low, uniform
+  background (the anatomy is invisible), so it says *which* region is the tumour, but not how
+  deep it goes: only the luminal, cellular core (the part bulging into the lumen plus 1-2 voxels
+  of wall, whatever the stage) is diffusion-restricted, while the invasive front is no brighter
+  than the background, as in practice, where DWI locates the tumour and T2W is read for the T
+  stage.
 
 Together the depth is readable: T2W gives the layers, DWI points at the tumour.
 
@@ -67,7 +65,15 @@ __all__ = [
 ]
 
 CLASS_NAMES = ("T1", "T2", "T3", "T4")
-LAYERS = ("lumen", "mucosa", "submucosa", "muscularis_propria", "mesorectal_fat", "mesorectal_fascia", "outside")
+LAYERS = (
+    "lumen",
+    "mucosa",
+    "submucosa",
+    "muscularis_propria",
+    "mesorectal_fat",
+    "mesorectal_fascia",
+    "outside",
+)
 #: Deepest layer (index into :data:`LAYERS`) the tumour reaches at T1..T4.
 STAGE_LAYER = (2, 3, 4, 6)
 #: Voxel spacing in mm along (D, H, W).
@@ -80,8 +86,7 @@ REPEAT_FRACTION = 0.1
 _T2_LEVELS = np.array([0.12, 0.40, 0.85, 0.22, 0.95, 0.18, 0.35])
 _DWI_TISSUE = 0.12  # DWI of every layer: the anatomy is invisible on DWI
 _EDGE = 1.0  # partial-volume ramp width of every boundary, in voxels (in-plane)
-_CORE_FRACTION = (0.6, 1.0)  # share of the invasion depth that is bright on DWI
-_MIN_CORE = 2.0  # voxels: the tumour core always shows on DWI
+_CORE_WALL = (1.0, 2.0)  # voxels (64-wide grid) of wall invasion that are bright on DWI, any stage
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Patient:
     Attributes:
         stage: label, 0..3 for T1..T4.
         radii: outer radius of lumen, mucosa, submucosa, muscularis, fat and fascia (voxels).
-        centre: (y, x) centre of the tube on the middle slice (voxels).
+        centre: mean (y, x) centre of the tube (voxels).
         drift: (amp_y, amp_x, phase_y, phase_x) of the sinusoidal centre drift along D.
         ellipse: (axis ratio, orientation in radians) of the wall cross-section.
         tumour: the tumour.
@@ -160,47 +165,52 @@ def staging_affine(shape: tuple[int, int, int]) -> np.ndarray:
 def _depth_in_layer(radii: np.ndarray, layer: int, px: float, rng: np.random.Generator) -> float:
     """An outer radius well inside ``layer`` (not within a partial-volume edge of its borders)."""
     if layer == len(radii):  # outside tissue: a few voxels past the fascia
-        return float(radii[-1] + rng.uniform(1.5, 4.0) * px)
+        return float(radii[-1] + rng.uniform(1.5, 3.0) * px)
     lo, hi = radii[layer - 1], radii[layer]
-    margin = min(0.7, 0.25 * (hi - lo))
-    return float(lo + margin + rng.uniform(0.0, 1.0) * (hi - lo - 2 * margin))
+    # At least ~1 voxel into the layer, and ~1 voxel of it left intact beyond the front (a T1
+    # keeps a bright submucosal rim, a T2 keeps the dark muscle ring).
+    m_in, m_out = min(1.0 * px, 0.4 * (hi - lo)), min(1.2 * px, 0.45 * (hi - lo))
+    return float(lo + m_in + rng.uniform(0.0, 1.0) * (hi - lo - m_in - m_out))
 
 
 def _sample_radii(rng: np.random.Generator) -> np.ndarray:
     """Outer radii of the six inner layers (voxels on a 64-wide grid).
 
-    The lumen radius, the outer (fascia) radius and the split of the wall between mucosa,
-    submucosa, muscularis and fat are drawn independently (Dirichlet split above a minimum per
-    layer), so an absolute invasion depth does not identify the layer it reaches.
+    Each layer's thickness varies by about +-10 % between patients: the layers are always
+    readable on T2W, and an invasion depth maps onto one layer.
     """
-    r_lumen = rng.uniform(3.0, 11.0)
-    r_out = rng.uniform(max(12.0, r_lumen + 8.0), 25.0)  # leaves room for a T4 tumour and the drift
-    fascia = rng.uniform(0.8, 1.2)
-    minimum = np.array([0.8, 1.2, 1.5, 2.0])  # mucosa, submucosa, muscularis, fat
-    spare = max(r_out - r_lumen - fascia - minimum.sum(), 0.0)
-    thick = minimum + rng.dirichlet([1.5, 2.0, 2.0, 3.0]) * spare
-    return np.cumsum([r_lumen, *thick, fascia])
+    r_lumen = rng.uniform(5.0, 6.5)
+    thick = [rng.uniform(1.8, 2.2), rng.uniform(3.6, 4.2), rng.uniform(3.6, 4.2), rng.uniform(4.5, 5.5),
+             rng.uniform(1.2, 1.5)]  # mucosa, submucosa, muscularis, fat, fascia
+    return np.cumsum([r_lumen, *thick])
 
 
 def _sample_lesion(
-    radii: np.ndarray, stage: int, angle: float, shape: tuple[int, int, int], rng: np.random.Generator, tumour: bool
+    radii: np.ndarray,
+    stage: int,
+    angle: float,
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    tumour: bool,
+    narrow: float = 1.0,
 ) -> Lesion:
     depth_d, px = shape[0], min(shape[1:]) / 64.0
     depth = _depth_in_layer(radii, STAGE_LAYER[stage], px, rng)
-    invasion = depth - radii[0]
-    # Only part of the invasion is diffusion-restricted (cellular core); the front is read on T2W.
-    core = max(rng.uniform(*_CORE_FRACTION) * invasion, min(_MIN_CORE, invasion))
+    # Only the luminal, cellular core is diffusion-restricted; its wall extent does not depend on
+    # the stage, and the invasive front is no brighter than the background on DWI (read on T2W).
+    wall = min(rng.uniform(*_CORE_WALL) * px, depth - radii[0])
+    protrusion = float(rng.uniform(0.3, 0.95) * radii[0])
     dwi = rng.uniform(0.75, 1.0) if tumour else rng.uniform(0.03, 0.07)
     return Lesion(
         angle=angle,
-        half_width=float(np.deg2rad(rng.uniform(30, 60))),
-        z_centre=float(rng.uniform(0.35, 0.65) * (depth_d - 1)),
-        z_half=float(rng.uniform(0.25, 0.45) * depth_d),
+        half_width=float(np.deg2rad(rng.uniform(35, 65) * narrow)),
+        z_centre=float(rng.uniform(0.4, 0.6) * (depth_d - 1)),
+        z_half=float(rng.uniform(0.3, 0.5) * depth_d),
         depth=depth,
-        protrusion=float(rng.uniform(0.3, 0.95) * radii[0]),
-        t2=float(rng.uniform(0.50, 0.60)),
+        protrusion=protrusion,
+        t2=float(rng.uniform(0.52, 0.58)),
         dwi=float(dwi),
-        core_depth=float(radii[0] + core),
+        core_depth=float(radii[0] + wall),
         dwi_front=float(_DWI_TISSUE * rng.uniform(0.95, 1.15) if tumour else dwi),
     )
 
@@ -225,15 +235,23 @@ def sample_patient(
     px = min(h, w) / 64.0
     radii = _sample_radii(rng) * px
     centre = (h / 2 - 0.5 + rng.uniform(-1.5, 1.5) * px, w / 2 - 0.5 + rng.uniform(-1.5, 1.5) * px)
-    drift = (rng.uniform(0, 1) * px, rng.uniform(0, 1) * px, rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
-    ellipse = (rng.uniform(1.0, 1.25), rng.uniform(0, np.pi))
+    drift = (
+        rng.uniform(0, 0.75) * px,
+        rng.uniform(0, 0.75) * px,
+        rng.uniform(0, 2 * np.pi),
+        rng.uniform(0, 2 * np.pi),
+    )
+    ellipse = (rng.uniform(1.0, 1.15), rng.uniform(0, np.pi))
     t_angle = rng.uniform(-np.pi, np.pi)
-    tumour = _sample_lesion(radii, stage, t_angle, shape, rng, tumour=True)
+    # Lesions are spread evenly around the wall; narrower sectors when there are more of them, so
+    # that neighbours never overlap (half-widths 35-65 deg for two lesions, 26-49 deg for three).
+    narrow = min(1.0, 2.25 / (n_mimics + 1))
+    tumour = _sample_lesion(radii, stage, t_angle, shape, rng, tumour=True, narrow=narrow)
     mimics = []
     for i in range(n_mimics):
         # Spread the mimics evenly over the rest of the circle, with jitter, so sectors do not overlap.
         angle = t_angle + 2 * np.pi * (i + 1) / (n_mimics + 1) + rng.uniform(-0.3, 0.3)
-        mimics.append(_sample_lesion(radii, int(rng.integers(4)), angle, shape, rng, tumour=False))
+        mimics.append(_sample_lesion(radii, int(rng.integers(4)), angle, shape, rng, tumour=False, narrow=narrow))
     jitter = rng.uniform(0.92, 1.08, size=len(LAYERS))
     return Patient(
         stage=stage,
@@ -280,7 +298,7 @@ def _bias_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.nda
     yn = np.linspace(-1, 1, h)[None, :, None]
     xn = np.linspace(-1, 1, w)[None, None, :]
     a = np.clip(rng.normal(0, 1, 3), -2, 2)
-    return np.exp(0.12 * (a[0] * yn + a[1] * xn) + 0.08 * a[2] * (yn**2 + xn**2)).astype(np.float32)
+    return np.exp(0.08 * (a[0] * yn + a[1] * xn) + 0.05 * a[2] * (yn**2 + xn**2)).astype(np.float32)
 
 
 def _acquire_dwi(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -401,8 +419,10 @@ def make_staging_demo(
     if quick:
         n_patients = min(n_patients, 60)
     if n_patients < 1:
-        raise ValueError("n_patients must be >= 1")
+        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+    if len(shape) != 3 or shape[0] < 1 or min(shape[1:]) < 16:
+        raise ValueError(f"shape must be (D, H, W) with D >= 1 and H, W >= 16, got {shape}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stages = rng.permutation(np.arange(n_patients) % len(CLASS_NAMES))
