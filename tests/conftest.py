@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Idle OpenMP threads sleep instead of spinning (as `make test` sets): on a loaded 2-core machine a
+# bare `pytest` otherwise runs torch several times slower. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 AFFINE = np.diag([0.8, 0.8, 3.0, 1.0])
 
