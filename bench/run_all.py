@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SECTIONS = [("Data loading", "bench_data.py"), ("Demo", "bench_demo.py")]
-EXTRA = [("bench_ssm.py", "docs/benchmarks_ssm.md"), ("bench_slicewise.py", "docs/benchmarks_slicewise.md")]
+EXTRA = [("bench_ssm.py", "docs/benchmarks_ssm.md"), ("bench_slicewise.py", "docs/benchmarks_slicewise.md"),
+         ("bench_ct_encoder.py", "docs/benchmarks_ct_encoder.md")]
 
 
 def machine() -> str:

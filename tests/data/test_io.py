@@ -496,3 +496,14 @@ def test_image_suffix(name, expected):
 def test_supported_suffixes_are_all_readable_names():
     assert all(s.startswith(".") and s == s.lower() for s in SUPPORTED_SUFFIXES)
     assert {".nii.gz", ".dcm", ".nrrd", ".mha", ".npz", ".png", ".tif"} <= set(SUPPORTED_SUFFIXES)
+
+
+def test_nifti_scaled_on_disk_is_flagged_and_applied_once(tmp_path):
+    stored = np.array([[[0, 1000], [2000, 3000]]], dtype=np.int16)
+    img = nib.Nifti1Image(stored, np.eye(4))
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    nib.save(nib.Nifti1Image(stored, np.eye(4)), tmp_path / "plain.nii.gz")
+    scaled, plain = read_image(tmp_path / "scaled.nii.gz"), read_image(tmp_path / "plain.nii.gz")
+    assert scaled.meta["rescale_applied"] is True and plain.meta["rescale_applied"] is False
+    np.testing.assert_allclose(scaled.array, plain.array - 1024.0)

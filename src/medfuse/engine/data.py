@@ -142,14 +142,19 @@ def regroup_labels(table, label_map: dict[int, int] | None, class_names: list[st
     return table
 
 
-def resolve_splits(cfg: Config, run_dir: Path | None) -> tuple[Any, dict[str, list]]:
+def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
+                   stratify: bool | None = None) -> tuple[Any, dict[str, list]]:
     """The run's split: read from ``run_dir/splits.csv`` if present, else computed and saved there.
 
     Saving the split makes evaluation and resume use exactly the cases training used.
+
+    Args:
+        table: a family's own case table (default: ``load_table(cfg)``).
+        stratify: overrides ``data.split.stratify`` (families without class labels pass False).
     """
     from medfuse.data.split import assign_splits
 
-    table = load_table(cfg)
+    table = load_table(cfg) if table is None else table
     saved = run_dir / "splits.csv" if run_dir is not None else None
     if saved is not None and saved.is_file():
         with saved.open() as f:
@@ -161,7 +166,8 @@ def resolve_splits(cfg: Config, run_dir: Path | None) -> tuple[Any, dict[str, li
             c.split = split_of[c.case_id]
     else:
         s = cfg.data.split
-        table = assign_splits(table, val=s.val, test=s.test, seed=s.seed, stratify=s.stratify)
+        table = assign_splits(table, val=s.val, test=s.test, seed=s.seed,
+                              stratify=s.stratify if stratify is None else stratify)
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             with saved.open("w", newline="") as f:

@@ -102,6 +102,10 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
         from medfuse.reports.plots import plot_curves
 
         plots["training curves"] = plot_curves(metrics_csv, plots_dir / "curves.png")
+    known = {Path(p).resolve() for p in plots.values()}
+    for png in sorted(plots_dir.glob("*.png")):  # figures a family's evaluate_extra wrote
+        if png.resolve() not in known:
+            plots[png.stem.replace("_", " ")] = png
     write_report(run_dir, report, plots)
     return report
 
