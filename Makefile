@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medfuse demo baseline --main-only --out runs/demo
+	$(BIN)/medfuse demo staging --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

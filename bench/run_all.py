@@ -18,7 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SECTIONS = [("Data loading", "bench_data.py"), ("Demo", "bench_demo.py")]
 EXTRA = [("bench_ssm.py", "docs/benchmarks_ssm.md"), ("bench_slicewise.py", "docs/benchmarks_slicewise.md"),
-         ("bench_ct_encoder.py", "docs/benchmarks_ct_encoder.md")]
+         ("bench_ct_encoder.py", "docs/benchmarks_ct_encoder.md"),
+         ("bench_context_seg.py", "docs/benchmarks_context_seg.md"),
+         ("bench_incomplete_seg.py", "docs/benchmarks_incomplete_seg.md")]
 
 
 def machine() -> str:

@@ -32,6 +32,47 @@ def test_variant_forward_backward_all_params_get_grad(fusion, memory_block, mamb
     assert no_grad == []
 
 
+@pytest.mark.parametrize("align, branch_mamba", [(False, True), (True, False), (False, False)])
+def test_bgamf_component_switches_train_every_parameter(align, branch_mamba):
+    torch.manual_seed(0)
+    m = staging(["t2w", "dwi"], num_classes=2, fusion="bgamf", bgamf_align=align, bgamf_mamba=branch_mamba, **SMALL)
+    assert (m.bgamf.align_a is not None) == align and (m.bgamf.mamba_a is not None) == branch_mamba
+    m(_x()).logsumexp(-1).sum().backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_bgamf_branches_start_near_identity():
+    from medfuse.layers.fusion import BGAMF
+
+    a, b = torch.randn(2, 48, 16), torch.randn(2, 48, 16)
+    out = {}
+    for scale in (0.01, 1.0):
+        torch.manual_seed(0)  # the same weights up to the scale of the branch outputs
+        out[scale] = BGAMF(16, num_heads=2, d_state=4, init_scale=scale).eval()
+    gate_only = BGAMF(16, num_heads=2, d_state=4, align=False, branch_mamba=False).eval()
+    gate_only.fuse.load_state_dict(out[1.0].fuse.state_dict())
+    with torch.no_grad():
+        f_gate = gate_only(a, b, (3, 4, 4))[0]
+        d_small = (out[0.01](a, b, (3, 4, 4))[0] - f_gate).abs().mean()
+        d_full = (out[1.0](a, b, (3, 4, 4))[0] - f_gate).abs().mean()
+    assert d_small < 0.05 * d_full  # scaled branches barely move the gated blend at init
+
+
+def test_frozen_encoder_features_come_from_the_disk_cache(tmp_path):
+    torch.manual_seed(0)
+    m = staging(["t2w", "dwi"], num_classes=2, freeze_encoder=True, feature_cache=str(tmp_path / "feats"),
+                **SMALL).eval()
+    x = _x()
+    first = m(x)
+    assert m.extractor.stats == {"hits": 0, "misses": 4}  # 2 cases x 2 modalities
+    second = m(x)
+    assert m.extractor.stats["hits"] == 4
+    torch.testing.assert_close(first, second)
+    assert len(list((tmp_path / "feats").rglob("*.safetensors"))) == 4
+    trainable = staging(["t2w", "dwi"], num_classes=2, feature_cache=str(tmp_path / "feats"), **SMALL)
+    assert trainable.extractor.cache_dir is None  # a trainable encoder never reads stale features
+
+
 @pytest.mark.parametrize("fusion, used, unused", [("t2w_only", 0, 1), ("dwi_only", 1, 0)])
 def test_single_modality_variants_ignore_the_other(fusion, used, unused):
     torch.manual_seed(0)

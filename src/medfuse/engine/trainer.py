@@ -41,7 +41,10 @@ def auto_model_args(dm: CaseDataModule, cfg: Config) -> dict[str, Any]:
             num_classes = len(dm.table.class_names)
         elif cfg.task == "segmentation" and dm.table.mask_labels:
             num_classes = len(dm.table.mask_labels)
-    return {"in_channels": len(dm.modalities), "num_classes": num_classes, "modalities": list(dm.modalities)}
+    # A family whose factory takes ``feature_cache`` caches frozen-encoder features under data.cache_dir.
+    cache = str(Path(cfg.data.cache_dir) / "features") if cfg.data.cache_dir else None
+    return {"in_channels": len(dm.modalities), "num_classes": num_classes, "modalities": list(dm.modalities),
+            "feature_cache": cache}
 
 
 def precision_for(cfg: Config) -> str:
@@ -51,8 +54,12 @@ def precision_for(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
-                  callbacks: list[Any] | None = None) -> L.Trainer:
-    """A Lightning Trainer writing ``last.ckpt``/``best.ckpt`` atomically into ``ckpt_dir``."""
+                  callbacks: list[Any] | None = None, stage: str | None = None) -> L.Trainer:
+    """A Lightning Trainer writing ``last.ckpt``/``best.ckpt`` atomically into ``ckpt_dir``.
+
+    The CSV log is ``run_dir/metrics.csv``; a stage of a staged run logs to
+    ``run_dir/stages/<stage>/metrics.csv`` (merged into ``metrics.csv`` when the run ends).
+    """
     from lightning.pytorch.loggers import CSVLogger
 
     t = cfg.train
@@ -70,7 +77,7 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
         from lightning.pytorch.callbacks import RichProgressBar
 
         cbs.append(RichProgressBar(leave=True))
-    loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="stages" if stage else "", version=stage or "")]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -148,7 +155,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         if ckpt_path is None and prev_best is not None:
             load_model_weights(task.model, prev_best)
         epochs = stage.max_epochs if stage else cfg.train.max_epochs
-        trainer = build_trainer(cfg, run_dir, ckdir, epochs, callbacks)
+        trainer = build_trainer(cfg, run_dir, ckdir, epochs, callbacks, stage=sname)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -159,12 +166,49 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
             return run_dir
         done.write_text("ok\n")
         prev_best = ckdir / "best.ckpt"
+    if cfg.train.stages:
+        merge_stage_logs(run_dir, [s.name for s in cfg.train.stages])
     if cfg.train.stages and prev_best is not None:
         final = checkpoint_dir(run_dir, cfg.train.stages[-1].name)
         for which in ("best", "last"):
             if (final / f"{which}.ckpt").exists():
                 shutil.copyfile(final / f"{which}.ckpt", ckpt_root / f"{which}.ckpt")
     return run_dir
+
+
+def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:
+    """Concatenate the stages' CSV logs into ``run_dir/metrics.csv`` with a ``stage`` column.
+
+    Epochs continue across stages (stage 2's epoch 0 follows stage 1's last epoch), so the training
+    curves of a staged run read as one run. Returns the merged file, or None when no stage logged.
+    """
+    import csv
+
+    rows: list[dict[str, str]] = []
+    fields: list[str] = ["stage"]
+    offset = 0
+    for name in stages:
+        path = run_dir / "stages" / name / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            part = list(csv.DictReader(f))
+        last = -1
+        for r in part:
+            if r.get("epoch") not in (None, ""):
+                last = max(last, int(float(r["epoch"])))
+                r["epoch"] = str(int(float(r["epoch"])) + offset)
+            rows.append({"stage": name, **r})
+            fields += [k for k in r if k not in fields]
+        offset += last + 1
+    if not rows:
+        return None
+    out = run_dir / "metrics.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return out
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Config:

@@ -78,34 +78,42 @@ class BGAMF(nn.Module):
         bidirectional: Bi-Mamba (True) or a forward-only Mamba (the ``mamba: uni`` ablation).
         align_mode: ``auto`` | ``full`` | ``slice`` (see :class:`AlignCrossAttention`).
         d_state: Mamba state size.
+        align: use the alignment cross-attention (False: the component ablation).
+        branch_mamba: use the per-modality Bi-Mamba (False: the component ablation).
+        init_scale: factor on the initial output projections of the alignment and Mamba branches.
     """
 
     def __init__(self, dim: int, num_heads: int = 4, bidirectional: bool = True, align_mode: str = "auto",
-                 d_state: int = 16):
+                 d_state: int = 16, align: bool = True, branch_mamba: bool = True, init_scale: float = 0.1):
         super().__init__()
         from medfuse.ssm import BiMamba
 
-        self.align_a = AlignCrossAttention(dim, num_heads, align_mode)
-        self.align_b = AlignCrossAttention(dim, num_heads, align_mode)
-        self.norm_a, self.norm_b = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mamba_a = BiMamba(dim, d_state=d_state, bidirectional=bidirectional)
-        self.mamba_b = BiMamba(dim, d_state=d_state, bidirectional=bidirectional)
+        self.align_a = AlignCrossAttention(dim, num_heads, align_mode) if align else None
+        self.align_b = AlignCrossAttention(dim, num_heads, align_mode) if align else None
+        self.norm_a, self.norm_b = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if branch_mamba else (None, None)
+        self.mamba_a = BiMamba(dim, d_state=d_state, bidirectional=bidirectional) if branch_mamba else None
+        self.mamba_b = BiMamba(dim, d_state=d_state, bidirectional=bidirectional) if branch_mamba else None
         self.fuse = GatedFusion(dim)
         # Near-identity start of the residual branches (alignment, per-modality Mamba): at init the
         # block is close to the gated blend of its inputs, which trains like concatenation, and the
         # branches grow from there. At full scale, the untrained cross-attention adds a near-uniform
         # average of the other modality to every token, which buried the local DWI cue in the demo.
         with torch.no_grad():
-            for lin in (self.align_a.attn.proj, self.align_b.attn.proj, self.mamba_a.out_proj, self.mamba_b.out_proj):
-                lin.weight.mul_(0.1)
+            outs = [m.attn.proj for m in (self.align_a, self.align_b) if m is not None]
+            outs += [m.out_proj for m in (self.mamba_a, self.mamba_b) if m is not None]
+            for lin in outs:
+                lin.weight.mul_(init_scale)
+                if lin.bias is not None:
+                    lin.bias.mul_(init_scale)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """a (T2W), b (DWI): (B, L, C) -> (fused (B, L, C), gate (B, L, C); gate 1 = trust ``a``)."""
-        a_al = self.align_a(a, b, grid)  # T2W queries DWI
-        b_al = self.align_b(b, a, grid)  # DWI queries T2W
-        h_a = a_al + self.mamba_a(self.norm_a(a_al))
-        h_b = b_al + self.mamba_b(self.norm_b(b_al))
-        return self.fuse(h_a, h_b)
+        if self.align_a is not None:
+            a, b = self.align_a(a, b, grid), self.align_b(b, a, grid)  # T2W queries DWI and vice versa
+        if self.mamba_a is not None:
+            a = a + self.mamba_a(self.norm_a(a))
+            b = b + self.mamba_b(self.norm_b(b))
+        return self.fuse(a, b)
 
 
 class ContextAttentionFusion(nn.Module):

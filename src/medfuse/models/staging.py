@@ -61,6 +61,13 @@ class StagingModel(nn.Module):
         pool: sequence pooling before the head: ``avg`` (the seed's GAP), ``max``, or ``avgmax``
             (both, concatenated). A small tumour covers few tokens and its evidence is diluted by
             an average over all L; ``avgmax`` keeps it (the demo's setting).
+        bgamf_align: BGAMF's alignment cross-attention on (False: component ablation).
+        bgamf_mamba: BGAMF's per-modality Bi-Mamba on (False: component ablation).
+        bgamf_init_scale: initial scale of the outputs of BGAMF's alignment and per-modality Mamba
+            branches (near-identity start).
+        feature_cache: folder of the disk feature cache, used when the encoder is frozen: epochs
+            after the first read each case's slice features instead of running the encoder (the
+            engine fills it with ``<data.cache_dir>/features``). Ignored for a trainable encoder.
     """
 
     def __init__(self, modalities: list[str] | None = None, num_classes: int = 4, encoder: str = "tiny",
@@ -68,7 +75,9 @@ class StagingModel(nn.Module):
                  encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
                  dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
                  fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
-                 d_state: int = 16, dropout: float = 0.1, pool: str = "avg"):
+                 d_state: int = 16, dropout: float = 0.1, pool: str = "avg",
+                 bgamf_align: bool = True, bgamf_mamba: bool = True, bgamf_init_scale: float = 0.1,
+                 feature_cache: str | None = None):
         super().__init__()
         from medfuse.encoders.base import build_encoder
         from medfuse.encoders.slicewise import SlicewiseExtractor
@@ -89,7 +98,9 @@ class StagingModel(nn.Module):
         enc = build_encoder(encoder, **(encoder_params or {}))
         if freeze_encoder:
             enc.freeze()
-        self.extractor = SlicewiseExtractor(enc, slice_batch_size=slice_batch_size, preprocess=encoder_preprocess)
+        cache = feature_cache if freeze_encoder else None
+        self.extractor = SlicewiseExtractor(enc, slice_batch_size=slice_batch_size, preprocess=encoder_preprocess,
+                                            cache_dir=cache, cache_dtype=torch.float16)
         self.encoder_preprocess = encoder_preprocess
         # One encoder serves both modalities, but each gets its own projection: the gated blend
         # g * h_t2w + (1 - g) * h_dwi must not mix two streams that share one feature space (a bright
@@ -98,7 +109,6 @@ class StagingModel(nn.Module):
         self.proj = nn.ModuleDict({str(m): nn.Linear(enc.out_channels, dim) for m in branches})
         self.pos = PosEmbed3d(dim, kind="sincos")
         self.modality_embed = nn.Parameter(torch.zeros(2, dim))
-        branches = {"t2w_only": [0], "dwi_only": [1]}.get(fusion, [0, 1])
         self.branches = branches
         self.memory = nn.ModuleList(
             [MemoryBlock(dim, num_heads=num_heads, num_prototypes=num_prototypes, mode=memory_mode)
@@ -106,7 +116,8 @@ class StagingModel(nn.Module):
         bidirectional = mamba == "bi"
         if fusion == "bgamf":
             self.bgamf = BGAMF(dim, num_heads=num_heads, bidirectional=bidirectional, align_mode=align_mode,
-                               d_state=d_state)
+                               d_state=d_state, align=bgamf_align, branch_mamba=bgamf_mamba,
+                               init_scale=bgamf_init_scale)
         elif fusion == "concat":
             self.concat = nn.Linear(2 * dim, dim)
         self.post_norm = nn.LayerNorm(dim)
@@ -120,14 +131,15 @@ class StagingModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def tokens(self, volume: torch.Tensor, branch: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One modality (B, 1, D, H, W) -> tokens (B, L, C) with L = D*h*w (slice-major), and (D, h, w)."""
+        keys = [{}] * volume.shape[0] if self.extractor.cache_dir is not None else None  # keyed by content
         if self.encoder_preprocess:
-            feats = self.extractor(volume)  # (B, D, C_enc, h, w)
+            feats = self.extractor(volume, cache_keys=keys)  # (B, D, C_enc, h, w)
         else:
             enc = self.extractor.encoder
             mean = torch.tensor(enc.mean, device=volume.device).view(1, 3, 1, 1, 1)
             std = torch.tensor(enc.std, device=volume.device).view(1, 3, 1, 1, 1)
             x = (volume.expand(-1, 3, -1, -1, -1) - mean) / std  # (B, 3, D, H, W), encoder-ready
-            feats = self.extractor(x)
+            feats = self.extractor(x, cache_keys=keys)
         b, d = feats.shape[:2]
         if self.token_pool:
             feats = F.adaptive_avg_pool2d(rearrange(feats, "b d c h w -> (b d) c h w"), self.token_pool)
@@ -210,8 +222,10 @@ def staging(modalities: list[str] | None = None, num_classes: int = 4, encoder: 
             encoder_preprocess: bool = False, slice_batch_size: int = 8, token_pool: int | None = None,
             dim: int = 64, memory_block: bool = True, memory_mode: str = "auto", num_prototypes: int = 16,
             fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
-            d_state: int = 16, dropout: float = 0.1, pool: str = "avg") -> StagingModel:
+            d_state: int = 16, dropout: float = 0.1, pool: str = "avg", bgamf_align: bool = True,
+            bgamf_mamba: bool = True, bgamf_init_scale: float = 0.1, feature_cache: str | None = None) -> StagingModel:
     """The staging family's model (see :class:`StagingModel`)."""
     return StagingModel(modalities, num_classes, encoder, encoder_params, freeze_encoder, encoder_preprocess,
                         slice_batch_size, token_pool, dim, memory_block, memory_mode, num_prototypes, fusion,
-                        mamba, align_mode, num_heads, d_state, dropout, pool)
+                        mamba, align_mode, num_heads, d_state, dropout, pool, bgamf_align, bgamf_mamba,
+                        bgamf_init_scale, feature_cache)
