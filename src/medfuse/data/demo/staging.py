@@ -44,10 +44,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medfuse.data.io import write_nifti
 from medfuse.registry import DEMOS
 
 __all__ = [
@@ -380,14 +380,6 @@ def render_scan(
     return out
 
 
-def _write_nifti(path: Path, vol: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)  # (D, H, W) -> (x, y, z)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
 @DEMOS.register("staging", help="rectal-cancer phantom (T2W + DWI -> T1..T4); needs both modalities")
 def make_staging_demo(
     out: str | Path,
@@ -441,7 +433,7 @@ def make_staging_demo(
             case_id = f"{pid}_s{scan}"
             rel = {m: f"images/{case_id}_{m}.nii.gz" for m in ("t2w", "dwi")}
             for m, rel_path in rel.items():
-                _write_nifti(out / rel_path, vols[m], affine)
+                write_nifti(vols[m], out / rel_path, affine)
             rows.append([case_id, pid, rel["t2w"], rel["dwi"], int(stage)])
 
     manifest = out / "manifest.csv"
