@@ -199,7 +199,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert "Right upper lobe nodule" in rep["per_class"]
     maps = rep["region_attention_maps"]
     assert maps and all((run / x["png"]).is_file() for x in maps)
-    html = (run / "report.html").read_text()
+    html = (run / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64") >= len(maps) + 1  # the maps and the training curves
     out = predict(run, [str(root)], tmp_path / "emb")
     files = sorted(out.glob("*.safetensors"))
