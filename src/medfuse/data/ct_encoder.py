@@ -52,7 +52,7 @@ import numpy as np
 
 from medfuse.config import Config
 from medfuse.data.layouts import Case, CaseTable
-from medfuse.engine.data import CaseDataModule, SeededDataset, resolve_splits
+from medfuse.engine.data import CaseDataModule, SeededDataset, data_root, resolve_splits
 from medfuse.errors import ConfigError, DataError
 from medfuse.registry import DATAMODULES
 
@@ -381,15 +381,7 @@ class CTEncoderDataModule(CaseDataModule):
         L.LightningDataModule.__init__(self)
         self.cfg, self.run_dir = cfg, run_dir
         self.params = check_params(cfg)
-        if cfg.data.root is None:
-            raise ConfigError("data.root", "no dataset given", "set data.root=PATH (a CT-RATE-style folder)")
-        root = Path(cfg.data.root)
-        if not root.exists() and cfg.data.demo:
-            from medfuse.data.demo import make_demo
-
-            make_demo(cfg.data.demo, root, **cfg.data.demo_params)
-        if not root.exists():
-            raise DataError(root, "dataset not found", "set data.root to an existing folder")
+        root = data_root(cfg, "a CT-RATE-style folder")
         self.table, self.vocab, self.abnormalities = read_ctrate(root, self.params)
         n_regions = cfg.model.params.get("num_regions")
         if n_regions is not None and int(n_regions) != len(self.vocab.names):

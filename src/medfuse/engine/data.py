@@ -97,19 +97,29 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 # splits
 
 
-def load_table(cfg: Config):
-    """Load the case table of a config, generating the demo data first when asked to."""
-    from medfuse.data.layouts import load_cases
+def data_root(cfg: Config, what: str = "a folder or manifest") -> Path:
+    """``data.root`` as a path that exists, generating the demo data first when ``data.demo`` asks to.
 
+    Args:
+        what: what the root should be, for the error message's fix.
+    """
     if cfg.data.root is None:
-        raise ConfigError("data.root", "no dataset given", "set data.root=PATH (a folder or manifest)")
+        raise ConfigError("data.root", "no dataset given", f"set data.root=PATH ({what})")
     root = Path(cfg.data.root)
     if not root.exists() and cfg.data.demo:
         from medfuse.data.demo import make_demo
 
         make_demo(cfg.data.demo, root, **cfg.data.demo_params)
     if not root.exists():
-        raise DataError(root, "dataset not found", "set data.root to an existing folder or manifest")
+        raise DataError(root, "dataset not found", f"set data.root to an existing {what.removeprefix('a ')}")
+    return root
+
+
+def load_table(cfg: Config):
+    """Load the case table of a config, generating the demo data first when asked to."""
+    from medfuse.data.layouts import load_cases
+
+    root = data_root(cfg)
     table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
     return regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
 
