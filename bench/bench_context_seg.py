@@ -2,7 +2,7 @@
 
 The seed claims that attention fusion at the skips needs *less* memory than the "old" way of
 concatenating raw and context features into one 2C-channel input (its "Memory Footprint
-Comparison"). This measures it for :class:`~medfuse.layers.context_unet.ContextUNet3D` at the
+Comparison"). This measures it for :class:`~medfuse.families.context_seg.network.ContextUNet3D` at the
 seed's width (base 128: 128/256/512/1024 channels, a 2048-channel bottleneck, trilinear decoder)
 on 1024-channel feature inputs (DINOv3 ViT-L), batch 1.
 
@@ -51,11 +51,12 @@ def _mem_available_mb() -> float:
 def worker(fusion: str, size: int, base: int, channels: int, mode: str, device: str) -> dict:
     import torch
 
-    from medfuse.models.context_seg import context_seg
+    from medfuse.families.context_seg.params import ContextSegParams, build_context_seg
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = context_seg(num_classes=5, feature_channels=channels, base=base, levels=4, fusion=fusion).to(dev)
+    model = build_context_seg(ContextSegParams(num_classes=5, feature_channels=channels, base=base, levels=4,
+                                               fusion=fusion)).to(dev)
     raw = torch.randn(1, channels, size, size, size, device=dev)  # frozen features: no grad
     ctx = torch.randn(1, channels, size, size, size, device=dev)
     target = torch.randint(0, 5, (1, size, size, size), device=dev)
@@ -104,9 +105,10 @@ def dinov3_worker(slices: int, size: int) -> dict:
     import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
+    import medfuse.families  # noqa: F401  (registers the families)
     from medfuse.config import load_config
     from medfuse.data.io import write_nifti
-    from medfuse.engine.data import build_datamodule
+    from medfuse.engine.build import build_datamodule
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ctx_"))
     torch.manual_seed(0)

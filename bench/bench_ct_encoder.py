@@ -67,7 +67,7 @@ def worker(spec: dict) -> dict:
                 if grad:
                     out.sum().backward()
     else:
-        from medfuse.models.ct_encoder import PRESETS, CTVisionEncoder
+        from medfuse.families.ct_encoder.model import PRESETS, CTVisionEncoder
 
         size = PRESETS[spec["preset"]]
         enc = CTVisionEncoder(1, 20, size["dim"], size["depth"], size["num_heads"], (4, 16, 16), (64, 512, 512),
@@ -226,7 +226,7 @@ def _markdown(rows, enc_rows, dev, args, load0, load1, wall) -> list[str]:
         lines += ["", "### Vision encoder forward at (64, 512, 512), (4, 16, 16) patches (N = 16,384), 20 regions",
                   "", "| preset | dim / depth / heads | time (s) | CPU time (s) | peak extra memory (GB) |",
                   "|---|---|---:|---:|---:|"]
-        from medfuse.models.ct_encoder import PRESETS
+        from medfuse.families.ct_encoder.model import PRESETS
 
         for preset, res in enc_rows:
             p = PRESETS[preset]

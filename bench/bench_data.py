@@ -21,13 +21,13 @@ def main() -> str:
     args = ap.parse_args()
     torch.set_num_threads(2)
     from medfuse.config import TransformsConfig
-    from medfuse.data.demo import make_demo
     from medfuse.data.layouts import load_cases
     from medfuse.data.transforms import build_dataset, build_transforms, case_to_item
+    from medfuse.families.staging.demo import make_staging_demo
 
     tmp = Path(tempfile.mkdtemp(prefix="mf_bench_data_"))
     try:
-        make_demo("staging", tmp / "data", n_patients=args.patients, shape=tuple(args.shape))
+        make_staging_demo(tmp / "data", n_patients=args.patients, shape=tuple(args.shape))
         table = load_cases(tmp / "data")
         tcfg = TransformsConfig(spacing=(3.0, 1.0, 1.0), spatial_size=tuple(args.shape))
         tf = build_transforms(tcfg, table.modalities, train=False, has_mask=False)

@@ -107,7 +107,8 @@ def scan_rows(lengths: list[int], repeats: int) -> list[dict]:
 
 
 def e2e_rows(repeats: int) -> list[dict]:
-    from medfuse.registry import MODELS
+    from medfuse.config import validate_params
+    from medfuse.families.staging.params import StagingParams, build_staging
 
     configs = [
         ("tiny encoder (demo config)", dict(encoder="tiny", encoder_params={"out_channels": 32, "hidden": [16, 32]},
@@ -120,7 +121,7 @@ def e2e_rows(repeats: int) -> list[dict]:
     rows = []
     for name, kw, shape in configs:
         torch.manual_seed(0)
-        model = MODELS.get("staging")(**kw).cuda()
+        model = build_staging(validate_params(StagingParams, kw, "model.params")).cuda()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         x = torch.rand(shape, device="cuda")
         y = torch.randint(0, 4, (shape[0],), device="cuda")

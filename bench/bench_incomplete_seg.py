@@ -51,25 +51,28 @@ def _status_kb(field: str) -> int:
 def worker(spec: dict) -> dict:
     import torch
 
+    import medfuse.families  # noqa: F401  (registers the families)
     from medfuse.config import StageConfig
-    from medfuse.models.incomplete_seg import incomplete_seg
+    from medfuse.families.incomplete_seg.task import IncompleteSegTask
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
     losses, k = STAGES.get(spec.get("stage", ""), ({"seg": 1.0}, None))
-    net = incomplete_seg(MODS, 4, 4, widths=WIDTHS, aspp_dilations=DILATIONS, ssim_window=5,
-                         combos_per_step=k).to(dev)
+    stage = StageConfig(name="bench", losses=losses)
+    task = IncompleteSegTask({"name": "bench", "model": {"name": "incomplete_seg", "params": {
+        "widths": list(WIDTHS), "aspp_dilations": list(DILATIONS), "ssim_window": 5, "combos_per_step": k}}},
+        auto={"in_channels": 4, "num_classes": 4, "modalities": list(MODS)},
+        stage=stage.model_dump() if spec["what"] == "train" else None).to(dev)
+    net = task.model
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
     if spec["what"] == "train":
-        stage = StageConfig(name="bench", losses=losses)
-        net.on_stage(stage)
-        net.train()
+        task.train()
         mask = torch.zeros(1, 1, *CROP, dtype=torch.long, device=dev)
         mask[:, :, 30:70, 30:70, 30:70] = 1
         mask[:, :, 40:60, 40:60, 40:60] = 2
@@ -78,8 +81,8 @@ def worker(spec: dict) -> dict:
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
 
         def step():
-            out = net.forward_batch(batch)
-            net.loss(batch, out, stage)["loss"].backward()
+            out = task.forward_batch(batch)
+            task.compute_loss(batch, out)["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -91,7 +94,7 @@ def worker(spec: dict) -> dict:
         combos = 15 if spec["what"] == "infer15" else 1
 
         def step():
-            from medfuse.data.incomplete_seg import combination_mask, modality_combinations
+            from medfuse.families.incomplete_seg.data import combination_mask, modality_combinations
 
             masks = combination_mask(modality_combinations(4), 4)[-combos:].to(dev)
             with torch.no_grad():

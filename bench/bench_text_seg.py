@@ -10,14 +10,17 @@ import time
 
 import torch
 
-from medfuse.models.text_seg import text_seg
+import medfuse.families  # noqa: F401  (registers the families)
+from medfuse.families.text_seg.task import TextSegTask
 
 
 def main() -> None:
     torch.manual_seed(0)
     cache = tempfile.mkdtemp()
-    m = text_seg(embedding_cache=cache)  # MedSAM image side (random weights), frozen, MiniLM, hierarchical
-    m.train()
+    # MedSAM image side (random weights), frozen, MiniLM, hierarchical
+    task = TextSegTask({"model": {"name": "text_seg", "params": {"embedding_cache": cache}}})
+    m = task.model
+    task.train()
     B = 2
     batch = {"image": torch.rand(B, 3, 1024, 1024), "box": torch.tensor([[100., 120., 600., 700.]] * B),
              "text": ["BI-RADS 4 hypoechoic mass, irregular margins", "BI-RADS 3 oval mass, circumscribed margins"],
@@ -26,8 +29,8 @@ def main() -> None:
     def step():
         t = time.perf_counter()
         c = time.process_time()
-        out = m.forward_batch(batch)
-        loss = m.loss(batch, out)["loss"]
+        out = task.forward_batch(batch)
+        loss = task.compute_loss(batch, out)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

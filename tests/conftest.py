@@ -66,3 +66,65 @@ def tiny_cls_config(root: Path, out: Path, name: str = "t", **over) -> dict:
         sec, key = k.split("__")
         cfg[sec][key] = v
     return cfg
+
+
+class ForwardCounter:
+    """Counts forward passes of the model that ``medfuse.engine.evaluate.load_trained`` returns.
+
+    A pass is a call of ``model(...)`` or of ``model.forward_intermediates(...)`` made from outside
+    the model's own forward (a forward that delegates to forward_intermediates counts once).
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self.batches: list[int] = []  # batch size of each pass
+        self._inside = 0
+
+    def _count(self, args):
+        self.calls += 1
+        x = args[0] if args else None
+        self.batches.append(int(x.shape[0]) if hasattr(x, "shape") else -1)
+
+    def attach(self, model):
+        def pre(module, args):
+            if not self._inside:
+                self._count(args)
+            self._inside += 1
+
+        def post(module, args, out):
+            self._inside -= 1
+
+        model.register_forward_pre_hook(pre)
+        model.register_forward_hook(post)
+        inner = getattr(model, "forward_intermediates", None)
+        if inner is not None:
+            def wrapped(*args, **kwargs):
+                if not self._inside:
+                    self._count(args)
+                self._inside += 1
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self._inside -= 1
+
+            model.forward_intermediates = wrapped
+
+
+@pytest.fixture
+def count_forwards(monkeypatch):
+    """A :class:`ForwardCounter` attached to every model loaded by evaluate/predict in the test."""
+    import medfuse.engine.evaluate as ev
+
+    counter = ForwardCounter()
+    original = ev.load_trained
+
+    def patched(*args, **kwargs):
+        cfg, dm, task = original(*args, **kwargs)
+        counter.attach(task.model)
+        return cfg, dm, task
+
+    monkeypatch.setattr(ev, "load_trained", patched)
+    return counter
+
+
+import medfuse.families  # noqa: E402,F401  (registers the families, as the CLI does)

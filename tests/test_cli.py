@@ -23,6 +23,12 @@ def run_cli(argv, capsys):
         (lambda t: ["train", str(t / "ok.yaml"), "model.name=nonexistent"], "model.name"),
         (lambda t: ["evaluate", str(t / "not_a_run")], "not_a_run"),
         (lambda t: ["demo", "no_such_family"], "no_such_family"),
+        (lambda t: ["train", str(t / "ok.yaml"), "model.params.widthz=[4]"], "model.params.widthz"),
+        (lambda t: ["train", str(t / "ok.yaml"), "model.params.dropout=lots"], "model.params.dropout"),
+        (lambda t: ["train", str(t / "ok.yaml"), "data.params.x=1"], "data.params.x"),
+        (lambda t: ["train", str(t / "ok.yaml"), "family=staging"], "family"),
+        (lambda t: ["train", str(t / "ok.yaml"), "task=segmentation"], "task"),
+        (lambda t: ["models", "no_such_model"], "no_such_model"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv_fn, needle, cls_dataset):
@@ -39,6 +45,16 @@ def test_models_lists_registries(capsys):
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0
     assert "baseline_cnn3d" in out and "tiny" in out and "staging" in out
+
+
+def test_models_name_prints_every_parameter(capsys):
+    from medfuse.families.staging.params import StagingParams
+
+    code, out, _ = run_cli(["models", "staging"], capsys)
+    assert code == 0
+    for key in StagingParams.model_fields:
+        assert key in out, key
+    assert "bgamf_init_scale" in out and "'bgamf'" in out and "modality fusion" in out
 
 
 def test_info(capsys):

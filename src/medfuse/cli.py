@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+import medfuse.families  # noqa: F401  (registers the families)
 from medfuse.errors import MedfuseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,18 +23,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Data: demo generators and int
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
-
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
-
-
-def demo_config_path(family: str) -> Path:
-    p = PACKAGE_CONFIGS / f"{family}_demo.yaml"
-    if not p.is_file():
-        from medfuse.registry import DEMOS
-
-        raise MedfuseError(family, "no demo for this family", f"use one of: {', '.join(DEMOS.names())}")
-    return p
-
 
 @app.command()
 def demo(
@@ -57,9 +46,12 @@ def make_demo_cmd(
     seed: Annotated[int, typer.Option(help="generator seed")] = 0,
 ) -> None:
     """Write a family's procedural demo dataset (NIfTI + manifest)."""
-    from medfuse.data.demo import make_demo
+    from medfuse.registry import FAMILIES
 
-    path = make_demo(family, out, quick=quick, seed=seed)
+    with_demo = [f.name for f in FAMILIES if f.make_demo is not None]
+    if family not in with_demo:
+        raise MedfuseError(family, "no demo data generator for this family", f"use one of: {', '.join(with_demo)}")
+    path = FAMILIES.get(family).make_demo(out, quick=quick, seed=seed)
     console.print(f"wrote demo data for [bold]{family}[/] -> {path}")
 
 
@@ -132,7 +124,7 @@ def predict(
     modalities: Annotated[str | None, typer.Option(help="comma-separated modality names of INPUTS")] = None,
 ) -> None:
     """Predict new cases with a trained run."""
-    from medfuse.engine.evaluate import predict as _predict
+    from medfuse.engine.predict import predict as _predict
 
     mods = [m.strip() for m in modalities.split(",")] if modalities else None
     path = _predict(run_dir, inputs, out, modalities=mods)
@@ -140,17 +132,49 @@ def predict(
 
 
 @app.command()
-def models() -> None:
-    """List the registered models, encoders, text encoders and demo generators."""
+def models(
+    name: Annotated[str | None, typer.Argument(help="a family or model name: print its parameters")] = None,
+) -> None:
+    """List the families, their models, encoders and text encoders; with NAME, every parameter of it."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from medfuse.registry import DEMOS, ENCODERS, MODELS, TEXT_ENCODERS
+    import medfuse.encoders  # noqa: F401  (registers the encoders)
+    import medfuse.text  # noqa: F401  (registers the text encoders)
+    from medfuse.registry import ENCODERS, FAMILIES, TEXT_ENCODERS
 
-    table = Table("registry", "name", "description")
-    for label, reg in (("model", MODELS), ("encoder", ENCODERS), ("text encoder", TEXT_ENCODERS), ("demo", DEMOS)):
-        for name in reg.names():
-            table.add_row(label, name, reg.help(name))
-    console.print(table)
+    if name is None:
+        table = Table("kind", "name", "description")
+        for fam in FAMILIES:
+            table.add_row("family", fam.name, fam.help)
+            for m in fam.models:
+                table.add_row("  model", m.name, f"{m.help} [{m.task.kind}]")
+        for label, reg in (("encoder", ENCODERS), ("text encoder", TEXT_ENCODERS)):
+            for n in reg.names():
+                table.add_row(label, n, reg.help(n))
+        console.print(table)
+        return
+    if name in FAMILIES:
+        fam = FAMILIES.get(name)
+        sections = [(f"model.params of {m.name} ({m.task.kind})", m.params) for m in fam.models]
+    else:
+        fam, entry = FAMILIES.find_model(name)
+        sections = [(f"model.params of {entry.name} ({entry.task.kind})", entry.params)]
+    if fam.data_params is not None:
+        sections.append((f"data.params of family {fam.name}", fam.data_params))
+    for title, model in sections:
+        table = Table("key", "type", "default", "description", title=title)
+        for key, field in model.model_fields.items():
+            default = repr(field.get_default(call_default_factory=True))
+            table.add_row(key, escape(_type_name(field.annotation)), escape(default), escape(field.description or ""))
+        console.print(table)
+
+
+def _type_name(ann) -> str:
+    import typing
+
+    text = getattr(ann, "__name__", None) if typing.get_origin(ann) is None else None
+    return text or str(ann).replace("typing.", "")
 
 
 @app.command()

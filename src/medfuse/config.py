@@ -105,7 +105,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A registered model and its factory arguments (checked against the factory's signature)."""
+    """A registered model and its parameters (validated by the family's pydantic params model)."""
 
     name: str = "baseline_cnn3d"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -177,8 +177,9 @@ class Config(_Strict):
     """A whole experiment."""
 
     name: str = "run"
-    family: str = "baseline"
-    task: Literal["classification", "segmentation", "contrastive"] = "classification"
+    family: str | None = Field(None, description="the model family; None = the family that registers model.name")
+    task: Literal["classification", "segmentation", "contrastive"] | None = Field(
+        None, description="the model's task kind; None = the registered model's own (a mismatch is refused)")
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -194,9 +195,9 @@ class Config(_Strict):
 # errors
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
-    model: Any = Config
+    model: Any = root or Config
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -219,19 +220,20 @@ def _unwrap(ann: Any) -> Any:
 
 
 def _key_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "tagged-union")))
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "tagged-union", "[key]")))
 
 
-def _to_config_error(err: ValidationError, source: str) -> ConfigError:
+def _to_config_error(err: ValidationError, source: str, root: type[BaseModel] | None = None,
+                     prefix: str = "") -> ConfigError:
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
-    key = _key_path(loc)
+    loc = tuple(e["loc"])
+    key = ".".join(p for p in (prefix, _key_path(loc)) if p)
     where = f"{source}: {key}" if source else key
     if e["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(loc[:-1], root)
         valid = sorted(parent.model_fields) if parent else []
         return ConfigError(where, "unknown key", f"valid keys here are: {', '.join(valid)}")
-    parent = _model_at(loc[:-1])
+    parent = _model_at(loc[:-1], root)
     field = parent.model_fields.get(str(loc[-1])) if parent is not None and loc else None
     expected = _describe(field.annotation) if field is not None else ""
     got = e.get("input")
@@ -243,8 +245,8 @@ def _describe(ann: Any) -> str:
     origin = typing.get_origin(ann)
     if origin is Literal:
         return "one of: " + ", ".join(repr(a) for a in typing.get_args(ann))
-    text = getattr(ann, "__name__", None) or str(ann)
-    return "a value of type " + text.replace("typing.", "")
+    text = (getattr(ann, "__name__", None) if origin is None else None) or str(ann)
+    return "a value of type " + text.replace("typing.", "").replace("NoneType", "None")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +307,24 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise _to_config_error(e, source) from None
+
+
+class Params(_Strict):
+    """Base of every family's ``model.params`` and ``data.params`` models: unknown keys are refused.
+
+    Each field carries a ``description`` (``medfuse models NAME`` prints them with types and defaults).
+    """
+
+
+def validate_params(model: type[BaseModel], raw: dict[str, Any] | None, prefix: str) -> Any:
+    """Validate a params section (``model.params``, ``data.params``) into ``model``.
+
+    Errors take the same one-line path as the top-level config, naming the key under ``prefix``.
+    """
+    try:
+        return model.model_validate(dict(raw or {}))
+    except ValidationError as e:
+        raise _to_config_error(e, "", root=model, prefix=prefix) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

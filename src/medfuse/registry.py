@@ -1,24 +1,36 @@
-"""Name -> factory registries (timm style): YAML names entries, never import paths.
+"""Registries: the family list and name -> factory tables (timm style). YAML names entries, never
+import paths.
 
-Families register with ``@MODELS.register("name")``. Lookup of an unknown name raises a
-:class:`~medfuse.errors.ConfigError` that lists the valid names.
+* :data:`FAMILIES`: one :class:`Family` record per model family (its models, task, params models,
+  data module, evaluator, predictor, demo). ``medfuse.families`` registers the built-in families,
+  listed once, explicitly; the engine looks families up here and never imports them.
+* :data:`ENCODERS` and :data:`TEXT_ENCODERS`: frozen/trainable encoders shared by families; the
+  ``medfuse.encoders`` and ``medfuse.text`` packages register theirs on import.
+
+Lookup of an unknown name raises a :class:`~medfuse.errors.ConfigError` that lists the valid names.
+This module sits at the bottom of the package: the record's fields are typed loosely (``type``,
+``Callable``) so that it imports nothing above ``errors``.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medfuse.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+"""Shipped configs, ``<family>_<dataset>.yaml`` (``configs/`` at the repository root links here)."""
 
 
 class Registry:
     """A mapping from names to factories with a helpful error on unknown names.
 
     Args:
-        kind: what the entries are (used in messages), e.g. ``"model"``.
-        config_key: the config key that selects an entry, e.g. ``"model.name"``.
+        kind: what the entries are (used in messages), e.g. ``"encoder"``.
+        config_key: the config key that selects an entry, e.g. ``"model.params.encoder"``.
     """
 
     def __init__(self, kind: str, config_key: str):
@@ -41,7 +53,6 @@ class Registry:
         return deco
 
     def get(self, name: str) -> Callable[..., Any]:
-        _import_builtin_entries()
         if name not in self._items:
             raise ConfigError(
                 self.config_key,
@@ -51,62 +62,128 @@ class Registry:
         return self._items[name]
 
     def names(self) -> list[str]:
-        _import_builtin_entries()
         return sorted(self._items)
 
     def help(self, name: str) -> str:
         return self._help.get(name, "")
 
     def __contains__(self, name: str) -> bool:
-        _import_builtin_entries()
         return name in self._items
 
 
-MODELS = Registry("model", "model.name")
-ENCODERS = Registry("encoder", "model.encoder")
-TEXT_ENCODERS = Registry("text encoder", "model.text_encoder")
-DEMOS = Registry("demo data generator", "family")
-# A family whose data are not plain image volumes (2D images with text, raw + context pairs, CT with
-# reports) registers a factory ``(cfg, run_dir) -> LightningDataModule`` under its family name; the
-# engine uses it instead of the generic case data module.
-DATAMODULES = Registry("data module", "family")
-# family -> [(variant name, config overrides)] for ``medfuse demo FAMILY``; first = the full model.
-DEMO_ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {}
-
-# Modules whose import registers built-in entries. Missing modules are skipped so a family can
-# land without touching this list's neighbours; a module that exists but fails to import is a bug
-# and raises.
-_BUILTIN_MODULES = (
-    "medfuse.encoders.tiny",
-    "medfuse.encoders.medsam2",
-    "medfuse.encoders.sam_vitb",
-    "medfuse.encoders.dinov3",
-    "medfuse.text.registry",
-    "medfuse.models.baseline",
-    "medfuse.models.baseline_tasks",
-    "medfuse.models.staging",
-    "medfuse.models.ct_encoder",
-    "medfuse.models.text_seg",
-    "medfuse.models.incomplete_seg",
-    "medfuse.models.context_seg",
-    "medfuse.data.demo",
-    "medfuse.data.ct_encoder",
-    "medfuse.data.text_seg",
-    "medfuse.data.incomplete_seg",
-    "medfuse.data.context_seg",
-)
-_imported = False
+ENCODERS = Registry("encoder", "model.params.encoder")
+TEXT_ENCODERS = Registry("text encoder", "model.params.text_encoder")
 
 
-def _import_builtin_entries() -> None:
-    global _imported
-    if _imported:
-        return
-    _imported = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is not None and (e.name == mod or mod.startswith(e.name + ".")):
-                continue
-            raise
+# ---------------------------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named model of a family: a thin factory plus its typed parameters.
+
+    Attributes:
+        name: the value of ``model.name`` that selects it.
+        params: pydantic model of ``model.params`` (unknown or ill-typed keys are refused).
+        build: ``build(params) -> nn.Module``; ``params`` is a validated instance of ``params``
+            with the data-derived fields (``in_channels``, ``num_classes``, ``modalities``,
+            ``feature_cache``) filled in where the params model has them and the config left them
+            unset.
+        task: the LightningModule class (an engine ``BaseTask`` subclass) that trains it.
+        evaluator: the engine ``Evaluator`` subclass behind ``medfuse evaluate``.
+        predictor: the engine ``Predictor`` subclass behind ``medfuse predict``.
+        help: one line for ``medfuse models``.
+    """
+
+    name: str
+    params: type
+    build: Callable[[Any], Any]
+    task: type
+    evaluator: type
+    predictor: type
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the engine needs to know about one family, in one record.
+
+    Attributes:
+        name: the value of the config's ``family`` key.
+        help: one line for ``medfuse models``.
+        models: the family's named models (the first is its main one).
+        data_params: pydantic model of ``data.params`` (None: the family takes no data params).
+        datamodule: ``datamodule(cfg, run_dir) -> LightningDataModule``, or None for the generic
+            :class:`~medfuse.data.datamodule.CaseDataModule`.
+        make_demo: ``make_demo(out, **demo_params) -> Path`` writes the family's demo phantom.
+        demo_ablations: ``(variant name, config overrides)`` pairs run by ``medfuse demo``; the first
+            is the full model.
+    """
+
+    name: str
+    help: str
+    models: tuple[ModelEntry, ...]
+    data_params: type | None = None
+    datamodule: Callable[..., Any] | None = None
+    make_demo: Callable[..., Path] | None = None
+    demo_ablations: tuple[tuple[str, tuple[str, ...]], ...] = (("full", ()),)
+
+    @property
+    def demo_config(self) -> Path:
+        """The shipped demo config, ``configs/<family>_demo.yaml``."""
+        return CONFIG_DIR / f"{self.name}_demo.yaml"
+
+    def model(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError("model.name", f"family '{self.name}' has no model '{name}'",
+                          f"use one of: {', '.join(m.name for m in self.models)}")
+
+
+class FamilyRegistry:
+    """The registered families, in registration order."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, Family] = {}
+
+    def register(self, family: Family) -> Family:
+        old = self._families.get(family.name)
+        if old is not None and old is not family:
+            raise ValueError(f"family '{family.name}' is registered twice")
+        for m in family.models:
+            for other in self._families.values():
+                if other.name != family.name and any(o.name == m.name for o in other.models):
+                    raise ValueError(f"model '{m.name}' is registered by families '{other.name}' and '{family.name}'")
+        self._families[family.name] = family
+        return family
+
+    def get(self, name: str) -> Family:
+        if name not in self._families:
+            hint = ", ".join(self._families) or "(none registered: import medfuse.families first)"
+            raise ConfigError("family", f"unknown family '{name}'", f"use one of: {hint}")
+        return self._families[name]
+
+    def names(self) -> list[str]:
+        return list(self._families)
+
+    def __iter__(self) -> Iterator[Family]:
+        return iter(list(self._families.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._families
+
+    def find_model(self, model_name: str) -> tuple[Family, ModelEntry]:
+        """The family that registers ``model_name`` and its entry."""
+        for fam in self._families.values():
+            for m in fam.models:
+                if m.name == model_name:
+                    return fam, m
+        names = sorted(m.name for f in self._families.values() for m in f.models)
+        if not names:
+            raise ConfigError("model.name", f"unknown model '{model_name}': no family is registered",
+                              "import medfuse.families (or medfuse.api), which registers them")
+        raise ConfigError("model.name", f"unknown model '{model_name}'", f"use one of: {', '.join(names)}")
+
+
+FAMILIES = FamilyRegistry()

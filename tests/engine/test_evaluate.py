@@ -9,7 +9,8 @@ import pytest
 
 from conftest import tiny_cls_config
 from medfuse.config import validate
-from medfuse.engine.evaluate import evaluate, predict
+from medfuse.engine.evaluate import evaluate
+from medfuse.engine.predict import predict
 from medfuse.engine.trainer import fit
 from medfuse.errors import DataError, RunDirError
 
@@ -49,6 +50,14 @@ def test_evaluate_learns_and_reports_ci(trained):
     for png in ("confusion.png", "roc.png", "curves.png"):
         assert (trained / "plots" / png).stat().st_size > 1000
     assert (trained / "predictions" / "test.csv").is_file()
+
+
+def test_evaluate_infers_the_split_once(trained, count_forwards):
+    import math
+
+    rep = evaluate(trained, split="test", n_boot=20)
+    assert count_forwards.calls == math.ceil(rep["n"] / 4)  # batch_size 4: one forward per test batch
+    assert sum(count_forwards.batches) == rep["n"]
 
 
 def test_predict_files_and_errors(trained, cls_dataset, tmp_path):

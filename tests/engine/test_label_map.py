@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from medfuse.data.datamodule import regroup_labels
 from medfuse.data.layouts import Case, CaseTable
-from medfuse.engine.data import regroup_labels
 from medfuse.errors import ConfigError
 
 BINARY = {0: 0, 1: 0, 2: 1, 3: 1}

@@ -18,7 +18,7 @@ KILLER = r"""
 import json, os, sys
 import lightning as L
 from medfuse.config import validate
-from medfuse.engine.trainer import fit
+from medfuse.api import fit
 
 class Kill(L.Callback):
     # Dies without any cleanup (like SIGKILL) once epochs 0 and 1 have been checkpointed.

@@ -100,16 +100,17 @@ def test_log_weighting_suppresses_non_overlapping_regions_multiply_does_not():
 
 
 @pytest.mark.parametrize("weighting", ["log", "multiply", "none"])
-def test_region_attention_forward_backward_and_record(weighting):
+def test_region_attention_forward_backward_and_returned_weights(weighting):
     torch.manual_seed(0)
     attn = RegionAwareAttention(16, num_heads=4, weighting=weighting)
-    attn.record = True
     x = torch.randn(2, 10, 16, requires_grad=True)
     regions = torch.randn(2, 5, 16, requires_grad=True)
     fractions = torch.softmax(torch.randn(2, 10, 5) * 3, -1)
     y = attn(x, regions, fractions)
-    assert y.shape == (2, 10, 16) and attn.last_attn.shape == (2, 4, 10, 5)
-    torch.testing.assert_close(attn.last_attn.sum(-1), torch.ones(2, 4, 10))
+    y2, weights = attn(x, regions, fractions, return_attn=True)
+    torch.testing.assert_close(y2, y)
+    assert y.shape == (2, 10, 16) and weights.shape == (2, 4, 10, 5) and not weights.requires_grad
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 10))
     y.square().sum().backward()
     assert float(x.grad.abs().sum()) > 0 and float(regions.grad.abs().sum()) > 0
     if weighting == "none":  # the assignment is ignored

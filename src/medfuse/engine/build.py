@@ -1,54 +1,129 @@
-"""Build a registered model from a config, checking its parameters against the factory."""
+"""From a config to the family's parts: its registry record, typed params, model and data module.
+
+The engine finds a family only through :data:`medfuse.registry.FAMILIES` (``medfuse.families``
+registers the built-in ones); it never imports a family.
+"""
 
 from __future__ import annotations
 
-import inspect
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from medfuse.config import Config
-from medfuse.errors import ConfigError
-from medfuse.registry import MODELS
+from medfuse.config import Config, validate_params
+from medfuse.errors import ConfigError, MedfuseError
+from medfuse.registry import FAMILIES, Family, ModelEntry
+
+AUTO_FIELDS = ("in_channels", "num_classes", "modalities", "feature_cache")
+"""Model params the engine fills from the data when the params model has them and the config left them unset."""
 
 
-def factory_params(name: str) -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(MODELS.get(name)).parameters)
+def resolve(cfg: Config) -> Config:
+    """``cfg`` with ``family`` and ``task`` filled in from the registered model (refusing mismatches)."""
+    family, entry = FAMILIES.find_model(cfg.model.name)
+    if cfg.family is not None and cfg.family != family.name:
+        if cfg.family not in FAMILIES:
+            FAMILIES.get(cfg.family)  # raises: unknown family, listing the valid ones
+        raise ConfigError("family", f"model '{cfg.model.name}' belongs to family '{family.name}', not '{cfg.family}'",
+                          f"set family: {family.name} (or a model of {cfg.family}: "
+                          f"{', '.join(m.name for m in FAMILIES.get(cfg.family).models)})")
+    kind = entry.task.kind
+    if cfg.task is not None and cfg.task != kind:
+        raise ConfigError("task", f"model '{entry.name}' is a {kind} model, not {cfg.task}",
+                          f"set task: {kind} or drop the key")
+    if cfg.family == family.name and cfg.task == kind:
+        return cfg
+    return cfg.model_copy(update={"family": family.name, "task": kind})
+
+
+def family_of(cfg: Config) -> tuple[Family, ModelEntry]:
+    """The family record and model entry a config names."""
+    cfg = resolve(cfg)
+    fam = FAMILIES.get(cfg.family or "")
+    return fam, fam.model(cfg.model.name)
+
+
+def model_params(cfg: Config, auto: dict[str, Any] | None = None) -> Any:
+    """``model.params`` validated by the model's params model, with :data:`AUTO_FIELDS` filled from ``auto``."""
+    _, entry = family_of(cfg)
+    params = validate_params(entry.params, cfg.model.params, "model.params")
+    fill = {k: v for k, v in (auto or {}).items()
+            if k in AUTO_FIELDS and k in type(params).model_fields and k not in cfg.model.params and v is not None}
+    return params.model_copy(update=fill) if fill else params
+
+
+def data_params(cfg: Config) -> Any:
+    """``data.params`` validated by the family's data params model (refused when it takes none)."""
+    fam, _ = family_of(cfg)
+    if fam.data_params is None:
+        if cfg.data.params:
+            key = next(iter(cfg.data.params))
+            raise ConfigError(f"data.params.{key}", f"family '{fam.name}' takes no data params", "remove data.params")
+        return None
+    return validate_params(fam.data_params, cfg.data.params, "data.params")
 
 
 def build_model(cfg: Config, auto: dict[str, Any] | None = None) -> nn.Module:
-    """Instantiate ``cfg.model.name`` with ``cfg.model.params``.
-
-    Args:
-        cfg: the experiment config.
-        auto: values derived from the data (``in_channels``, ``num_classes``, ``modalities``) that
-            fill factory arguments of the same name unless the config sets them.
+    """Instantiate the config's model with validated params (and ``model.weights`` if set).
 
     Raises:
-        ConfigError: an unknown parameter (listing the valid ones) or a missing required one.
+        ConfigError: an unknown or ill-typed parameter (naming the key).
     """
-    name = cfg.model.name
-    factory = MODELS.get(name)
-    sig = factory_params(name)
-    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
-    params = dict(cfg.model.params)
-    for key in params:
-        if key not in sig and not accepts_kwargs:
-            valid = [k for k, p in sig.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            raise ConfigError(f"model.params.{key}", f"unknown parameter of model '{name}'",
-                              f"valid parameters are: {', '.join(valid)}")
-    for key, value in (auto or {}).items():
-        if key in sig and key not in params and value is not None:
-            params[key] = value
-    missing = [k for k, p in sig.items() if p.default is inspect.Parameter.empty
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in params]
-    if missing:
-        raise ConfigError(f"model.params.{missing[0]}", f"required by model '{name}' but not set",
-                          f"set model.params.{missing[0]}=...")
-    model = factory(**params)
+    _, entry = family_of(cfg)
+    model = entry.build(model_params(cfg, auto))
     if cfg.model.weights:
         from medfuse.encoders.weights import load_weights
 
         report = load_weights(model, cfg.model.weights, strict=True)
         model.load_report = report  # type: ignore[attr-defined]
     return model
+
+
+def prepare_demo_data(cfg: Config) -> None:
+    """Generate ``data.demo``'s phantom into ``data.root`` when the root does not exist yet."""
+    if not cfg.data.demo or cfg.data.root is None or Path(cfg.data.root).exists():
+        return
+    fam = FAMILIES.get(cfg.data.demo)
+    if fam.make_demo is None:
+        raise ConfigError("data.demo", f"family '{fam.name}' has no demo data", "remove data.demo")
+    fam.make_demo(Path(cfg.data.root), **cfg.data.demo_params)
+
+
+def build_datamodule(cfg: Config, run_dir: Path | None = None):
+    """The family's data module (``Family.datamodule``) or the generic :class:`CaseDataModule`.
+
+    A family data module must offer what the engine uses: ``loader(split)``, ``modalities``,
+    ``table`` (with ``class_names``) and the Lightning dataloader methods; subclassing
+    :class:`~medfuse.data.datamodule.CaseDataModule` gives all of them.
+    """
+    from medfuse.data.datamodule import CaseDataModule
+
+    cfg = resolve(cfg)
+    prepare_demo_data(cfg)
+    fam, _ = family_of(cfg)
+    data_params(cfg)  # refuse bad data.params before any data is read
+    if fam.datamodule is not None:
+        return fam.datamodule(cfg, run_dir)
+    return CaseDataModule(cfg, run_dir)
+
+
+def auto_model_args(dm: Any, cfg: Config) -> dict[str, Any]:
+    """Model arguments derived from the data: channel count, class count, modality names, feature cache."""
+    num_classes = cfg.data.num_classes
+    kind = resolve(cfg).task
+    if num_classes is None:
+        if kind == "classification" and dm.table.class_names:
+            num_classes = len(dm.table.class_names)
+        elif kind == "segmentation" and dm.table.mask_labels:
+            num_classes = len(dm.table.mask_labels)
+    cache = str(Path(cfg.data.cache_dir) / "features") if cfg.data.cache_dir else None
+    return {"in_channels": len(dm.modalities), "num_classes": num_classes, "modalities": list(dm.modalities),
+            "feature_cache": cache}
+
+
+def demo_family(name: str) -> Family:
+    """The family whose demo ``medfuse demo NAME`` runs (one-line error for unknown names)."""
+    if name not in FAMILIES:
+        raise MedfuseError(name, "no demo for this family", f"use one of: {', '.join(FAMILIES.names())}")
+    return FAMILIES.get(name)

@@ -15,28 +15,12 @@ from typing import Any
 from rich.console import Console
 
 from medfuse.config import load_config
+from medfuse.engine.build import demo_family
 
-# family -> [(variant name, extra overrides)]; the first variant is the family's full model.
-ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
-    "staging": [
-        ("BGAMF (T2W + DWI)", []),
-        ("concat (T2W + DWI)", ["model.params.fusion=concat"]),
-        ("T2W only", ["model.params.fusion=t2w_only"]),
-        ("DWI only", ["model.params.fusion=dwi_only"]),
-    ],
-    "baseline": [
-        ("3D CNN, T2W + DWI", []),
-        ("3D CNN, T2W only", ["data.modalities=[t2w]"]),
-        ("3D CNN, DWI only", ["data.modalities=[dwi]"]),
-    ],
-}
 
 def ablations(family: str) -> list[tuple[str, list[str]]]:
-    """The family's demo variants: built in here, or registered by the family in ``DEMO_ABLATIONS``."""
-    from medfuse.registry import DEMO_ABLATIONS, MODELS
-
-    MODELS.names()  # imports the families, which register their ablations
-    return ABLATIONS.get(family) or DEMO_ABLATIONS.get(family) or [("full", [])]
+    """The family's demo variants (``Family.demo_ablations``); the first is the full model."""
+    return [(name, list(over)) for name, over in demo_family(family).demo_ablations]
 
 
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
@@ -45,14 +29,13 @@ QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[str] | None = None,
              console: Console | None = None, main_only: bool = False) -> dict[str, Any]:
     """Run a family's demo end to end; return the combined report."""
-    from medfuse.cli import demo_config_path
     from medfuse.engine.evaluate import evaluate
     from medfuse.engine.trainer import fit
     from medfuse.reports import format_ci, write_report
 
     console = console or Console()
     out = Path(out)
-    cfg_path = demo_config_path(family)
+    cfg_path = demo_family(family).demo_config
     base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
             *(QUICK if quick else []), *(overrides or [])]
     variants = ablations(family)

@@ -1,16 +1,21 @@
 """LightningModules, one per task kind: classification, segmentation, contrastive.
 
-A task owns a registered model (``self.model``), its loss and its validation metric. Families plug
-in through the model: a model may define ``forward_batch(batch) -> dict`` to take the whole batch
-(text, modality presence, ...), ``loss(batch, outputs, stage) -> dict[str, Tensor]`` to replace the
-task's loss (the dict must hold ``"loss"``), and ``on_stage(stage_cfg)`` to react to a training
-stage. Without those hooks the model is called as ``model(batch["image"])``.
+A task owns a registered model (``self.model``) built from the family's typed params
+(``self.params``), its loss and its validation metric. A family that needs more than
+``model(batch["image"])`` subclasses one of these and overrides, as plain methods:
+
+* :meth:`BaseTask.forward_batch` to take the whole batch (text, modality presence, masks, ...);
+* :meth:`BaseTask.compute_loss` to replace the task's loss (the dict must hold ``"loss"``);
+* :meth:`BaseTask.on_stage` to react to a training stage;
+* :meth:`BaseTask.infer` for inference in evaluation and prediction (e.g. sliding windows).
+
+The registry's :class:`~medfuse.registry.ModelEntry` names the task class of each model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import lightning as L
 import numpy as np
@@ -19,7 +24,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.config import Config, StageConfig, validate
-from medfuse.engine.data import derive_seed
+from medfuse.data.datamodule import derive_seed
+from medfuse.engine.build import build_model, family_of, model_params, resolve
+
+
+class Batch(TypedDict, total=False):
+    """A collated batch of the generic case data module (families extend it with their own keys).
+
+    Keys:
+        image: (B, M, D, H, W) float, one channel per modality.
+        label: (B,) long class labels (classification).
+        mask: (B, 1, D, H, W) long voxel labels (segmentation) or region ids.
+        present: (B, M) float, 1 where the modality was given.
+        affine: (B, 4, 4) RAS affine of the processed grid.
+        text: B strings (reports, prompts).
+        case_id: B case ids.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor
+    mask: torch.Tensor
+    present: torch.Tensor
+    affine: torch.Tensor
+    text: list[str]
+    case_id: list[str]
+
+
+class ClassifierOutput(TypedDict, total=False):
+    """logits: (B, K)."""
+
+    logits: torch.Tensor
+
+
+class SegmentationOutput(TypedDict, total=False):
+    """logits: (B, K, D, H, W)."""
+
+    logits: torch.Tensor
+
+
+class EmbeddingOutput(TypedDict, total=False):
+    """image_emb: (B, E); text_emb: (B, E) (not yet normalised)."""
+
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
 
 
 class BaseTask(L.LightningModule):
@@ -31,32 +78,43 @@ class BaseTask(L.LightningModule):
         stage: the current training stage, if the config declares stages.
     """
 
+    kind: ClassVar[str] = ""
+    """The task kind (``classification``, ``segmentation``, ``contrastive``): the config's ``task``."""
+
     def __init__(self, config: dict[str, Any], auto: dict[str, Any] | None = None,
                  stage: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters()
-        from medfuse.engine.build import build_model
-
-        self.cfg: Config = validate(config)
+        self.cfg: Config = resolve(validate(config))
+        self.family, self.entry = family_of(self.cfg)
+        self.params = model_params(self.cfg, auto)
         self.stage_cfg = StageConfig.model_validate(stage) if stage else None
         self.model = build_model(self.cfg, auto)
         self._val_outputs: list[dict[str, Any]] = []
         if self.stage_cfg is not None:
             apply_stage(self.model, self.stage_cfg)
+            self.on_stage(self.stage_cfg)
 
-    # --- model plumbing --------------------------------------------------------------------
-    def forward_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if hasattr(self.model, "forward_batch"):
-            return self.model.forward_batch(batch)
+    # --- the family seam -------------------------------------------------------------------
+    def forward_batch(self, batch: Batch) -> dict[str, Any]:
+        """Training/validation forward: (B, M, D, H, W) image -> ``{"logits": ...}``."""
         return {"logits": self.model(batch["image"])}
 
-    def compute_loss(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if hasattr(self.model, "loss"):
-            return self.model.loss(batch, out, self.stage_cfg)
-        return self.default_loss(batch, out)
-
-    def default_loss(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: Batch, out: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss terms; ``"loss"`` is the one optimised."""
         raise NotImplementedError
+
+    def on_stage(self, stage: StageConfig) -> None:
+        """Called once after the stage's ``trainable``/``frozen`` patterns were applied."""
+
+    def infer(self, batch: Batch) -> dict[str, Any]:
+        """Inference forward for evaluation and prediction (default: :meth:`forward_batch`)."""
+        return self.forward_batch(batch)
+
+    def infer_intermediates(self, batch: Batch) -> dict[str, Any]:
+        """:meth:`infer`'s outputs plus what a report shows (gates, attention maps), from the same
+        single forward pass; families whose model has ``forward_intermediates`` override this."""
+        return self.infer(batch)
 
     # --- training --------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -138,7 +196,7 @@ def merge_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> None:
-    """Set ``requires_grad`` from a stage's ``trainable``/``frozen`` fnmatch patterns and notify the model."""
+    """Set ``requires_grad`` from a stage's ``trainable``/``frozen`` fnmatch patterns."""
     from fnmatch import fnmatch
 
     for name, p in model.named_parameters():
@@ -146,8 +204,6 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> None:
         if any(fnmatch(name, pat) for pat in stage.frozen):
             trainable = False
         p.requires_grad_(trainable)
-    if hasattr(model, "on_stage"):
-        model.on_stage(stage)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +212,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> None:
 class ClassificationTask(BaseTask):
     """Case-level classification: cross-entropy, balanced accuracy / AUC / QWK per epoch."""
 
-    def default_loss(self, batch, out):
+    kind = "classification"
+
+    def compute_loss(self, batch, out):
         y = torch.as_tensor(batch["label"], device=out["logits"].device).long()
         w = self.cfg.train.class_weights
         weight = torch.tensor(w, device=y.device, dtype=out["logits"].dtype) if w else None
@@ -175,13 +233,15 @@ class ClassificationTask(BaseTask):
         return {"accuracy": accuracy(y, p), "balanced_accuracy": balanced_accuracy(y, p),
                 "macro_f1": macro_f1(y, p), "roc_auc": roc_auc(y, p), "qwk": quadratic_kappa(y, p)}
 
-    def predict_step(self, batch, batch_idx):
-        out = self.forward_batch(batch)
+    def predict_step(self, batch, batch_idx=0):
+        out = self.infer(batch)
         return {"case_id": list(batch["case_id"]), "probs": out["logits"].float().softmax(-1).cpu().numpy()}
 
 
 class SegmentationTask(BaseTask):
     """Voxel-wise segmentation (softmax labels): MONAI loss, sliding-window validation, Dice."""
+
+    kind = "segmentation"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -189,7 +249,7 @@ class SegmentationTask(BaseTask):
 
         self.seg_loss = build_segmentation_loss(self.cfg.train.seg_loss, class_weights=self.cfg.train.class_weights)
 
-    def infer(self, image: torch.Tensor) -> torch.Tensor:
+    def infer_logits(self, image: torch.Tensor) -> torch.Tensor:
         """(B, M, D, H, W) -> logits (B, K, D, H, W), by sliding window when ``eval.roi_size`` is set."""
         roi = self.cfg.eval.roi_size
         if roi is None:
@@ -199,12 +259,14 @@ class SegmentationTask(BaseTask):
         return sliding_window_inference(image, roi, sw_batch_size=2, predictor=self.model,
                                         overlap=self.cfg.eval.sw_overlap, mode="gaussian")
 
-    def default_loss(self, batch, out):
+    def infer(self, batch):
+        return {"logits": self.infer_logits(batch["image"])}
+
+    def compute_loss(self, batch, out):
         return {"loss": self.seg_loss(out["logits"].float(), batch["mask"].long())}
 
     def validation_step(self, batch, batch_idx):
-        logits = self.infer(batch["image"])
-        out = {"logits": logits}
+        out = self.infer(batch)
         self.log("val/loss", self.compute_loss(batch, out)["loss"].detach(), on_epoch=True,
                  batch_size=_batch_size(batch))
         self._val_outputs.append(self.collect(batch, out))
@@ -224,14 +286,16 @@ class SegmentationTask(BaseTask):
             res[f"dice_{i + 1}"] = float(np.nanmean(d[:, i])) if np.isfinite(d[:, i]).any() else float("nan")
         return res
 
-    def predict_step(self, batch, batch_idx):
-        logits = self.infer(batch["image"])
+    def predict_step(self, batch, batch_idx=0):
+        logits = self.infer(batch)["logits"]
         return {"case_id": list(batch["case_id"]), "probs": logits.float().softmax(1).cpu().numpy()}
 
 
 class ContrastiveTask(BaseTask):
-    """Image-text alignment: the model returns ``image_emb``/``text_emb`` (and may add its own
-    loss terms); symmetric InfoNCE; Recall@k on validation."""
+    """Image-text alignment: the model returns ``image_emb``/``text_emb`` (a family task may add
+    its own loss terms); symmetric InfoNCE; Recall@k on validation."""
+
+    kind = "contrastive"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -240,12 +304,10 @@ class ContrastiveTask(BaseTask):
         self.contrastive = InfoNCE()
 
     def forward_batch(self, batch):
-        if hasattr(self.model, "forward_batch"):
-            return self.model.forward_batch(batch)
         img, txt = self.model(batch["image"], batch["text"])
         return {"image_emb": img, "text_emb": txt}
 
-    def default_loss(self, batch, out):
+    def compute_loss(self, batch, out):
         return {"loss": self.contrastive(out["image_emb"].float(), out["text_emb"].float())}
 
     def collect(self, batch, out):
@@ -263,15 +325,8 @@ class ContrastiveTask(BaseTask):
         res["mean_recall"] = float(np.mean(list(res.values())))
         return res
 
-    def predict_step(self, batch, batch_idx):
-        out = self.forward_batch(batch)
+    def predict_step(self, batch, batch_idx=0):
+        out = self.infer(batch)
         return {"case_id": list(batch["case_id"]),
                 "image_emb": F.normalize(out["image_emb"].float(), dim=-1).cpu().numpy(),
                 "text_emb": F.normalize(out["text_emb"].float(), dim=-1).cpu().numpy()}
-
-
-TASKS: dict[str, type[BaseTask]] = {
-    "classification": ClassificationTask,
-    "segmentation": SegmentationTask,
-    "contrastive": ContrastiveTask,
-}

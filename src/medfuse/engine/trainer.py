@@ -25,26 +25,19 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
+from medfuse.engine.build import (
+    auto_model_args,
+    build_datamodule,
+    data_params,
+    family_of,
+    model_params,
+    resolve,
+)
 from medfuse.engine.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_model_weights
-from medfuse.engine.data import CaseDataModule, build_datamodule
-from medfuse.engine.tasks import TASKS, BaseTask
+from medfuse.engine.tasks import BaseTask
 from medfuse.errors import RunDirError
 
 log = logging.getLogger("medfuse")
-
-
-def auto_model_args(dm: CaseDataModule, cfg: Config) -> dict[str, Any]:
-    """Model arguments derived from the data: channel count, class count, modality names."""
-    num_classes = cfg.data.num_classes
-    if num_classes is None:
-        if cfg.task == "classification" and dm.table.class_names:
-            num_classes = len(dm.table.class_names)
-        elif cfg.task == "segmentation" and dm.table.mask_labels:
-            num_classes = len(dm.table.mask_labels)
-    # A family whose factory takes ``feature_cache`` caches frozen-encoder features under data.cache_dir.
-    cache = str(Path(cfg.data.cache_dir) / "features") if cfg.data.cache_dir else None
-    return {"in_channels": len(dm.modalities), "num_classes": num_classes, "modalities": list(dm.modalities),
-            "feature_cache": cache}
 
 
 def precision_for(cfg: Config) -> str:
@@ -111,9 +104,12 @@ def _stages(cfg: Config) -> list[StageConfig | None]:
     return list(cfg.train.stages) or [None]
 
 
-def build_task(cfg: Config, dm: CaseDataModule, stage: StageConfig | None) -> BaseTask:
-    return TASKS[cfg.task](config_to_dict(cfg), auto=auto_model_args(dm, cfg),
-                           stage=stage.model_dump() if stage else None)
+def build_task(cfg: Config, dm: Any, stage: StageConfig | None) -> BaseTask:
+    """The model's task (``ModelEntry.task``, a :class:`BaseTask` subclass) for one stage."""
+    cfg = resolve(cfg)
+    _, entry = family_of(cfg)
+    return entry.task(config_to_dict(cfg), auto=auto_model_args(dm, cfg),
+                      stage=stage.model_dump() if stage else None)
 
 
 def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
@@ -126,6 +122,9 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         callbacks: extra Lightning callbacks (tests use this to interrupt runs).
         only_stage: run just this stage, initialised from the previous stage's best checkpoint.
     """
+    cfg = resolve(cfg)  # family and task filled in (and checked) before anything is written
+    model_params(cfg)
+    data_params(cfg)
     run_dir = cfg.run_dir
     ckpt_root = checkpoint_dir(run_dir)
     if not resume and ckpt_root.exists() and any(ckpt_root.rglob("*.ckpt")) and only_stage is None:

@@ -198,8 +198,8 @@ class RegionAwareAttention(nn.Module):
         qkv_bias: bias in the q and kv projections.
         proj_drop: dropout after the output projection.
 
-    Set ``record = True`` to keep the last attention weights (B, H, N, R + 1) in ``last_attn``
-    (for the report's region-attention maps).
+    ``forward(..., return_attn=True)`` also returns the attention weights (B, H, N, R + 1), for the
+    report's region-attention maps.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, weighting: str = "log", eps: float = 1e-4,
@@ -214,8 +214,6 @@ class RegionAwareAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.record = False
-        self.last_attn: torch.Tensor | None = None
 
     def weights(self, logits: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
         """Attention weights from logits (B, H, N, R') and fractions (B, N, R') -> (B, H, N, R')."""
@@ -226,25 +224,25 @@ class RegionAwareAttention(nn.Module):
             logits = logits * a
         return logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, regions: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, regions: torch.Tensor, fractions: torch.Tensor,
+                return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Cross-attend patches to regions.
 
         Args:
             x: patch tokens, (B, N, C).
             regions: region embeddings, (B, R', C) (R' = R + 1 with the background row).
             fractions: (B, N, R') overlap of each patch with each region.
+            return_attn: also return the detached attention weights (B, H, N, R').
 
         Returns:
-            (B, N, C).
+            (B, N, C), and the weights when ``return_attn``.
         """
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
         kv = rearrange(self.kv(regions), "b r (two h d) -> two b h r d", two=2, h=self.num_heads)
         logits = (q @ kv[0].transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, R'): R' is small
         attn = self.weights(logits, fractions)
-        if self.record:
-            self.last_attn = attn.detach()
-        out = rearrange(attn @ kv[1], "b h n d -> b n (h d)")
-        return self.proj_drop(self.proj(out))
+        out = self.proj_drop(self.proj(rearrange(attn @ kv[1], "b h n d -> b n (h d)")))
+        return (out, attn.detach()) if return_attn else out
 
 
 class CTBlock(nn.Module):
@@ -275,9 +273,15 @@ class CTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, regions: torch.Tensor | None,
-                fractions: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C), z (N,), regions (B, R + 1, C) or None, fractions (B, N, R + 1) -> (B, N, C)."""
+                fractions: torch.Tensor, return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, C), z (N,), regions (B, R + 1, C) or None, fractions (B, N, R + 1) -> (B, N, C).
+
+        With ``return_attn`` also the region attention weights (B, H, N, R + 1) (None without region attention).
+        """
         x = x + self.attn(self.norm1(x), z)
+        attn = None
         if self.region is not None and regions is not None:
-            x = x + self.region(self.norm2(x), self.norm_r(regions), fractions)
-        return x + self.mlp(self.norm3(x))
+            r, attn = self.region(self.norm2(x), self.norm_r(regions), fractions, return_attn=True)
+            x = x + r
+        x = x + self.mlp(self.norm3(x))
+        return (x, attn) if return_attn else x

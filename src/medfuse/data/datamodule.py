@@ -1,0 +1,237 @@
+"""Cases -> tensors for Lightning: split bookkeeping, seeded sampling, the generic CaseDataModule.
+
+Exact resume relies on two things done here. The sampler's permutation is a function of
+``(seed, epoch)`` only, and every sample carries its own seed, derived from ``(seed, epoch,
+index)``, which re-seeds the random transforms right before that sample is built. A resumed run
+therefore sees the same batches and the same augmentations as an uninterrupted one, whatever the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medfuse.config import Config
+from medfuse.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from any parts (independent of PYTHONHASHSEED)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % (2**31 - 1)
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, sample_seed)``; the order depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (also after a resume).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "perm", self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        for i in order:
+            yield (i, derive_seed(self.seed, "sample", self.epoch, i))
+
+
+class SeededDataset(Dataset):
+    """Wraps a MONAI dataset; re-seeds its random transforms per sample (see module doc)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        from medfuse.data.transforms import set_transform_seed
+
+        if isinstance(key, tuple):
+            idx, seed = key
+            transform = getattr(self.base, "transform", None)
+            if transform is not None:
+                set_transform_seed(transform, seed)
+        else:
+            idx = key
+        return self.base[idx]
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collate, but strings and missing keys stay lists and ``None`` is kept."""
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        vals = [b.get(key) for b in batch]
+        if all(isinstance(v, torch.Tensor) for v in vals):
+            out[key] = torch.stack(vals)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = torch.as_tensor(vals)
+        elif all(hasattr(v, "shape") and hasattr(v, "dtype") for v in vals):
+            out[key] = torch.stack([torch.as_tensor(v) for v in vals])
+        else:
+            out[key] = vals
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# splits
+
+
+def data_root(cfg: Config, what: str = "a folder or manifest") -> Path:
+    """``data.root`` as a path that exists (the engine generates ``data.demo``'s phantom before this).
+
+    Args:
+        what: what the root should be, for the error message's fix.
+    """
+    if cfg.data.root is None:
+        raise ConfigError("data.root", "no dataset given", f"set data.root=PATH ({what})")
+    root = Path(cfg.data.root)
+    if not root.exists():
+        raise DataError(root, "dataset not found", f"set data.root to an existing {what.removeprefix('a ')}")
+    return root
+
+
+def load_table(cfg: Config):
+    """Load the case table of a config, generating the demo data first when asked to."""
+    from medfuse.data.layouts import load_cases
+
+    root = data_root(cfg)
+    table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
+    return regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
+
+
+def regroup_labels(table, label_map: dict[int, int] | None, class_names: list[str] | None):
+    """Apply ``data.label_map`` to every case label and ``data.class_names`` to the table.
+
+    Args:
+        table: the loaded case table (changed in place and returned).
+        label_map: old label -> new label; every case label must be a key.
+        class_names: names of the new classes (``None`` keeps the table's own).
+    """
+    if label_map:
+        for c in table.cases:
+            if c.label is None:
+                continue
+            try:
+                c.label = label_map[int(c.label)]
+            except (KeyError, ValueError, TypeError):
+                raise ConfigError("data.label_map", f"case {c.case_id} has label {c.label!r}, which the map lacks",
+                                  f"add it to data.label_map (keys now: {sorted(label_map)})") from None
+        n_new = max(label_map.values()) + 1
+        if class_names is None:
+            class_names = [str(i) for i in range(n_new)]
+        elif len(class_names) != n_new:
+            raise ConfigError("data.class_names", f"{len(class_names)} names for {n_new} mapped classes",
+                              "give one name per value of data.label_map")
+    if class_names is not None:
+        table.class_names = list(class_names)
+    return table
+
+
+def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
+                   stratify: bool | None = None) -> tuple[Any, dict[str, list]]:
+    """The run's split: read from ``run_dir/splits.csv`` if present, else computed and saved there.
+
+    Saving the split makes evaluation and resume use exactly the cases training used.
+
+    Args:
+        table: a family's own case table (default: ``load_table(cfg)``).
+        stratify: overrides ``data.split.stratify`` (families without class labels pass False).
+    """
+    from medfuse.data.split import assign_splits
+
+    table = load_table(cfg) if table is None else table
+    saved = run_dir / "splits.csv" if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        with saved.open() as f:
+            split_of = {r["case_id"]: r["split"] for r in csv.DictReader(f)}
+        for c in table.cases:
+            if c.case_id not in split_of:
+                raise DataError(saved, f"case {c.case_id} is not in the run's saved split",
+                                "the dataset changed since training; start a new run")
+            c.split = split_of[c.case_id]
+    else:
+        s = cfg.data.split
+        table = assign_splits(table, val=s.val, test=s.test, seed=s.seed,
+                              stratify=s.stratify if stratify is None else stratify)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with saved.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["case_id", "patient_id", "split"])
+                for c in table.cases:
+                    w.writerow([c.case_id, c.patient_id, c.split])
+    by_split = {s: [c for c in table.cases if c.split == s] for s in SPLITS}
+    return table, by_split
+
+
+class CaseDataModule(L.LightningDataModule):
+    """Train/val/test dataloaders over a case table, transforms from the config."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.table, self.cases = resolve_splits(cfg, run_dir)
+        self.modalities = self.table.modalities
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def has_mask(self) -> bool:
+        return any(c.mask for c in self.table.cases)
+
+    def dataset(self, split: str) -> Dataset:
+        from medfuse.data.transforms import build_dataset, build_transforms, case_to_item
+
+        if split not in self._datasets:
+            cases = self.cases[split]
+            if not cases:
+                raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
+                                "add cases or change data.split fractions")
+            tf = build_transforms(self.cfg.data.transforms, self.modalities, train=(split == "train"),
+                                  has_mask=self.has_mask)
+            items = [case_to_item(c, self.modalities) for c in cases]
+            cache = self.cfg.data.cache_dir
+            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache))
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        ds = self.dataset(split)
+        seed = derive_seed(self.cfg.train.seed, split)
+        nw = self.cfg.data.num_workers
+        return DataLoader(ds, batch_size=batch_size, sampler=SeededSampler(len(ds), seed, shuffle=shuffle),
+                          num_workers=nw, collate_fn=collate, persistent_workers=False,
+                          drop_last=False, generator=torch.Generator().manual_seed(seed))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.cfg.data.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
+
+    def loader(self, split: str) -> DataLoader:
+        """An unshuffled loader over any split (used by evaluate)."""
+        return self._loader(split, False, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)

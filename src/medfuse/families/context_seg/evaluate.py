@@ -1,0 +1,134 @@
+"""The context_seg family's evaluation: the generic segmentation report plus per-class precision,
+recall, F1, IoU and Dice from pooled voxel counts, overlays and attention maps, in one pass.
+
+Every batch of the split is inferred once (:meth:`ContextSegEvaluator.infer`); the generic
+:class:`~medfuse.engine.evaluate.SegmentationEvaluator` consumes it (per-case Dice/IoU/HD95, NIfTI
+predictions, overlays) and this evaluator adds, from the same logits, the case's true/false
+positive and false negative voxel counts per class. The first cases of the split are inferred with
+the attention gates (:meth:`~medfuse.families.context_seg.task.ContextSegTask.infer_intermediates`)
+for the attention figures.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from medfuse.engine.evaluate import SegmentationEvaluator
+
+SCORES = ("precision", "recall", "f1", "iou", "dice")
+
+
+def class_names(dm: Any) -> list[str]:
+    """The K class names ordered by label value (background first)."""
+    labels = dm.table.mask_labels
+    if labels:
+        return [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    return [str(i) for i in range(dm.num_classes)]
+
+
+def pooled_scores(counts: np.ndarray, score: str, classes: list[int]) -> np.ndarray:
+    """counts (..., n, K, 3) -> ``score`` averaged over ``classes`` (NaN-skipping) after pooling cases: (...,)."""
+    tot = counts.sum(axis=-3).astype(np.float64)  # (..., K, 3)
+    tp, fp, fn = tot[..., 0], tot[..., 1], tot[..., 2]
+    num, den = {"precision": (tp, tp + fp), "recall": (tp, tp + fn), "iou": (tp, tp + fp + fn),
+                "f1": (2 * tp, 2 * tp + fp + fn), "dice": (2 * tp, 2 * tp + fp + fn)}[score]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)[..., classes]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples are skipped by bootstrap_ci
+            return np.nanmean(val, axis=-1)
+
+
+def pooled_ci(counts: np.ndarray, score: str, classes: list[int], n_boot: int, seed: int) -> dict[str, Any]:
+    """Case-bootstrap CI of :func:`pooled_scores` over the cases of ``counts`` (n, K, 3)."""
+    from medfuse.metrics import bootstrap_ci
+
+    return bootstrap_ci(lambda c: pooled_scores(c, score, classes), counts, n_boot=n_boot, seed=seed, vectorized=True)
+
+
+class ContextSegEvaluator(SegmentationEvaluator):
+    """Adds to the generic report (see the module doc):
+
+    * ``metrics``: ``mean_iou``, ``mean_f1``, ``f1[<class>]``, ``mean_precision``, ``mean_recall``,
+      ``mean_dice`` from voxel counts pooled over cases (means over the foreground classes);
+    * ``per_class``: those five scores per class, plus the generic per-case ``hd95``;
+    * ``case_metrics``: the generic per-case ``dice``, ``iou`` and ``hd95`` means;
+    * ``context_seg``: the fusion, how the scores are computed, and the figures (overlays on the
+      raw intensities and, with attention fusion, the level-1 attention map).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts: list[np.ndarray] = []  # per case: (K, 3) tp, fp, fn
+        self.ids: list[str] = []
+        self.figures: dict[str, str] = {}  # title -> png path relative to the run
+
+    @property
+    def fusion(self) -> str:
+        return self.task.model.fusion
+
+    def _more_figures(self) -> bool:
+        return len(self.figures) < 2 * self.cfg.eval.overlays
+
+    def class_names(self) -> list[str]:
+        return class_names(self.dm)
+
+    def infer(self, batch):
+        if self.fusion == "attention" and self._more_figures():
+            return self.task.infer_intermediates(batch)  # logits + attention gates, one pass
+        return self.task.infer(batch)
+
+    def update(self, batch, out):
+        super().update(batch, out)
+        from medfuse.metrics import confusion_stats
+        from medfuse.reports.plots import plot_gate_overlay, plot_overlay
+
+        k = len(self.class_names())
+        pred = out["logits"].argmax(1).cpu()  # (B, D, H, W)
+        mask = batch["mask"][:, 0].long().cpu()
+        plots = self.run_dir / "plots"
+        for i, cid in enumerate(batch["case_id"]):
+            s = confusion_stats(pred[i], mask[i], k)
+            self.counts.append(np.stack([s["tp"], s["fp"], s["fn"]], axis=-1))  # (K, 3)
+            self.ids.append(cid)
+            if not self._more_figures():
+                continue
+            intensity = batch["intensity"][i, 0].float().cpu().numpy()  # (D, H, W) raw, for display
+            png = plot_overlay(intensity, pred[i].numpy(), mask[i].numpy(), plots / f"context_overlay_{cid}.png",
+                               title=f"{cid}: raw, pred, truth")
+            self.figures[f"overlay {cid}"] = str(png.relative_to(self.run_dir))
+            self.plots[f"context overlay {cid}"] = png
+            if "attention" in out:
+                att = out["attention"][i, 0].float().cpu().numpy()  # (D, H, W) level-1 gate, channel mean
+                png = plot_gate_overlay(intensity, att, plots / f"attention_{cid}.png",
+                                        title=f"{cid}: level-1 context attention (channel mean)")
+                self.figures[f"attention {cid}"] = str(png.relative_to(self.run_dir))
+                self.plots[f"attention {cid}"] = png
+
+    def compute(self):
+        rep = super().compute()  # per-case Dice/IoU/HD95 of the same pass
+        names = self.class_names()
+        n_boot, seed = self.n_boot, self.seed
+        c = np.stack(self.counts)  # (N, K, 3)
+        fg = list(range(1, len(names)))
+        metrics: dict[str, Any] = {
+            "mean_iou": pooled_ci(c, "iou", fg, n_boot, seed), "mean_f1": pooled_ci(c, "f1", fg, n_boot, seed)}
+        for j in fg:
+            metrics[f"f1[{names[j]}]"] = pooled_ci(c, "f1", [j], n_boot, seed)
+        for score in ("precision", "recall", "dice"):
+            metrics[f"mean_{score}"] = pooled_ci(c, score, fg, n_boot, seed)
+        per_class = {names[j]: {s: pooled_ci(c, s, [j], n_boot, seed) for s in SCORES} for j in fg}
+        for name in names[1:]:
+            per_class[name]["hd95"] = rep["per_class"][name]["hd95"]
+        return {
+            **rep,
+            "metrics": metrics,
+            "per_class": per_class,
+            "n": len(self.ids),
+            "case_metrics": {m: rep["metrics"][m] for m in ("dice", "iou", "hd95")},
+            "context_seg": {"fusion": self.fusion, "scores": "voxel counts pooled over cases; mean over "
+                            "foreground classes; case-bootstrap 95% CI", "plots": dict(self.figures)},
+        }

@@ -1,0 +1,36 @@
+"""Family ``ct_encoder``: a 3D CT encoder with slice- and region-aware attention, aligned to
+chain-of-thought reports (seed 001).
+
+Where things are: ``model.py`` (the network, ``forward_intermediates`` with the region attention),
+``params.py`` (``model.params`` and ``data.params``), ``task.py`` (the three-level loss),
+``evaluate.py`` (retrieval + zero-shot AUROC + region-text alignment + attention maps in one pass,
+and the embedding predictor), ``data.py`` (CT-RATE layout, CoT, masks, HU once), ``demo.py`` (the
+chest/abdomen phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
+"""
+
+from __future__ import annotations
+
+from medfuse.families.ct_encoder.data import ct_encoder_datamodule
+from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
+from medfuse.families.ct_encoder.evaluate import CTEncoderEvaluator, CTEncoderPredictor
+from medfuse.families.ct_encoder.params import CTEncoderDataParams, CTEncoderParams, build_ct_encoder
+from medfuse.families.ct_encoder.task import CTEncoderTask
+from medfuse.registry import Family, ModelEntry
+
+FAMILY = Family(
+    name="ct_encoder",
+    help="3D CT encoder with slice- and region-aware attention, aligned to chain-of-thought reports",
+    models=(
+        ModelEntry("ct_encoder", CTEncoderParams, build_ct_encoder, CTEncoderTask, CTEncoderEvaluator,
+                   CTEncoderPredictor,
+                   help="3D CT ViT with slice-aware + region-aware attention, 3-level CoT alignment"),
+    ),
+    data_params=CTEncoderDataParams,
+    datamodule=ct_encoder_datamodule,
+    make_demo=make_ct_encoder_demo,
+    demo_ablations=(
+        ("full: slice + region attention (log)", ()),
+        ("region attention off", ("model.params.region_attention=false",)),
+        ("region attention, seed 'multiply'", ("model.params.weighting=multiply",)),
+    ),
+)

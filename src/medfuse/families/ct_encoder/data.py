@@ -1,0 +1,424 @@
+"""Data for the ``ct_encoder`` family: CT-RATE layout + reports + chain-of-thought + region masks
+(seed 001, "Data Processing Pipeline").
+
+Layout (``data.root`` is a folder; every file name below is a ``data.params`` key with this
+default, relative to the root)::
+
+    <root>/**/<VolumeName>            volumes anywhere under the root (CT-RATE nests them as
+                                      train/train_1/train_1_a/train_1_a_1.nii.gz)
+    <root>/reports.csv                VolumeName, Findings_EN, Impressions_EN (CT-RATE's columns)
+    <root>/masks/<VolumeName>         region-ID mask per volume (0 = no region, 1..R)
+    <root>/regions.json               {"region_names": {"1": "right upper lobe", ...},
+                                       "region_groups": {"right lung": [1, 2, 3], ...}}
+    <root>/metadata.csv   (optional)  VolumeName, RescaleSlope, RescaleIntercept
+    <root>/labels.csv     (optional)  VolumeName + one 0/1 column per abnormality (zero-shot AUROC)
+    <root>/cot.json       (optional)  chain-of-thought records (JSON list or JSONL), the seed's schema:
+                                      {"volumename" | "case_id", "cot_reasoning": [{"step", "text",
+                                       "anatomical_entities", "mask_region"}], ...}; a record
+                                      with only "answer" (CT-RATE CoT) is split into sentences.
+
+Per case the batch carries ``text`` (the impression; findings if there is none), ``region_text``
+(``[[region_id, sentences of the findings that name exactly that region]]``) and ``steps``
+(``[[step text, [region ids of its mask_region]]]``), ``labels`` (abnormality vector, NaN when
+unknown), ``image`` (B, 1, D, H, W) and ``mask`` (B, 1, D, H, W).
+
+**HU conversion is explicit and applied once** (REFERENCE: CT-RATE v2 files are already in HU and
+applying slope/intercept again is CT-CLIP's issues #28/#50): ``data.params.hu`` is ``none`` (files
+are HU), ``metadata`` (slope/intercept per volume from the metadata CSV) or ``fixed``
+(``hu_slope``/``hu_intercept``). It runs right after loading, before windowing. A file whose
+NIfTI header already rescales, or values that fall far below air (-1024 HU) after conversion,
+raise a DataError instead of silently training on doubly shifted volumes.
+
+Spacing, window and crop/pad come from ``data.transforms`` (``spacing``, ``intensity.ct``
+``kind: ct_window``, ``spatial_size``; the seed's size is (64, 512, 512) and [0, 1] after
+windowing). The mask is resampled with nearest neighbour onto the image grid.
+
+The options are :class:`~medfuse.families.ct_encoder.params.CTEncoderDataParams`.
+:func:`predict_cases` reads ``medfuse predict``'s inputs (a ``VOLUME MASK`` pair or a folder in this
+layout) for :class:`~medfuse.families.ct_encoder.evaluate.CTEncoderPredictor`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import monai.transforms as mt
+import numpy as np
+
+from medfuse.config import Config, validate_params
+from medfuse.data.datamodule import CaseDataModule, SeededDataset, data_root, resolve_splits
+from medfuse.data.layouts import Case, CaseTable
+from medfuse.errors import ConfigError, DataError
+from medfuse.families.ct_encoder.params import CTEncoderDataParams
+
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".npz")
+_CTRATE_NAME = re.compile(r"^(?P<patient>(?:train|valid|test)_\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)$")
+_NOT_LABELS = {"VolumeName", "case_id", "volumename"}
+AIR_HU = -1024.0
+
+
+def check_params(cfg: Config) -> CTEncoderDataParams:
+    """The validated ``data.params`` (unknown keys and bad values raise a one-line ConfigError naming
+    ``data.params.<key>``), after checking the data options the family needs."""
+    p = validate_params(CTEncoderDataParams, cfg.data.params, "data.params")
+    if cfg.data.modalities not in (None, ["ct"]):
+        raise ConfigError("data.modalities", f"ct_encoder reads one CT per case, got {cfg.data.modalities}",
+                          "set data.modalities=[ct] or leave it unset")
+    if cfg.data.transforms.spatial_size is None:
+        raise ConfigError("data.transforms.spatial_size", "is not set; volumes must share one size to batch",
+                          "set it to (D, H, W), e.g. [64, 512, 512] (the seed's)")
+    return p
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot be read as CSV ({e})", "save it as UTF-8 CSV") from e
+
+
+def _stem(name: str) -> str:
+    name = Path(str(name)).name
+    for suf in _VOLUME_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _optional(root: Path, p: CTEncoderDataParams, key: str) -> Path | None:
+    """The path of data param ``key``: a given one must exist; the default one may be missing."""
+    value = getattr(p, key)
+    if value is None:
+        return None
+    path = root / str(value)
+    if not path.exists():
+        if str(value) == CTEncoderDataParams.model_fields[key].default:
+            return None
+        raise DataError(path, "not found", f"fix data.params or place the file under {root}")
+    return path
+
+
+# ------------------------------------------------------------------------------------- regions
+
+
+class RegionVocab:
+    """Region names and groups -> region ids, for ``mask_region`` fields and report sentences.
+
+    Args:
+        names: region id (1..R) -> name.
+        groups: group name -> region ids (e.g. "right lung" -> the three right lobes).
+    """
+
+    def __init__(self, names: dict[int, str], groups: dict[str, list[int]] | None = None):
+        self.names = {int(k): str(v).lower().strip() for k, v in names.items()}
+        self.groups = {str(k).lower().strip(): [int(i) for i in v] for k, v in (groups or {}).items()}
+        terms = [(n, [i]) for i, n in self.names.items()] + list(self.groups.items())
+        self._terms = sorted(terms, key=lambda t: -len(t[0]))  # longest first: "left lung" before "lung"
+
+    @classmethod
+    def from_params(cls, root: Path, p: CTEncoderDataParams) -> RegionVocab:
+        meta: dict[str, Any] = {}
+        path = _optional(root, p, "regions")
+        if path is not None:
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(path, f"is not valid JSON ({e})", "fix the file") from e
+        names = p.region_names or meta.get("region_names")
+        if not names:
+            raise ConfigError("data.params.region_names", "no region names given",
+                              f"set data.params.region_names (id -> name) or write {root / 'regions.json'}")
+        if isinstance(names, list):
+            names = {i + 1: n for i, n in enumerate(names)}
+        return cls(names, p.region_groups or meta.get("region_groups"))
+
+    def resolve(self, phrase: str | None) -> list[int]:
+        """Region ids of a ``mask_region``: a name, a group, names containing it, else names mentioned in it."""
+        if not phrase:
+            return []
+        q = str(phrase).lower().strip()
+        if q in self.groups:
+            return sorted(set(self.groups[q]))
+        exact = [i for i, n in self.names.items() if n == q]
+        if exact:
+            return exact
+        within = [i for i, n in self.names.items() if q in n]
+        return within or self.mentions(q)
+
+    def mentions(self, text: str, groups: bool = True) -> list[int]:
+        """Region ids named in ``text`` (whole words, longest names first, no overlaps)."""
+        low, taken, ids = str(text).lower(), [], set()
+        for term, rids in self._terms:
+            if not groups and term in self.groups:
+                continue
+            for m in re.finditer(rf"\b{re.escape(term)}\b", low):
+                if not any(a < m.end() and m.start() < b for a, b in taken):
+                    taken.append((m.start(), m.end()))
+                    ids.update(rids)
+        return sorted(ids)
+
+
+def sentences(text: str) -> list[str]:
+    """Split report text into sentences."""
+    parts = re.split(r"(?<=[.;!?])\s+|\n+", str(text or ""))
+    return [s.strip() for s in parts if s.strip()]
+
+
+def region_sentences(findings: str, vocab: RegionVocab) -> list[list[Any]]:
+    """``[[region_id, text]]``: the findings' sentences that name exactly one region, joined per region."""
+    per: dict[int, list[str]] = {}
+    for s in sentences(findings):
+        ids = vocab.mentions(s, groups=False)
+        if len(ids) == 1:
+            per.setdefault(ids[0], []).append(s)
+    return [[rid, " ".join(ss)] for rid, ss in sorted(per.items())]
+
+
+def cot_steps(record: dict[str, Any], vocab: RegionVocab) -> list[list[Any]]:
+    """``[[text, [region ids]]]`` from one chain-of-thought record (seed schema or CT-RATE Q/A)."""
+    steps = record.get("cot_reasoning")
+    if isinstance(steps, list):
+        out = []
+        for s in sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0)):
+            text = str(s.get("text") or "").strip()
+            if text:
+                ids = vocab.resolve(s.get("mask_region")) or vocab.mentions(" ".join(s.get("anatomical_entities") or []))
+                out.append([text, ids])
+        return out
+    return [[s, vocab.mentions(s)] for s in sentences(record.get("answer", ""))]
+
+
+def _read_cot(path: Path) -> dict[str, dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines() if
+                                                                 line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"is not valid JSON ({e})", "write a JSON list of records (or JSON lines)") from e
+    records = data.get("records", data) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise DataError(path, "must hold a list of chain-of-thought records", "see the seed's CoT schema")
+    out = {}
+    for r in records:
+        key = r.get("volumename") or r.get("case_id") or r.get("volume") if isinstance(r, dict) else None
+        if key:
+            out[_stem(key)] = r
+    return out
+
+
+# ------------------------------------------------------------------------------------- the table
+
+
+def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, RegionVocab, list[str]]:
+    """Read a CT-RATE-style folder into cases (nothing but CSV/JSON is opened).
+
+    Returns:
+        ``(table, vocab, abnormalities)``; each case has ``images={"ct": path}``, ``mask``,
+        ``text`` (impression) and ``extra`` with ``findings``, ``region_text``, ``steps``,
+        ``labels`` and ``hu`` ([slope, intercept] or None).
+    """
+    root = Path(root).absolute()
+    vocab = RegionVocab.from_params(root, p)
+    reports_path = root / str(p.reports)
+    if not reports_path.is_file():
+        raise DataError(reports_path, "reports CSV not found", "set data.params.reports (e.g. train_reports.csv)")
+    reports = _csv(reports_path)
+    if not reports or "VolumeName" not in reports[0]:
+        raise DataError(reports_path, "has no VolumeName column (or no rows)", "use CT-RATE's reports CSV columns")
+    masks = root / str(p.masks)
+    if not masks.is_dir():
+        raise DataError(masks, "region mask folder not found", "set data.params.masks (one mask per volume)")
+    index = {_stem(f.name): f for f in sorted(root.rglob("*"))
+             if f.is_file() and f.name.lower().endswith(_VOLUME_SUFFIXES) and masks not in f.parents}
+    mask_index = {_stem(f.name): f for f in masks.rglob("*") if f.is_file()}
+    meta_path = _optional(root, p, "metadata")
+    meta = {_stem(r.get("VolumeName", "")): r for r in _csv(meta_path)} if meta_path else {}
+    if p.hu == "metadata" and not meta:
+        raise ConfigError("data.params.hu", "is 'metadata' but no metadata CSV was found",
+                          "set data.params.metadata, or hu=none if the volumes are already in HU")
+    labels_path = _optional(root, p, "labels")
+    label_rows = {_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
+    abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
+    cot_path = _optional(root, p, "cot")
+    cot = _read_cot(cot_path) if cot_path else {}
+
+    cases, missing, seen_scans = [], [], set()
+    for i, r in enumerate(reports, start=2):
+        stem = _stem(r["VolumeName"])
+        m = _CTRATE_NAME.match(stem)
+        if p.reconstructions == "first" and m:
+            scan = (m["patient"], m["scan"])
+            if scan in seen_scans:
+                continue  # another reconstruction of a scan already listed: same report, same patient
+            seen_scans.add(scan)
+        if stem not in index:
+            missing.append(stem)
+            continue
+        if stem not in mask_index:
+            raise DataError(masks / r["VolumeName"], f"no region mask for volume {stem}",
+                            "give every volume a mask of the same name in data.params.masks")
+        rec = cot.get(stem, {})
+        findings = r.get("Findings_EN") or r.get("findings") or ""
+        impression = r.get("Impressions_EN") or r.get("impression") or rec.get("impression") or findings
+        if not impression:
+            raise DataError(f"{reports_path} (line {i})", f"volume {stem} has neither findings nor impression",
+                            "fill Findings_EN/Impressions_EN or drop the row")
+        hu = None
+        if p.hu == "metadata":
+            row = meta.get(stem)
+            if row is None:
+                raise DataError(meta_path or "metadata", f"no RescaleSlope/RescaleIntercept for {stem}",
+                                "add the row, or set data.params.hu=none if the volumes are in HU")
+            hu = [float(row.get("RescaleSlope") or 1.0), float(row.get("RescaleIntercept") or 0.0)]
+        elif p.hu == "fixed":
+            hu = [float(p.hu_slope), float(p.hu_intercept)]
+        lab = label_rows.get(stem)
+        labels = [float(lab[a]) if lab and lab.get(a, "") != "" else float("nan") for a in abnormalities]
+        cases.append(Case(
+            case_id=stem, patient_id=m["patient"] if m else stem, images={"ct": str(index[stem])},
+            mask=str(mask_index[stem]), text=impression,
+            extra={"findings": findings, "region_text": region_sentences(findings, vocab),
+                   "steps": cot_steps(rec, vocab) if rec else [], "labels": labels, "hu": hu}))
+    if missing:
+        warnings.warn(f"{len(missing)} volumes of {reports_path.name} are not under {root} (e.g. {missing[0]}); "
+                      "they are skipped", stacklevel=2)
+    if not cases:
+        raise DataError(root, f"none of the {len(reports)} volumes of {reports_path.name} was found",
+                        "set data.root to the folder holding the volumes")
+    table = CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases, class_names=abnormalities or None,
+                      patient_ids_given=any(_CTRATE_NAME.match(c.case_id) for c in cases), source=reports_path)
+    return table, vocab, abnormalities
+
+
+# ------------------------------------------------------------------------------------- transforms
+
+
+class Hounsfieldd(mt.MapTransform):
+    """Convert stored values to HU once: ``x * slope + intercept`` from ``item["hu"]`` (None: as is).
+
+    Raises:
+        DataError: the NIfTI header already rescales while a CSV/fixed conversion is configured, or
+            the converted volume's 1st percentile lies far below air (a second rescale).
+    """
+
+    def __init__(self, keys: str = "image"):
+        super().__init__(keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        hu = d.pop("hu", None)
+        if hu is None:
+            return d
+        path = next((p for p in d.get("image_path", []) if p), "image")
+        if str(path).endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            # nibabel moves the header's scl_slope/scl_inter onto the array proxy (the header copy reads NaN)
+            proxy = nib.load(str(path)).dataobj
+            slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+            if slope != 1.0 or inter != 0.0:
+                raise DataError(path, f"the NIfTI header already rescales (slope {slope}, intercept {inter}), "
+                                "so the CSV slope/intercept would be applied twice",
+                                "set data.params.hu=none (the file is read in HU)")
+        for key in self.key_iterator(d):
+            d[key] = d[key] * float(hu[0]) + float(hu[1])
+            p1 = float(np.percentile(np.asarray(d[key].detach().cpu())[..., ::4], 1))
+            if p1 < AIR_HU - 600:
+                raise DataError(path, f"1st percentile is {p1:.0f} HU after slope/intercept, far below air",
+                                "the file is probably in HU already (CT-RATE v2): set data.params.hu=none")
+        return d
+
+
+def ct_transforms(cfg: Config, train: bool):
+    """The platform chain (load, orient, space, window, crop/pad) with the HU step after loading."""
+    from medfuse.data.transforms import MedfuseCompose, build_transforms
+
+    base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True)
+    chain = MedfuseCompose([base.transforms[0], Hounsfieldd(), *base.transforms[1:]])
+    chain.fingerprint = base.fingerprint + "|hu-once"
+    return chain
+
+
+def case_item(case: Case) -> dict[str, Any]:
+    """Plain item for the transform chain (pickles, hashes as a cache key)."""
+    from medfuse.data.transforms import case_to_item
+
+    item = case_to_item(case, ["ct"])
+    item["image_path"] = list(item["image"])
+    item["text"] = case.text
+    for key in ("region_text", "steps", "labels", "hu"):
+        item[key] = case.extra.get(key) or ([] if key != "hu" else None)
+    item.pop("label", None)
+    return item
+
+
+class CTEncoderDataModule(CaseDataModule):
+    """Train/val/test loaders over a CT-RATE-style folder (see module doc).
+
+    Attributes:
+        params: the validated ``data.params``.
+        vocab: the :class:`RegionVocab`.
+        abnormalities: label names of ``labels.csv`` (zero-shot classes), possibly empty.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        L.LightningDataModule.__init__(self)
+        self.cfg, self.run_dir = cfg, run_dir
+        self.params = check_params(cfg)
+        root = data_root(cfg, "a CT-RATE-style folder")
+        self.table, self.vocab, self.abnormalities = read_ctrate(root, self.params)
+        n_regions = cfg.model.params.get("num_regions")
+        if n_regions is not None and int(n_regions) != len(self.vocab.names):
+            raise ConfigError("model.params.num_regions", f"is {n_regions} but the dataset names "
+                              f"{len(self.vocab.names)} regions", f"set model.params.num_regions={len(self.vocab.names)}")
+        self.table, self.cases = resolve_splits(cfg, run_dir, self.table, stratify=False)
+        self.modalities = ["ct"]
+        self._datasets = {}
+
+    @property
+    def has_mask(self) -> bool:
+        return True
+
+    def dataset(self, split: str):
+        from medfuse.data.transforms import build_dataset
+
+        if split not in self._datasets:
+            if not self.cases[split]:
+                raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
+                                "add cases or change data.split fractions")
+            items = [case_item(c) for c in self.cases[split]]
+            tf = ct_transforms(self.cfg, train=(split == "train"))
+            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
+        return self._datasets[split]
+
+
+def ct_encoder_datamodule(cfg: Config, run_dir: Path | None = None) -> CTEncoderDataModule:
+    """The ct_encoder family's data module (``Family.datamodule``)."""
+    return CTEncoderDataModule(cfg, run_dir)
+
+
+def predict_cases(inputs: list[str], p: CTEncoderDataParams) -> list[Case]:
+    """``medfuse predict``'s inputs as cases: ``VOLUME MASK`` (HU conversion as configured; ``hu:
+    metadata`` needs a folder) or one CT-RATE-style folder (all its volumes)."""
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        return read_ctrate(inputs[0], p)[0].cases
+    if len(inputs) == 2:
+        for path in inputs:
+            if not Path(path).exists():
+                raise DataError(path, "file not found", "check the path")
+        if p.hu == "metadata":
+            raise DataError(inputs[0], "this run converts to HU with per-volume metadata",
+                            "pass a dataset folder with its metadata CSV instead of single files")
+        hu = [float(p.hu_slope), float(p.hu_intercept)] if p.hu == "fixed" else None
+        stem = Path(inputs[0]).name.split(".")[0]
+        return [Case(case_id=stem, patient_id=stem, images={"ct": inputs[0]}, mask=inputs[1], text="",
+                     extra={"hu": hu})]
+    raise DataError(" ".join(inputs), "ct_encoder predicts from a VOLUME MASK pair or one dataset folder",
+                    "run `medfuse predict RUN volume.nii.gz mask.nii.gz` or `medfuse predict RUN folder/`")

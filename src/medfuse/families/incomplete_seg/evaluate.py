@@ -1,0 +1,214 @@
+"""The incomplete_seg family's evaluation and prediction (seed 003, UniMRSeg).
+
+:class:`IncompleteSegEvaluator` infers every batch of the split once per modality combination
+(``2^M - 1`` masked forwards per batch, sliding window with ``eval.roi_size``) and nothing else:
+Dice and HD95 per region for every combination (bootstrap CIs over cases, a table, heatmaps), and,
+from each case's own modality set (the complete combination when it has all modalities), the
+generic segmentation outputs: NIfTI predictions, overlays and canonical-label metrics.
+
+:class:`IncompleteSegPredictor` segments a case from whichever modalities it has.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfuse.engine.evaluate import SegmentationEvaluator
+from medfuse.engine.predict import Predictor
+from medfuse.families.incomplete_seg.data import (
+    canonical_to_raw,
+    combination_mask,
+    combination_name,
+    modality_combinations,
+    resolve_predict_inputs,
+)
+from medfuse.families.incomplete_seg.task import region_targets
+
+
+def _spacing(batch: dict[str, Any], i: int) -> tuple[float, float, float] | None:
+    """Voxel size (D, H, W) in mm from a batch item's affine (columns are the w, h, d axes)."""
+    if "affine" not in batch:
+        return None
+    sw, sh, sd = np.linalg.norm(np.asarray(torch.as_tensor(batch["affine"][i]).cpu())[:3, :3], axis=0)
+    return float(sd), float(sh), float(sw)
+
+
+def _ci(values: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean over cases with a percentile-bootstrap CI; NaN cases are left out."""
+    from medfuse.metrics.bootstrap import bootstrap_ci
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bootstrap_ci(lambda x: x.mean(-1), v, n_boot=n_boot, seed=seed, vectorized=True)
+
+
+def _nanmean(x: np.ndarray, axis) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN on purpose
+        return np.nanmean(x, axis=axis)
+
+
+def _num(entry: dict[str, Any], digits: int) -> str:
+    v = entry.get("value")
+    return f"{v:.{digits}f}" if v is not None and np.isfinite(v) else "n/a"
+
+
+class IncompleteSegEvaluator(SegmentationEvaluator):
+    """Dice + HD95 per region for each of the ``2^M - 1`` modality combinations, in one pass.
+
+    Report entries: ``metrics`` (means over all / incomplete / complete combinations and per
+    region, with bootstrap CIs over cases), ``per_class`` (per region), ``class_names`` (regions),
+    ``n``, ``modality_combinations`` (the table, also printed), ``combination_plots`` (heatmaps
+    under ``plots/``), ``selection``, and ``full_input``: the generic segmentation report
+    (canonical labels) of each case's own modality set, from the same forwards.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        net = self.task.model
+        self.combos = modality_combinations(net.m)
+        self.cmask = combination_mask(self.combos, net.m)  # (C, M)
+        self.num_regions = net.num_regions
+        self.regions = list(self.dm.region_names)
+        self.names = [combination_name(c, list(self.dm.modalities)) for c in self.combos]
+        self.dice_rows: list[np.ndarray] = []  # per case (C, R)
+        self.hd_rows: list[np.ndarray] = []
+
+    def infer(self, batch):
+        """One masked forward per modality combination that some case of the batch has.
+
+        Returns ``regions``: {combination index: (B, R, *S) bool on the CPU}, ``available``
+        (C, B) bool, and ``logits``: canonical label log-probabilities (B, R+1, *S) of each case's
+        own modality set (the generic segmentation outputs).
+        """
+        image = batch["image"]
+        b = image.shape[0]
+        present = batch.get("present")
+        present = torch.ones(b, self.task.model.m) if present is None else present.cpu().float()
+        available = (self.cmask[:, None, :] <= present[None]).all(-1)  # (C, B)
+        own = (self.cmask[:, None, :] == (present[None] > 0.5).float()).all(-1)  # (C, B)
+        regions: dict[int, torch.Tensor] = {}
+        main: torch.Tensor | None = None
+        for c in range(len(self.combos)):
+            if not bool(available[c].any()):
+                continue
+            mask = self.cmask[c].expand(b, -1).to(image.device)  # (B, M)
+            q = self.task.predict_regions(batch, mask)  # (B, R, *S)
+            regions[c] = (q > 0.5).cpu()
+            if bool(own[c].any()):
+                main = torch.zeros_like(q) if main is None else main
+                sel = own[c].to(q.device)
+                main[sel] = q[sel]
+        if main is None:  # no case has any modality: nothing found
+            main = torch.zeros(b, self.num_regions, *image.shape[2:], device=image.device)
+        return {"regions": regions, "available": available, "logits": self.task.model.labels_from_regions(main)}
+
+    def update(self, batch, out):
+        from medfuse.metrics import segmentation_case_metrics
+
+        b = batch["image"].shape[0]
+        nc, nr = len(self.combos), self.num_regions
+        target = region_targets(batch["mask"].cpu(), nr) > 0.5  # (B, R, *S)
+        dice, hd = np.full((b, nc, nr), np.nan), np.full((b, nc, nr), np.nan)
+        spacing = [_spacing(batch, j) for j in range(b)]
+        for c, pred in out["regions"].items():
+            cases = [j for j in range(b) if bool(out["available"][c, j])]
+            for sp in dict.fromkeys(spacing[j] for j in cases):  # one metrics call per voxel size
+                js = [j for j in cases if spacing[j] == sp]
+                m = segmentation_case_metrics(pred[js], target[js], nr, spacing=sp, region_mode=True)
+                dice[js, c], hd[js, c] = m["dice"], m["hd95"]
+        self.dice_rows += list(dice)
+        self.hd_rows += list(hd)
+        super().update(batch, {"logits": out["logits"]})  # predictions, overlays, label metrics
+
+    def compute(self):
+        from rich.console import Console
+        from rich.table import Table
+
+        from medfuse.reports import format_ci
+        from medfuse.reports.plots import plot_heatmap
+
+        full_input = super().compute()
+        n_boot, seed, split, regions, names = self.n_boot, self.seed, self.split, self.regions, self.names
+        nc, nr = len(self.combos), self.num_regions
+        dice, hd = np.stack(self.dice_rows), np.stack(self.hd_rows)  # (N, C, R)
+        full, inc = [nc - 1], list(range(nc - 1))
+        metrics = {"dice_all_combinations": _ci(_nanmean(dice, (1, 2)), n_boot, seed),
+                   "dice_incomplete": _ci(_nanmean(dice[:, inc], (1, 2)), n_boot, seed),
+                   "dice_complete": _ci(_nanmean(dice[:, full], (1, 2)), n_boot, seed)}
+        metrics.update({f"dice_{r}": _ci(_nanmean(dice[:, :, i], 1), n_boot, seed) for i, r in enumerate(regions)})
+        metrics["hd95_all_combinations"] = _ci(_nanmean(hd, (1, 2)), n_boot, seed)
+        metrics["hd95_incomplete"] = _ci(_nanmean(hd[:, inc], (1, 2)), n_boot, seed)
+        per_region = {r: {"dice": metrics[f"dice_{r}"], "hd95": _ci(_nanmean(hd[:, :, i], 1), n_boot, seed),
+                          "dice_complete": _ci(dice[:, -1, i], n_boot, seed)} for i, r in enumerate(regions)}
+        columns = ["combination", "n", *[f"dice_{r}" for r in regions], "dice_mean",
+                   *[f"hd95_{r}" for r in regions], "hd95_mean"]
+        rows, heat_d, heat_h = [], np.full((nc, nr + 1), np.nan), np.full((nc, nr + 1), np.nan)
+        for c in range(nc):
+            d_mean, h_mean = _nanmean(dice[:, c], 1), _nanmean(hd[:, c], 1)
+            cells = [_ci(dice[:, c, i], n_boot, seed) for i in range(nr)] + [_ci(d_mean, n_boot, seed)]
+            hcells = [_ci(hd[:, c, i], n_boot, seed) for i in range(nr)] + [_ci(h_mean, n_boot, seed)]
+            rows.append([names[c], int(np.isfinite(d_mean).sum()), *cells, *hcells])
+            heat_d[c] = [x["value"] for x in cells]
+            heat_h[c] = [x["value"] for x in hcells]
+        plots_dir = self.run_dir / "plots"
+        cols = [*regions, "mean"]
+        png_d = plot_heatmap(heat_d, names, cols, plots_dir / "combinations_dice.png",
+                             title=f"Dice per modality combination ({split})")
+        png_h = plot_heatmap(heat_h, names, cols, plots_dir / "combinations_hd95.png",
+                             title=f"HD95 (mm) per modality combination ({split})")
+        self.plots["combinations dice"] = png_d
+        self.plots["combinations hd95"] = png_h
+        table = Table("combination", "n", *[f"Dice {r}" for r in regions], "Dice mean [95% CI]", "HD95 mean",
+                      title=f"{self.cfg.name}: {split} split, {len(dice)} cases, {nc} modality combinations")
+        for row in rows:
+            table.add_row(row[0], str(row[1]), *[_num(x, 3) for x in row[2: 2 + nr]],
+                          format_ci(row[2 + nr]).split(" n=")[0], _num(row[-1], 1))
+        Console(width=max(120, Console().width)).print(table)
+        run_dir = self.run_dir
+        return {"metrics": metrics, "per_class": per_region, "class_names": regions, "n": len(dice),
+                "modality_combinations": {"columns": columns, "rows": rows},
+                "combination_plots": {"dice": str(png_d.relative_to(run_dir)), "hd95": str(png_h.relative_to(run_dir))},
+                "selection": "val/loss = 1 - mean Dice over all modality combinations of the val split",
+                "full_input": full_input}
+
+
+class IncompleteSegPredictor(Predictor):
+    """``medfuse predict RUN FILES... [--modalities a,b]`` with any non-empty modality subset.
+
+    Inputs are image files (their modalities read from the names or given by ``--modalities``) or
+    one case folder. Writes ``<case>_pred.nii.gz`` (raw label values when the regions allow it,
+    else canonical labels), ``<case>_regions.nii.gz`` (R probabilities) and a row of
+    ``predictions.csv``.
+    """
+
+    def cases(self, inputs, modalities):
+        from medfuse.data.layouts import Case
+
+        case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
+        return [Case(case_id=case_id, patient_id=case_id, images=files)]
+
+    def write(self, batch, out, out_dir: Path) -> None:
+        from medfuse.data.io import write_nifti
+
+        mods = list(self.dm.modalities)
+        raw = canonical_to_raw(self.dm.raw_regions)
+        q = out["regions"].float().cpu()  # (B, R, *S)
+        csv_path = out_dir / "predictions.csv"
+        if not csv_path.exists():
+            csv_path.write_text("case_id,modalities,prediction\n")
+        for j, case_id in enumerate(batch["case_id"]):
+            label = (q[j] > 0.5).sum(0).numpy()  # canonical labels (nested regions)
+            if raw is not None:
+                label = np.vectorize(raw.get)(label)
+            affine = np.asarray(batch["affine"][j].cpu())
+            write_nifti(label[None].astype(np.uint8), out_dir / f"{case_id}_pred.nii.gz", affine=affine)
+            write_nifti(q[j].numpy().astype(np.float32), out_dir / f"{case_id}_regions.nii.gz", affine=affine)
+            given = "+".join(m for m, p in zip(mods, batch["present"][j].tolist(), strict=True) if p > 0.5)
+            with csv_path.open("a") as f:
+                f.write(f"{case_id},{given},{case_id}_pred.nii.gz\n")

@@ -1,0 +1,372 @@
+"""Data for the ``text_seg`` family (seed 002, Talk2MedSAM): 2D images + masks + text + box prompts.
+
+A dataset is a manifest CSV (the platform's ``manifest`` layout, :mod:`medfuse.data.layouts`): one
+row per image with ``case_id``, ``patient_id``, ``image_<modality>`` (PNG, JPG, a single DICOM file,
+or a NIfTI / DICOM volume with a ``slice`` column), ``mask`` and either a free ``text`` column or
+attribute columns that ``data.params.text_template`` turns into text (e.g.
+``"{birads} lesion, {margin} margins"``). Boxes come from the masks (MedSAM's tight box, jittered
+outwards in training) or, with ``box_source: csv``, from a ``box`` column (``"x0 y0 x1 y1"``) or
+``box_x0 .. box_y1`` columns in original pixels (x = column, y = row, inclusive extents).
+
+Splits are by patient (:func:`medfuse.data.split.assign_splits`); ``split_by: image`` is refused
+when patient ids exist, since BUS-BRA-like data hold several images per patient and a per-image
+split leaks patients into the test set (the peer's flaw).
+
+Each item: ``image`` (3, S, S) in [0, 1] (MedSAM preprocessing, 2.5D optional), ``mask``
+(1, m, m) binary, ``box`` (4,) in model-input pixels, ``text`` (str), ``orig_size`` (2,).
+Counterfactual text (``FIELD=shuffle|VALUE``) replaces one field of the split's text before
+rendering; :meth:`TextSegDataModule.loader` applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from medfuse.config import validate_params
+from medfuse.data.datamodule import CaseDataModule, SeededSampler, collate, derive_seed, load_table
+from medfuse.errors import ConfigError, DataError
+from medfuse.families.text_seg.params import TextSegDataParams
+
+__all__ = ["Record", "TextSegDataModule", "TextSegDataset", "apply_counterfactual", "parse_counterfactual",
+           "records_from_cases"]
+
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
+
+
+@dataclasses.dataclass
+class Record:
+    """One 2D sample: where its pixels are and what its prompt is.
+
+    Attributes:
+        case_id: unique id.
+        image: image path.
+        mask: mask path (``None`` for prediction).
+        fields: text fields (the ``text`` column and the attribute columns).
+        box: (x0, y0, x1, y1) in original pixels from the CSV, or ``None``.
+        slice_index: slice of a volume file, or ``None`` for a 2D file.
+    """
+
+    case_id: str
+    image: str
+    mask: str | None
+    fields: dict[str, str]
+    box: tuple[float, float, float, float] | None = None
+    slice_index: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# records and text
+
+
+def _parse_box(case_id: str, extra: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    if extra.get("box") not in (None, ""):
+        parts = [v for v in re.split(r"[,\s;]+", str(extra["box"]).strip("[]() ")) if v]
+    elif all(extra.get(c) not in (None, "") for c in BOX_COLUMNS):
+        parts = [str(extra[c]) for c in BOX_COLUMNS]
+    else:
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in parts)
+    except ValueError:
+        raise DataError(case_id, f"box {parts} is not 4 numbers", "write the box as 'x0 y0 x1 y1' in pixels") from None
+    if not (x1 >= x0 and y1 >= y0):
+        raise DataError(case_id, f"box {parts} has x1 < x0 or y1 < y0", "write the box as 'x0 y0 x1 y1'")
+    return (x0, y0, x1, y1)
+
+
+def records_from_cases(cases: list, modality: str, need_mask: bool = True) -> list[Record]:
+    """Manifest cases -> :class:`Record` (the image of ``modality``; text fields from the CSV)."""
+    out = []
+    for c in cases:
+        if modality not in c.images:
+            raise DataError(c.case_id, f"has no '{modality}' image", f"fill its image_{modality} cell")
+        if need_mask and not c.mask:
+            raise DataError(c.case_id, "has no mask", "give every training / evaluation image a mask")
+        fields = {str(k): "" if v is None else str(v) for k, v in c.extra.items()}
+        if c.text is not None:
+            fields["text"] = c.text
+        if c.label is not None:
+            fields.setdefault("label", str(c.label))
+        sl = fields.get("slice", "")
+        try:
+            slice_index = int(float(sl)) if sl != "" else None
+        except ValueError:
+            raise DataError(c.case_id, f"slice '{sl}' is not an integer", "give the slice index (0-based)") from None
+        out.append(Record(c.case_id, c.images[modality], c.mask, fields, _parse_box(c.case_id, fields), slice_index))
+    return out
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def render_text(rec: Record, template: str | None, fields: dict[str, str] | None = None) -> str:
+    """The prompt of a record: ``template`` filled from its fields, or its ``text`` field."""
+    fields = rec.fields if fields is None else fields
+    if template is None:
+        text = fields.get("text", "")
+        if not text.strip():
+            raise DataError(rec.case_id, "has no text", "fill the text column or set data.params.text_template")
+        return text
+    missing = [f for f in template_fields(template) if fields.get(f, "") == ""]
+    if missing:
+        raise DataError(rec.case_id, f"has no value for '{missing[0]}' used by data.params.text_template",
+                        f"fill the {missing[0]} column or change the template")
+    return template.format(**fields)
+
+
+def parse_counterfactual(spec: str) -> tuple[str, str]:
+    """``"FIELD=shuffle"`` or ``"FIELD=VALUE"`` -> (field, action)."""
+    field, sep, action = str(spec).partition("=")
+    if not sep or not field.strip() or action == "":
+        raise ConfigError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE", "e.g. margin=shuffle")
+    return field.strip(), action.strip()
+
+
+def apply_counterfactual(records: list[Record], template: str | None, spec: str, seed: int = 0) -> dict[str, str]:
+    """Wrong text for every record: ``FIELD=shuffle`` gives each record another record's value of
+    FIELD (a random cyclic permutation, so no record keeps its own slot), ``FIELD=VALUE`` sets it.
+
+    ``FIELD`` is a field of the template, or ``text`` (the whole rendered text). Returns
+    case_id -> counterfactual text.
+    """
+    field, action = parse_counterfactual(spec)
+    allowed = ["text", *(template_fields(template) if template else [])]
+    if field not in allowed:
+        raise ConfigError("--counterfactual", f"'{field}' is not a text field of this run",
+                          f"use one of: {', '.join(allowed)}")
+    texts = [render_text(r, template) for r in records]
+    if field == "text":
+        values = texts
+    else:
+        values = [r.fields.get(field, "") for r in records]
+    if action == "shuffle":
+        perm = _cyclic_permutation(len(records), seed)
+        new_values = [values[j] for j in perm]
+    else:
+        new_values = [action] * len(records)
+    out = {}
+    for rec, value in zip(records, new_values, strict=True):
+        out[rec.case_id] = value if field == "text" else render_text(rec, template, {**rec.fields, field: value})
+    return out
+
+
+def _cyclic_permutation(n: int, seed: int) -> list[int]:
+    """Sattolo's algorithm: a uniformly random n-cycle, so perm[i] != i for n > 1."""
+    rng = np.random.default_rng(seed)
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+# ----------------------------------------------------------------------------------------------
+# pixels
+
+
+def read_plane(path: str, slice_index: int | None, two_and_half_d: bool, case_id: str) -> np.ndarray:
+    """One image plane as (C, H, W) float32: C = 1 grey, 3 RGB or 3 consecutive slices (2.5D)."""
+    from medfuse.data.io import image_suffix, read_image
+
+    if image_suffix(path) == ".dcm":
+        return _read_dicom_file(path)
+    arr = read_image(path).array  # (C, D, H, W)
+    if arr.shape[1] == 1:
+        plane = arr[:, 0]
+        return np.repeat(plane, 3, axis=0) if two_and_half_d and plane.shape[0] == 1 else plane.astype(np.float32)
+    if slice_index is None:
+        raise DataError(path, f"is a volume of {arr.shape[1]} slices", f"add a slice column for case {case_id}")
+    if not 0 <= slice_index < arr.shape[1]:
+        raise DataError(path, f"slice {slice_index} is outside 0..{arr.shape[1] - 1}", f"fix the slice of {case_id}")
+    if two_and_half_d:
+        idx = np.clip([slice_index - 1, slice_index, slice_index + 1], 0, arr.shape[1] - 1)
+        return arr[0, idx].astype(np.float32)  # (3, H, W)
+    return arr[:, slice_index].astype(np.float32)
+
+
+def _read_dicom_file(path: str) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)  # HU for CT
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise DataError(path, f"cannot read the DICOM file ({type(e).__name__})", "check that it is intact") from None
+    return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)[:3]
+
+
+def read_mask(rec: Record, value: int | None, shape: tuple[int, int]) -> np.ndarray:
+    """The target mask of a record as a bool (H, W) array on the image grid."""
+    plane = read_plane(rec.mask, rec.slice_index, False, rec.case_id)[0]
+    if plane.shape != shape:
+        raise DataError(rec.mask, f"mask is {plane.shape[0]}x{plane.shape[1]} but the image is {shape[0]}x{shape[1]}",
+                        "give masks on the image grid")
+    return plane > 0 if value is None else plane == value
+
+
+def box_from_mask(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """MedSAM's tight box of a bool (H, W) mask, (x0, y0, x1, y1) inclusive; ``None`` when empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+
+
+class TextSegDataset(Dataset):
+    """2D samples for text_seg (see the module docstring for the item).
+
+    Indexing takes an index or ``(index, seed)`` from :class:`~medfuse.data.datamodule.SeededSampler`;
+    the seed drives the training box jitter and flips, so a resumed run sees the same samples.
+
+    Args:
+        records: the samples.
+        params: validated ``data.params``.
+        train: jitter boxes (and flip when ``params.flip``).
+        texts: case_id -> text overriding the rendered text (counterfactuals).
+        need_mask: load masks (False for prediction).
+    """
+
+    def __init__(self, records: list[Record], params: TextSegDataParams, train: bool = False,
+                 texts: dict[str, str] | None = None, need_mask: bool = True):
+        self.records, self.p, self.train, self.need_mask = records, params, train, need_mask
+        self.texts = {r.case_id: (texts or {}).get(r.case_id) or render_text(r, params.text_template)
+                      for r in records}
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, i: int) -> dict[str, Any]:
+        if i in self._cache:
+            return self._cache[i]
+        from medfuse.families.text_seg.sam_prompt import medsam_image
+
+        rec, p = self.records[i], self.p
+        plane = read_plane(rec.image, rec.slice_index, p.two_and_half_d, rec.case_id)  # (C, H, W)
+        if not np.isfinite(plane).all():
+            raise DataError(rec.image, "holds NaN or infinite pixels", "fix or drop the image")
+        h, w = plane.shape[-2:]
+        window = tuple(p.window) if p.window is not None else None
+        item: dict[str, Any] = {"image": medsam_image(plane, p.image_size, p.intensity, window).half(),
+                                "orig_size": (h, w)}
+        mask = read_mask(rec, p.mask_value, (h, w)) if self.need_mask and rec.mask else None
+        if mask is not None:
+            m = torch.from_numpy(mask.astype(np.float32))[None, None]
+            item["mask"] = (F.interpolate(m, size=(p.mask_size,) * 2, mode="area")[0] >= 0.5).float()
+        box = rec.box if p.box_source == "csv" else (box_from_mask(mask) if mask is not None else rec.box)
+        if box is None:
+            what = "a box column" if p.box_source == "csv" or mask is None else "a non-empty mask"
+            raise DataError(rec.case_id, "has no box prompt", f"give it {what}")
+        item["box"] = box
+        if p.cache_in_memory:
+            self._cache[i] = item
+        return item
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        from medfuse.families.text_seg.sam_prompt import scale_boxes
+
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        rec, base = self.records[i], self._load(i)
+        h, w = base["orig_size"]
+        x0, y0, x1, y1 = base["box"]
+        if self.train and self.p.box_jitter > 0:
+            rng = np.random.default_rng(seed if seed is not None else derive_seed("box", i))
+            j = float(self.p.box_jitter)
+            dx0, dy0, dx1, dy1 = rng.uniform(0, j, 4) * [x1 - x0 + 1, y1 - y0 + 1, x1 - x0 + 1, y1 - y0 + 1]
+            x0, y0, x1, y1 = max(0.0, x0 - dx0), max(0.0, y0 - dy0), min(w - 1.0, x1 + dx1), min(h - 1.0, y1 + dy1)
+        image, mask = base["image"].float(), base.get("mask")
+        if self.train and self.p.flip and np.random.default_rng([seed or 0, 1]).random() < 0.5:
+            image, mask = image.flip(-1), None if mask is None else mask.flip(-1)
+            x0, x1 = w - 1.0 - x1, w - 1.0 - x0
+        box = scale_boxes(torch.tensor([[x0, y0, x1, y1]]), h, w, self.p.image_size)[0]
+        item = {"case_id": rec.case_id, "image": image, "box": box, "text": self.texts[rec.case_id],
+                "orig_size": torch.tensor([h, w])}
+        if mask is not None:
+            item["mask"] = mask
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class TextSegDataModule(CaseDataModule):
+    """Patient-level splits of a 2D image + mask + text manifest; loaders of :class:`TextSegDataset`.
+
+    Args:
+        cfg: the experiment config (``data.params``: :class:`~medfuse.families.text_seg.params.TextSegDataParams`).
+        run_dir: the run directory (its saved split is reused).
+    """
+
+    def __init__(self, cfg, run_dir: Path | None = None):
+        self.params: TextSegDataParams = validate_params(TextSegDataParams, cfg.data.params, "data.params")
+        if self.params.split_by == "image" and load_table(cfg).patient_ids_given:
+            raise ConfigError("data.params.split_by", "split by image refused: the manifest has patient ids, so one "
+                              "patient's images would land in several splits", "remove split_by (splits are by patient)")
+        super().__init__(cfg, run_dir)
+        mod = self.params.modality or self.modalities[0]
+        if mod not in self.modalities:
+            raise ConfigError("data.params.modality", f"'{mod}' is not a modality of the manifest",
+                              f"use one of: {', '.join(self.modalities)}")
+        self.modality = mod
+        self.records = {s: records_from_cases(cases, mod) for s, cases in self.cases.items()}
+        self._by_id = {s: {r.case_id: r for r in recs} for s, recs in self.records.items()}
+        self._pixels: dict[str, dict[int, dict[str, Any]]] = {}
+
+    def record_index(self, split: str) -> dict[str, Record]:
+        """case_id -> record of a split."""
+        return self._by_id[split]
+
+    def dataset(self, split: str, counterfactual: str | None = None, augment: bool | None = None) -> TextSegDataset:
+        """The split's dataset.
+
+        Args:
+            split: ``train``, ``val`` or ``test``.
+            counterfactual: ``FIELD=shuffle|VALUE`` replacing the text (the test split also takes
+                ``data.params.test_counterfactual`` when none is given).
+            augment: jitter the boxes (default: only for the training split).
+        """
+        if counterfactual is None and split == "test":
+            counterfactual = self.params.test_counterfactual
+        augment = split == "train" if augment is None else augment
+        key = f"{split}|{counterfactual}|{augment}"
+        if key not in self._datasets:
+            recs = self.records[split]
+            if not recs:
+                raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
+                                "add cases or change data.split fractions")
+            texts = None
+            if counterfactual is not None:
+                seed = derive_seed(self.cfg.train.seed, "counterfactual", counterfactual)
+                texts = apply_counterfactual(recs, self.params.text_template, counterfactual, seed)
+            ds = TextSegDataset(recs, self.params, train=augment, texts=texts)
+            ds._cache = self._pixels.setdefault(split, {})  # the pixels do not depend on text or jitter
+            self._datasets[key] = ds
+        return self._datasets[key]
+
+    def true_texts(self, split: str) -> dict[str, str]:
+        """case_id -> the correct text of a split's records."""
+        return {r.case_id: render_text(r, self.params.text_template) for r in self.records[split]}
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, counterfactual: str | None = None,
+                augment: bool | None = None) -> DataLoader:
+        ds = self.dataset(split, counterfactual, augment)
+        seed = derive_seed(self.cfg.train.seed, split)
+        return DataLoader(ds, batch_size=batch_size, sampler=SeededSampler(len(ds), seed, shuffle=shuffle),
+                          num_workers=self.cfg.data.num_workers, collate_fn=collate, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def loader(self, split: str, counterfactual: str | None = None) -> DataLoader:
+        """An unshuffled, unjittered loader over any split, optionally with counterfactual text."""
+        bs = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        return self._loader(split, False, bs, counterfactual, augment=False)

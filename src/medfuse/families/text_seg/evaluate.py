@@ -1,0 +1,252 @@
+"""The text_seg family's evaluation and prediction.
+
+:class:`TextSegEvaluator` scores each image at its original resolution (Dice / IoU / HD95 in
+pixels, with bootstrap CIs) in one pass over the split, and writes the predicted masks, a per-case
+table and an overlay figure. :meth:`TextSegEvaluator.counterfactual` reruns the split with wrong
+text (a different input, so a pass of its own per condition) and reports the paired Dice drop
+against the base pass, which the evaluator keeps. :class:`TextSegPredictor` reads boxes and text
+from a manifest CSV and writes PNG masks and ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfuse.engine.evaluate import Evaluator, to_device
+from medfuse.engine.predict import Predictor
+from medfuse.errors import DataError
+
+METRICS = ("dice", "iou", "hd95")
+
+
+@dataclass
+class SplitScores:
+    """Per-case results of one pass over a split, in loader order.
+
+    Attributes:
+        case_id, text: per case.
+        pred: case_id -> bool (H, W) prediction at the original size.
+        box: case_id -> (x0, y0, x1, y1) box in original pixels.
+        scores: ``dice``/``iou``/``hd95`` -> per-case values (HD95 in pixels, NaN when undefined).
+        gate: per-case mean image share of the gated baseline (empty for other fusions).
+    """
+
+    case_id: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    pred: dict[str, np.ndarray] = field(default_factory=dict)
+    box: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in METRICS})
+    gate: list[float] = field(default_factory=list)
+
+    def array(self, key: str) -> np.ndarray:
+        return np.asarray(self.scores[key], dtype=np.float64)
+
+    def add(self, batch: dict[str, Any], out: dict[str, Any], dm: Any, split: str) -> None:
+        """Score one batch's ``mask_logits`` against the masks read at each image's original size."""
+        from medfuse.families.text_seg.data import read_mask
+        from medfuse.metrics import segmentation_case_metrics
+
+        recs = dm.record_index(split)
+        logits = out["mask_logits"]
+        for i, cid in enumerate(batch["case_id"]):
+            h, w = (int(v) for v in batch["orig_size"][i])
+            pred = F.interpolate(logits[i: i + 1].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0
+            gt = torch.from_numpy(read_mask(recs[cid], dm.params.mask_value, (h, w)))
+            m = segmentation_case_metrics(pred[None].long().cpu(), gt[None].long(), num_classes=2)
+            for key in METRICS:
+                self.scores[key].append(float(m[key][0, 0]))
+            self.case_id.append(cid)
+            self.text.append(batch["text"][i])
+            self.pred[cid] = pred.cpu().numpy()
+            self.box[cid] = batch["box"][i].cpu().numpy() * np.array([w, h, w, h]) / dm.params.image_size
+        if "gate" in out:
+            self.gate += [float(g) for g in out["gate"].float().cpu()]
+
+
+class TextSegEvaluator(Evaluator):
+    """Dice / IoU / HD95 at the original resolution with CIs, predictions, overlays, parameter counts.
+
+    The base pass's per-case results stay on the evaluator (:attr:`base`, :attr:`base_metrics`), so
+    that :meth:`counterfactual` pairs every wrong-text pass with it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base = SplitScores()
+        self.base_metrics: dict[str, Any] | None = None
+
+    def update(self, batch, out):
+        self.base.add(batch, out, self.dm, self.split)
+
+    def compute(self):
+        from PIL import Image
+
+        from medfuse.metrics import segmentation_report
+
+        res = self.base
+        rep = segmentation_report({k: res.array(k)[:, None] for k in METRICS}, ["target"], self.n_boot, self.seed)
+        metrics = {k: rep[k] for k in METRICS}
+        self.base_metrics = metrics
+        out_dir = self.run_dir / "predictions" / self.split
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / "per_case.csv").open("w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["case_id", "text", "dice", "iou", "hd95_px"])
+            for j, cid in enumerate(res.case_id):
+                Image.fromarray(res.pred[cid].astype(np.uint8) * 255).save(out_dir / f"{cid}.png")
+                wr.writerow([cid, res.text[j], *(f"{res.scores[k][j]:.4f}" for k in METRICS)])
+        overlay = plot_overlays(self.dm, self.split, res, self.run_dir / "plots" / "text_seg_overlays.png")
+        self.plots["text seg overlays"] = overlay
+        model = self.task.model
+        counts = model.parameter_counts()
+        p = self.dm.params
+        entry: dict[str, Any] = {
+            "n": len(res.case_id), "metrics": metrics, "parameters": counts, "gates": model.level_gates(),
+            "temperature": model.temperature, "overlays": str(overlay.relative_to(self.run_dir)),
+            "notes": [f"trainable parameters: {counts['trainable']:,} (adapter {counts['adapter']:,}); "
+                      f"frozen {counts['frozen']:,}",
+                      "2D segmentation from a box and a text prompt; Dice / IoU / HD95 (pixels) at each image's "
+                      f"original resolution; prompts: box from {p.box_source}, text from "
+                      f"{'the template ' + repr(p.text_template) if p.text_template else 'CSV'}"]}
+        if res.gate:
+            entry["mean_image_gate"] = float(np.mean(res.gate))
+        return entry
+
+    def counterfactual(self, specs: list[str]) -> dict[str, Any]:
+        """Rerun the split with wrong text (``FIELD=shuffle|VALUE``); report the Dice drop per condition."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from medfuse.metrics import bootstrap_ci
+        from medfuse.reports import format_ci
+
+        if self.base_metrics is None:
+            raise RuntimeError("run() must come before counterfactual()")  # the engine's order
+        base = self.base
+        d0, metrics = base.array("dice"), dict(self.base_metrics)
+        table = Table("text", "Dice", "drop", "relative drop", "texts changed",
+                      title=f"counterfactual text on the {self.split} split (95% bootstrap CI)")
+        table.add_row("correct", format_ci(metrics["dice"]), "-", "-", "-")
+        out: dict[str, Any] = {"correct": metrics["dice"]}
+        for spec in specs:
+            res = self.wrong_text_pass(spec)
+            if res.case_id != base.case_id:
+                raise RuntimeError("counterfactual loader changed the case order")  # pragma: no cover
+            d1 = res.array("dice")
+            changed = sum(a != b for a, b in zip(base.text, res.text, strict=True))
+            mean = lambda x: x.mean(-1)  # noqa: E731 - vectorised bootstrap statistic
+            cf = bootstrap_ci(mean, d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
+            drop = bootstrap_ci(mean, d0 - d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
+            rel = 100.0 * drop["value"] / max(float(d0.mean()), 1e-8)
+            out[spec] = {"dice": cf, "dice_drop": drop, "relative_drop_percent": rel, "texts_changed": changed,
+                         "n": len(d1)}
+            metrics[f"dice ({spec})"] = cf
+            metrics[f"dice drop ({spec})"] = drop
+            table.add_row(spec, format_ci(cf), format_ci(drop), f"{rel:.1f}%", f"{changed}/{len(d1)}")
+        Console(width=120).print(table)
+        return {"metrics": metrics, "counterfactual": out}
+
+    @torch.no_grad()
+    def wrong_text_pass(self, spec: str) -> SplitScores:
+        """One pass over the split with the counterfactual text ``spec`` (same images and boxes)."""
+        res = SplitScores()
+        for batch in self.dm.loader(self.split, spec):
+            batch = to_device(batch, self.device)
+            res.add(batch, self.infer(batch), self.dm, self.split)
+        return res
+
+
+def plot_overlays(dm: Any, split: str, res: SplitScores, png: Path, n: int = 6) -> Path:
+    """Image, box (yellow), reference (green) and prediction (red) contours of a few cases, with their text."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medfuse.families.text_seg.data import read_mask, read_plane
+
+    recs = dm.record_index(split)
+    ids = res.case_id[:n]
+    fig, axes = plt.subplots(1, len(ids), figsize=(3.2 * len(ids), 4.2), squeeze=False)
+    for ax, cid in zip(axes[0], ids, strict=True):
+        rec = recs[cid]
+        img = read_plane(rec.image, rec.slice_index, False, cid)
+        img = img.mean(0) if img.shape[0] > 1 else img[0]
+        gt = read_mask(rec, dm.params.mask_value, img.shape)
+        ax.imshow(img, cmap="gray")
+        ax.contour(gt, levels=[0.5], colors="lime", linewidths=1)
+        if res.pred[cid].any():
+            ax.contour(res.pred[cid], levels=[0.5], colors="red", linewidths=1)
+        x0, y0, x1, y1 = res.box[cid]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", linewidth=1))
+        j = res.case_id.index(cid)
+        ax.set_title("\n".join(textwrap.wrap(res.text[j], 28)) + f"\nDice {res.scores['dice'][j]:.2f}", fontsize=7)
+        ax.axis("off")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+class TextSegPredictor(Predictor):
+    """``medfuse predict RUN inputs.csv``: boxes and text from a manifest CSV -> ``<case>_mask.png`` at
+    each image's original size, and ``predictions.csv`` (case, text, box, area, mean probability)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: list[list[Any]] = []
+
+    def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
+        """One manifest CSV -> the records to predict (no masks needed)."""
+        from medfuse.data.layouts import load_cases
+        from medfuse.families.text_seg.data import records_from_cases
+
+        if len(inputs) != 1 or Path(inputs[0]).suffix.lower() not in (".csv", ".json"):
+            raise DataError(" ".join(inputs), "text_seg predicts from one manifest CSV",
+                            "give a CSV with case_id, image_<modality>, box and the text (or template) columns")
+        table = load_cases(inputs[0])
+        mod = self.dm.modality if self.dm.modality in table.modalities else table.modalities[0]
+        return records_from_cases(table.cases, mod, need_mask=False)
+
+    def batches(self, cases: list[Any]):
+        """Records -> batches of the run's preprocessing, boxes from the CSV, on the task's device."""
+        from torch.utils.data import DataLoader
+
+        from medfuse.data.datamodule import collate
+        from medfuse.families.text_seg.data import TextSegDataset
+
+        params = self.dm.params.model_copy(update={"box_source": "csv", "cache_in_memory": False})
+        ds = TextSegDataset(cases, params, need_mask=False)
+        bs = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        for batch in DataLoader(ds, batch_size=bs, collate_fn=collate):
+            yield to_device(batch, self.task.device)
+
+    def write(self, batch, out, out_dir):
+        from PIL import Image
+
+        logits = out["mask_logits"]
+        for i, cid in enumerate(batch["case_id"]):
+            h, w = (int(v) for v in batch["orig_size"][i])
+            prob = torch.sigmoid(F.interpolate(logits[i: i + 1].float(), size=(h, w), mode="bilinear",
+                                               align_corners=False))[0, 0].cpu().numpy()
+            pred = prob > 0.5
+            Image.fromarray(pred.astype(np.uint8) * 255).save(out_dir / f"{cid}_mask.png")
+            box = batch["box"][i].cpu().numpy() * np.array([w, h, w, h]) / self.dm.params.image_size
+            self.rows.append([cid, batch["text"][i], " ".join(f"{v:.1f}" for v in box), int(pred.sum()),
+                              f"{float(prob[pred].mean()) if pred.any() else 0.0:.4f}"])
+
+    def finish(self, out_dir):
+        with (out_dir / "predictions.csv").open("w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["case_id", "text", "box", "area_px", "mean_prob"])
+            wr.writerows(self.rows)
