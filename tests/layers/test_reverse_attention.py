@@ -33,7 +33,9 @@ def test_matches_reference_on_outputs_and_gradients(stride, layer_scale, reduce_
     for x, y in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(x, y)
     assert all(g.abs().sum() > 0 for g in g_out)
-    att = a.last_attention
+    out2, att = a(fc, prev, return_attention=True)
+    torch.testing.assert_close(out2, out)
+    assert not att.requires_grad and not any(k.startswith("last_") for k in vars(a))
     assert att.shape == ((2, 1, 1, *s[1:]) if reduce_depth else (2, 1, *s))
     assert float(att.min()) > 0 and float(att.max()) < 1
 

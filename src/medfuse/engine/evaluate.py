@@ -143,11 +143,11 @@ class ClassificationEvaluator(Evaluator):
         return {"metrics": rep, "per_class": per_class, "confusion_matrix": cm, "class_names": names, "n": n}
 
 
-def spacing_of(batch: dict[str, Any]) -> tuple[float, float, float] | None:
-    """(D, H, W) voxel spacing of a batch's first affine, or None without affines."""
+def spacing_of(batch: dict[str, Any], i: int = 0) -> tuple[float, float, float] | None:
+    """(D, H, W) voxel spacing of a batch item's affine (columns are the w, h, d axes), or None without affines."""
     if "affine" not in batch:
         return None
-    a = np.asarray(torch.as_tensor(batch["affine"][0]).cpu())[:3, :3]
+    a = np.asarray(torch.as_tensor(batch["affine"][i]).cpu())[:3, :3]
     sw, sh, sd = np.linalg.norm(a, axis=0)
     return (float(sd), float(sh), float(sw))
 

@@ -57,18 +57,18 @@ class ReverseAttentionAdapter(nn.Module):
         shape = (1, channels) + (1,) * spatial_dims
         self.gamma = nn.Parameter(torch.full(shape, float(layer_scale))) if layer_scale is not None else None
         self.reduce_depth = reduce_depth and spatial_dims == 3
-        self.last_attention: torch.Tensor | None = None
 
-    def forward(self, fc: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    def forward(self, fc: torch.Tensor, prev: torch.Tensor,
+                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Adapt one level.
 
         Args:
             fc: frozen block output (B, C, *S).
             prev: the block's input (B, C_prev, *S_prev) with ``S = ceil(S_prev / stride)``.
+            return_attention: also return the reverse attention ``1 - sigmoid(m)`` (B, 1, *S), detached.
 
         Returns:
-            Adapted features (B, C, *S). ``self.last_attention`` keeps the reverse attention
-            ``1 - sigmoid(m)`` (B, 1, *S) (detached) for inspection.
+            Adapted features (B, C, *S), and the reverse attention when ``return_attention``.
         """
         p = self.cbr_p(prev)
         if p.shape[2:] != fc.shape[2:]:
@@ -77,8 +77,7 @@ class ReverseAttentionAdapter(nn.Module):
         t = self.block(h)
         m = t.mean(dim=(1, 2) if self.reduce_depth else 1, keepdim=True)  # (B, 1, *S) or (B, 1, 1, H, W)
         rev = 1.0 - torch.sigmoid(m)
-        self.last_attention = rev.detach()
         comp = rev * h
         if self.gamma is not None:
             comp = self.gamma * comp
-        return fc + comp
+        return (fc + comp, rev.detach()) if return_attention else fc + comp

@@ -225,8 +225,9 @@ def test_every_registered_model_builds_from_its_defaults_and_trains_every_parame
     from medfuse.engine.predict import Predictor
     from medfuse.families.text_seg import FAMILY
     from medfuse.families.text_seg.demo import make_text_seg_demo
-    from medfuse.families.text_seg.evaluate import TextSegEvaluator, TextSegPredictor
+    from medfuse.families.text_seg.evaluate import TextSegEvaluator
     from medfuse.families.text_seg.params import TextSegDataParams
+    from medfuse.families.text_seg.predict import TextSegPredictor
     from medfuse.registry import FAMILIES
 
     assert FAMILIES.get("text_seg") is FAMILY

@@ -3,8 +3,8 @@ chain-of-thought reports (seed 001).
 
 Where things are: ``model.py`` (the network, ``forward_intermediates`` with the region attention),
 ``params.py`` (``model.params`` and ``data.params``), ``task.py`` (the three-level loss),
-``evaluate.py`` (retrieval + zero-shot AUROC + region-text alignment + attention maps in one pass,
-and the embedding predictor), ``data.py`` (CT-RATE layout, CoT, masks, HU once), ``demo.py`` (the
+``evaluate.py`` (retrieval + zero-shot AUROC + region-text alignment + attention maps in one pass),
+``predict.py`` (embeddings per volume), ``data.py`` (CT-RATE layout, CoT, masks, HU once), ``demo.py`` (the
 chest/abdomen phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from medfuse.families.ct_encoder.data import ct_encoder_datamodule
 from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
-from medfuse.families.ct_encoder.evaluate import CTEncoderEvaluator, CTEncoderPredictor
+from medfuse.families.ct_encoder.evaluate import CTEncoderEvaluator
 from medfuse.families.ct_encoder.params import CTEncoderDataParams, CTEncoderParams, build_ct_encoder
+from medfuse.families.ct_encoder.predict import CTEncoderPredictor
 from medfuse.families.ct_encoder.task import CTEncoderTask
 from medfuse.registry import Family, ModelEntry
 

@@ -4,7 +4,7 @@
 Where things are: ``model.py`` (the 3D UNet + ASPP network with modality presence and adapters),
 ``params.py`` (``model.params`` and ``data.params``), ``task.py`` (the three stages' forward and
 losses, validation over modality combinations), ``evaluate.py`` (Dice/HD95 for every modality
-combination in one pass, and the any-subset predictor), ``data.py`` (regions, modality subsets,
+combination in one pass), ``predict.py`` (any modality subset), ``data.py`` (regions, modality subsets,
 masking, the data module, predict inputs), ``demo.py`` (the brain-tumour phantom); configs are
 ``configs/incomplete_seg_*.yaml``.
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from medfuse.families.incomplete_seg.data import IncompleteSegDataModule
 from medfuse.families.incomplete_seg.demo import make_incomplete_seg_demo
-from medfuse.families.incomplete_seg.evaluate import IncompleteSegEvaluator, IncompleteSegPredictor
+from medfuse.families.incomplete_seg.evaluate import IncompleteSegEvaluator
 from medfuse.families.incomplete_seg.params import (
     IncompleteSegDataParams,
     IncompleteSegParams,
     build_incomplete_seg,
 )
+from medfuse.families.incomplete_seg.predict import IncompleteSegPredictor
 from medfuse.families.incomplete_seg.task import IncompleteSegTask
 from medfuse.registry import Family, ModelEntry
 

@@ -12,30 +12,18 @@ generic segmentation outputs: NIfTI predictions, overlays and canonical-label me
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medfuse.engine.evaluate import SegmentationEvaluator
-from medfuse.engine.predict import Predictor
+from medfuse.engine.evaluate import SegmentationEvaluator, spacing_of
 from medfuse.families.incomplete_seg.data import (
-    canonical_to_raw,
     combination_mask,
     combination_name,
     modality_combinations,
-    resolve_predict_inputs,
 )
 from medfuse.families.incomplete_seg.task import region_targets
-
-
-def _spacing(batch: dict[str, Any], i: int) -> tuple[float, float, float] | None:
-    """Voxel size (D, H, W) in mm from a batch item's affine (columns are the w, h, d axes)."""
-    if "affine" not in batch:
-        return None
-    sw, sh, sd = np.linalg.norm(np.asarray(torch.as_tensor(batch["affine"][i]).cpu())[:3, :3], axis=0)
-    return float(sd), float(sh), float(sw)
 
 
 def _ci(values: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -115,7 +103,7 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
         nc, nr = len(self.combos), self.num_regions
         target = region_targets(batch["mask"].cpu(), nr) > 0.5  # (B, R, *S)
         dice, hd = np.full((b, nc, nr), np.nan), np.full((b, nc, nr), np.nan)
-        spacing = [_spacing(batch, j) for j in range(b)]
+        spacing = [spacing_of(batch, j) for j in range(b)]
         for c, pred in out["regions"].items():
             cases = [j for j in range(b) if bool(out["available"][c, j])]
             for sp in dict.fromkeys(spacing[j] for j in cases):  # one metrics call per voxel size
@@ -176,39 +164,3 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
                 "combination_plots": {"dice": str(png_d.relative_to(run_dir)), "hd95": str(png_h.relative_to(run_dir))},
                 "selection": "val/loss = 1 - mean Dice over all modality combinations of the val split",
                 "full_input": full_input}
-
-
-class IncompleteSegPredictor(Predictor):
-    """``medfuse predict RUN FILES... [--modalities a,b]`` with any non-empty modality subset.
-
-    Inputs are image files (their modalities read from the names or given by ``--modalities``) or
-    one case folder. Writes ``<case>_pred.nii.gz`` (raw label values when the regions allow it,
-    else canonical labels), ``<case>_regions.nii.gz`` (R probabilities) and a row of
-    ``predictions.csv``.
-    """
-
-    def cases(self, inputs, modalities):
-        from medfuse.data.layouts import Case
-
-        case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
-        return [Case(case_id=case_id, patient_id=case_id, images=files)]
-
-    def write(self, batch, out, out_dir: Path) -> None:
-        from medfuse.data.io import write_nifti
-
-        mods = list(self.dm.modalities)
-        raw = canonical_to_raw(self.dm.raw_regions)
-        q = out["regions"].float().cpu()  # (B, R, *S)
-        csv_path = out_dir / "predictions.csv"
-        if not csv_path.exists():
-            csv_path.write_text("case_id,modalities,prediction\n")
-        for j, case_id in enumerate(batch["case_id"]):
-            label = (q[j] > 0.5).sum(0).numpy()  # canonical labels (nested regions)
-            if raw is not None:
-                label = np.vectorize(raw.get)(label)
-            affine = np.asarray(batch["affine"][j].cpu())
-            write_nifti(label[None].astype(np.uint8), out_dir / f"{case_id}_pred.nii.gz", affine=affine)
-            write_nifti(q[j].numpy().astype(np.float32), out_dir / f"{case_id}_regions.nii.gz", affine=affine)
-            given = "+".join(m for m, p in zip(mods, batch["present"][j].tolist(), strict=True) if p > 0.5)
-            with csv_path.open("a") as f:
-                f.write(f"{case_id},{given},{case_id}_pred.nii.gz\n")

@@ -3,16 +3,18 @@
 Where things are: ``model.py`` (the network), ``fusion.py`` (the text fusion blocks),
 ``sam_prompt.py`` (the promptable image side and MedSAM preprocessing), ``params.py``
 (``model.params`` and ``data.params``), ``task.py`` (loss and validation Dice), ``evaluate.py``
-(evaluation at the original resolution, counterfactual text, prediction from a CSV), ``data.py``
-(the data module), ``demo.py`` (the ultrasound-like phantom); configs are ``configs/text_seg_*.yaml``.
+(evaluation at the original resolution, counterfactual text), ``predict.py`` (prediction from a
+CSV), ``data.py`` (the data module), ``demo.py`` (the ultrasound-like phantom); configs are
+``configs/text_seg_*.yaml``.
 """
 
 from __future__ import annotations
 
 from medfuse.families.text_seg.data import TextSegDataModule
 from medfuse.families.text_seg.demo import make_text_seg_demo
-from medfuse.families.text_seg.evaluate import TextSegEvaluator, TextSegPredictor
+from medfuse.families.text_seg.evaluate import TextSegEvaluator
 from medfuse.families.text_seg.params import TextSegDataParams, TextSegParams, build_text_seg
+from medfuse.families.text_seg.predict import TextSegPredictor
 from medfuse.families.text_seg.task import TextSegTask
 from medfuse.registry import Family, ModelEntry
 
