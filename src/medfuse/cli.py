@@ -1,11 +1,15 @@
 """The ``medfuse`` command line (typer).
 
 User mistakes (any :class:`~medfuse.errors.MedfuseError`, however deep it was raised) print one
-line to stderr and exit with code 2; anything else is a bug and shows its traceback.
+line to stderr and exit with code 2; so does an operating-system refusal to write a file (no
+permission, read-only or full disk, a file where a folder should be), naming the file. Ctrl-C
+prints one line (for ``train``: the last checkpoint and how to resume) and exits with 130.
+Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,7 +19,7 @@ import typer
 from rich.console import Console
 
 import medfuse.families  # noqa: F401  (registers the families)
-from medfuse.errors import MedfuseError
+from medfuse.errors import Interrupted, MedfuseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medfuse: context-aware, multi-modal 3D medical image analysis.")
@@ -207,14 +211,26 @@ def info() -> None:
     console.print(table)
 
 
+_OS_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+                errno.EEXIST, errno.ENAMETOOLONG}
+
+
 def _user_error(exc: BaseException) -> MedfuseError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedfuseError):
             return exc
+        if isinstance(exc, OSError) and exc.errno in _OS_REFUSALS and exc.filename is not None:
+            return MedfuseError(exc.filename, f"cannot write or create it ({exc.strerror})",
+                                "check the path: an existing folder you can write to, with free space")
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
+
+
+def _print_error(err: MedfuseError) -> None:
+    label = "interrupted" if isinstance(err, Interrupted) else "error"
+    err_console.print(f"{label}: {err.one_line()}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,13 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         app(args=argv, standalone_mode=True)
-    except SystemExit:
+    except SystemExit as e:
+        if e.code == Interrupted.exit_code:  # typer turns Ctrl-C into a silent exit 130
+            _print_error(Interrupted("medfuse", "stopped by Ctrl-C", "run the command again"))
         raise
+    except KeyboardInterrupt:
+        _print_error(Interrupted("medfuse", "stopped by Ctrl-C", "run the command again"))
+        sys.exit(Interrupted.exit_code)
     except Exception as e:  # noqa: BLE001
         user = _user_error(e)
         if user is None:
             raise
-        err_console.print(f"error: {user.one_line()}", markup=False, highlight=False, soft_wrap=True)
+        _print_error(user)
         sys.exit(user.exit_code)
 
 

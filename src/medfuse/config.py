@@ -15,16 +15,24 @@ import os
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfuse.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class IntensityConfig(_Strict):
@@ -36,39 +44,45 @@ class IntensityConfig(_Strict):
     """
 
     kind: Literal["percentile", "ct_window", "zscore", "none"] = "percentile"
-    lower: float = 0.5
-    upper: float = 99.5
+    lower: float = Field(0.5, ge=0.0, le=100.0)
+    upper: float = Field(99.5, ge=0.0, le=100.0)
     level: float = 40.0
-    width: float = 400.0
+    width: PosFloat = 400.0
     nonzero: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityConfig:
+        if self.lower >= self.upper:
+            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
+        return self
 
 
 class AugmentConfig(_Strict):
     """Training-only random augmentation (MONAI ``Rand*d`` transforms). Probabilities are per sample."""
 
-    flip_prob: float = 0.0
+    flip_prob: Prob = 0.0
     flip_axes: list[int] = Field(default_factory=lambda: [1, 2], description="array axes of (D, H, W)")
-    rotate_prob: float = 0.0
-    rotate_deg: float = 10.0
-    scale_prob: float = 0.0
-    scale_range: float = 0.1
-    intensity_prob: float = 0.0
-    intensity_shift: float = 0.1
-    intensity_scale: float = 0.1
-    noise_prob: float = 0.0
-    noise_std: float = 0.05
+    rotate_prob: Prob = 0.0
+    rotate_deg: NonNegFloat = 10.0
+    scale_prob: Prob = 0.0
+    scale_range: Fraction = 0.1
+    intensity_prob: Prob = 0.0
+    intensity_shift: NonNegFloat = 0.1
+    intensity_scale: NonNegFloat = 0.1
+    noise_prob: Prob = 0.0
+    noise_std: NonNegFloat = 0.05
 
 
 class TransformsConfig(_Strict):
     """The MONAI dict-transform chain (see :mod:`medfuse.data.transforms`)."""
 
     orientation: str | None = "RAS"
-    spacing: tuple[float, float, float] | None = None
+    spacing: tuple[PosFloat, PosFloat, PosFloat] | None = None
     intensity: dict[str, IntensityConfig] = Field(
         default_factory=lambda: {"*": IntensityConfig()},
         description="per modality; the key '*' applies to modalities not named",
     )
-    spatial_size: tuple[int, int, int] | None = None
+    spatial_size: tuple[PosInt, PosInt, PosInt] | None = None
     train_crop: Literal["center", "random", "foreground"] = "center"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -76,10 +90,16 @@ class TransformsConfig(_Strict):
 class SplitConfig(_Strict):
     """Patient-level train/val/test split; cases with a ``split`` column keep it."""
 
-    val: float = 0.15
-    test: float = 0.15
-    seed: int = 0
+    val: Fraction = 0.15
+    test: Fraction = 0.15
+    seed: NonNegInt = 0
     stratify: bool = True
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves no training cases (must be below 1)")
+        return self
 
 
 class DataConfig(_Strict):
@@ -90,15 +110,15 @@ class DataConfig(_Strict):
     demo: str | None = Field(None, description="generate this family's demo data into root if it is missing")
     demo_params: dict[str, Any] = Field(default_factory=dict)
     modalities: list[str] | None = None
-    num_classes: int | None = None
+    num_classes: PosInt | None = None
     class_names: list[str] | None = None
     label_map: dict[int, int] | None = Field(
         None, description="regroup case labels, e.g. {0: 0, 1: 0, 2: 1, 3: 1} for T1-2 vs T3-4 (set class_names too)")
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
-    batch_size: int = 2
-    eval_batch_size: int | None = None
-    num_workers: int = 0
+    batch_size: PosInt = 2
+    eval_batch_size: PosInt | None = None
+    num_workers: NonNegInt = 0
     cache_dir: str | None = Field(None, description="MONAI PersistentDataset disk cache of deterministic transforms")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="family-specific data options, checked by the family's data module")
@@ -119,38 +139,39 @@ class StageConfig(_Strict):
     max_epochs: int = Field(1, ge=1)
     trainable: list[str] | None = Field(None, description="fnmatch patterns of parameter names; None = all")
     frozen: list[str] = Field(default_factory=list, description="fnmatch patterns frozen in this stage")
-    losses: dict[str, float] = Field(default_factory=dict)
-    lr: float | None = None
+    losses: dict[str, NonNegFloat] = Field(default_factory=dict)
+    lr: PosFloat | None = None
 
 
 class TrainConfig(_Strict):
     """Optimisation and the Lightning Trainer."""
 
     max_epochs: int = Field(10, ge=1)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: PosFloat = 1e-3
+    weight_decay: NonNegFloat = 1e-4
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     scheduler: Literal["cosine", "none"] = "cosine"
-    warmup_epochs: int = 0
+    warmup_epochs: NonNegInt = 0
     accumulate_grad_batches: int = Field(1, ge=1)
-    gradient_clip_val: float | None = 1.0
+    gradient_clip_val: NonNegFloat | None = 1.0
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = Field(
         "auto", description="auto = bf16-mixed on CUDA, 32 on CPU"
     )
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="checked against the machine before training starts")
+    devices: int | str = Field("auto", description="a count (-1 = all), 'auto', or GPU indices like '0,1'")
+    num_nodes: PosInt = 1
     strategy: str = "auto"
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     deterministic: bool | Literal["warn"] = "warn"
-    log_every_n_steps: int = 10
+    log_every_n_steps: PosInt = 10
     progress_bar: bool = True
     loss: dict[str, float] = Field(default_factory=dict, description="loss weights, task-specific names")
     seg_loss: Literal["dice_ce", "dice_focal", "dice"] = "dice_ce"
-    class_weights: list[float] | None = None
-    label_smoothing: float = 0.0
+    class_weights: list[NonNegFloat] | None = None
+    label_smoothing: Fraction = 0.0
     stages: list[StageConfig] = Field(default_factory=list)
 
     @field_validator("stages")
@@ -161,16 +182,29 @@ class TrainConfig(_Strict):
             raise ValueError(f"stage names must be unique, got {names}")
         return v
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not (v == -1 or v >= 1):
+            raise ValueError(f"devices must be -1 (all) or at least 1, got {v}")
+        if isinstance(v, str) and v != "auto":
+            text = v.strip().strip(",")
+            if text.lstrip("-").isdigit():
+                return cls._devices(int(text))
+            if not all(p.strip().isdigit() for p in text.split(",")):
+                raise ValueError(f"devices must be a count, 'auto' or device indices like '0,1', got {v!r}")
+        return v
+
 
 class EvalConfig(_Strict):
     """Evaluation: which split, bootstrap settings, inference settings."""
 
     split: Literal["val", "test", "train"] = "test"
-    n_boot: int = 1000
-    ci: float = 0.95
-    roi_size: tuple[int, int, int] | None = Field(None, description="sliding-window ROI; None = whole volume")
-    sw_overlap: float = 0.25
-    overlays: int = 3
+    n_boot: NonNegInt = 1000
+    ci: float = Field(0.95, gt=0.0, lt=1.0)
+    roi_size: tuple[PosInt, PosInt, PosInt] | None = Field(None, description="sliding-window ROI; None = whole volume")
+    sw_overlap: Fraction = 0.25
+    overlays: NonNegInt = 3
 
 
 class Config(_Strict):
@@ -238,7 +272,14 @@ def _to_config_error(err: ValidationError, source: str, root: type[BaseModel] | 
     expected = _describe(field.annotation) if field is not None else ""
     got = e.get("input")
     fix = f"give {expected}" if expected else "fix the value"
+    if e["type"] in _BOUND_ERRORS:
+        fix = "give a value " + str(e["msg"]).removeprefix("Input should be ")
+    elif e["type"] == "value_error":
+        fix = "fix the value"
     return ConfigError(where, f"{e['msg']} (got {got!r})", fix)
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long")
 
 
 def _describe(ann: Any) -> str:
@@ -264,7 +305,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(key, f"cannot parse value {raw!r}: {e.problem}", "quote it or use YAML syntax") from e
+        tag = refused_tag(e)
+        if tag:
+            raise ConfigError(key, f"refused the YAML tag '{tag}': a config holds plain values, nothing is executed",
+                              "give a plain value (number, string, list)") from None
+        raise ConfigError(key, f"cannot parse value {raw!r}: {getattr(e, 'problem', e)}",
+                          "quote it or use YAML syntax") from e
     return key.split("."), value
 
 
@@ -291,14 +337,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(p, "config file not found", "pass the path of a YAML config (see configs/)")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(p, f"is not UTF-8 text (byte {e.start})", "save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(p, f"cannot be read ({e.strerror})", "check the file's permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
+        tag = refused_tag(e)
+        if tag:
+            raise ConfigError(p, f"refused the YAML tag '{tag}'{at}: a config holds plain values and nothing in it "
+                              "is executed or imported", "remove the tag and write the plain value") from None
         raise ConfigError(p, f"invalid YAML{at}", "fix the syntax") from e
     if not isinstance(raw, dict):
         raise ConfigError(p, "the top level must be a mapping of sections", "see configs/ for examples")
     return raw
+
+
+def refused_tag(err: yaml.YAMLError) -> str | None:
+    """The tag (e.g. ``!!python/object/apply:os.system``) that ``yaml.safe_load`` refused, else None."""
+    import re
+
+    if not isinstance(err, yaml.constructor.ConstructorError):
+        return None
+    m = re.search(r"tag '([^']+)'", str(getattr(err, "problem", "") or err))
+    if m is None:
+        return None
+    return m.group(1).replace("tag:yaml.org,2002:", "!!")
 
 
 def validate(raw: dict[str, Any], source: str = "") -> Config:

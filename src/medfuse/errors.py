@@ -1,8 +1,8 @@
 """User-facing errors (DESIGN "Errors" contract).
 
 A user's mistake raises a :class:`MedfuseError` subclass. The CLI catches it, prints exactly one
-line of the form ``<where>: <problem>. Fix: <what to do>`` and exits with code 2. Anything else is
-a bug and keeps its traceback.
+line of the form ``<where>: <problem>. Fix: <what to do>`` and exits with code 2 (130 for
+:class:`Interrupted`). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ class MedfuseError(Exception):
     def one_line(self) -> str:
         """The single line the CLI prints (newlines in parts are flattened)."""
         if not self.problem:
-            return " ".join(self.where.split())
+            return _printable(" ".join(self.where.split()))
         text = f"{self.where}: {self.problem}"
         if self.fix:
             text += f". Fix: {self.fix}"
-        return " ".join(text.split())
+        return _printable(" ".join(text.split()))
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes of file names (lone surrogates) shown as ``\\udcXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ConfigError(MedfuseError):
@@ -58,6 +63,13 @@ class WeightsError(MedfuseError):
 
 class RunDirError(MedfuseError):
     """A run directory that is missing pieces (config, checkpoints) needed by the command."""
+
+
+class Interrupted(MedfuseError):
+    """The user stopped a command (Ctrl-C). Not a mistake, but reported the same way: one line
+    (where the last checkpoint is and how to resume) and exit code 130 (128 + SIGINT)."""
+
+    exit_code = 130
 
 
 class MissingExtraError(MedfuseError):

@@ -3,18 +3,30 @@
 Rules (the ``[rule]`` tag of each line):
 
 * ``layout`` - the path is not a dataset medfuse can read (no layout matched, bad manifest).
+* ``case-id`` - a case id that is not a name (:data:`medfuse.data.paths.CASE_ID_RULE`).
 * ``missing`` - an image or mask file does not exist, or a case has no image (or no mask when the
   dataset requires masks).
-* ``unreadable`` - the file exists but cannot be read (corrupt, truncated, unsupported).
+* ``unreadable`` - the file exists but cannot be read (corrupt, truncated, unsupported, or a header
+  that declares more voxels than the file can hold).
 * ``channels`` - a multi-channel file has fewer channels than the modalities mapped to it.
 * ``grid`` - the modalities and mask of one case differ in shape, spacing or affine.
+* ``dims`` - a single-slice (2D) image or mask in a case whose other files are 3D volumes.
 * ``nonfinite`` - NaN or Inf voxels.
-* ``label`` - mask values outside the declared labels, or a case label outside the declared classes.
+* ``label`` - mask values outside the declared labels, or a case label outside the declared classes
+  (for a classification run also a label that is not a whole class index).
 * ``empty-mask`` - an all-zero mask where the dataset requires masks.
 * ``duplicate-id`` - a case id used more than once.
 * ``leak`` - one patient in more than one split.
 
 Each file is read once and only one case is held in memory at a time.
+
+One code path: ``train``, ``evaluate`` and ``predict`` run the same rules on the cases they touch.
+The table-wide rules run when their cases are loaded (:func:`validate_table`, called by
+:func:`medfuse.data.datamodule.load_table`), the per-file rules while each case is read
+(:class:`medfuse.data.transforms.LoadCased` calls :func:`nonfinite_problem`, :func:`dims_problem`
+and :func:`mask_value_problem`; the header-size rule sits in :func:`medfuse.data.io.read_image`).
+There the first problem is raised as a one-line :class:`~medfuse.errors.DataError` (with the count
+of the others and a pointer to ``medfuse data check``).
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ from pathlib import Path
 import numpy as np
 
 from medfuse.data.io import Volume, read_image
-from medfuse.data.layouts import Case, CaseTable, load_cases
+from medfuse.data.layouts import Case, CaseTable, case_where, load_cases
+from medfuse.data.paths import CASE_ID_FIX, case_id_problem
 from medfuse.data.split import LEAK_FIX, leak_text, patient_splits
 from medfuse.errors import DataError, MedfuseError
 
 FIXES = {
     "layout": "point at a manifest, a dataset.json or a dataset folder (see docs/data-formats.md)",
+    "case-id": CASE_ID_FIX,
+    "dims": "give every modality and the mask of a case as 3D volumes (or all as 2D images)",
     "missing": "restore the file or correct its path in the dataset description",
     "unreadable": "re-export the file (it is corrupt, truncated or not a supported image) or remove the case",
     "channels": "store one channel per declared modality, or correct the modality list",
@@ -94,10 +109,10 @@ def check_dataset(
     """
     if table is None:
         try:
-            table = load_cases(path, layout=layout)
+            table = load_cases(path, layout=layout, check_ids=False)
         except MedfuseError as e:
             return [Problem(e.where, "layout", e.problem, e.fix)]
-    problems = _table_problems(table)
+    problems = table_problems(table)
     cases = table.cases if max_cases is None else table.cases[:max_cases]
     for case in cases:
         problems += _case_problems(table, case, grid_atol, affine_atol)
@@ -130,7 +145,7 @@ def run_check(
 
     console = console or Console(soft_wrap=True, highlight=False)
     try:
-        table = load_cases(path, layout=layout)
+        table = load_cases(path, layout=layout, check_ids=False)
     except MedfuseError as e:
         table, problems = None, [Problem(e.where, "layout", e.problem, e.fix)]
     else:
@@ -162,9 +177,22 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 # ----------------------------------------------------------------------------- table-wide rules
 
 
-def _table_problems(table: CaseTable) -> list[Problem]:
+def table_problems(table: CaseTable, classification: bool = False) -> list[Problem]:
+    """The table-wide rules: ``case-id``, ``duplicate-id``, ``leak`` and case ``label``.
+
+    Args:
+        table: the loaded cases.
+        classification: the cases feed a classification run, so every case label must be a class:
+            a declared class name or a whole index ``0..K-1`` (``K`` declared classes; without
+            declared classes any whole number >= 0). Otherwise labels are checked only against
+            declared classes.
+    """
     where = str(table.source or table.root)
     problems = []
+    for i, c in enumerate(table.cases):
+        bad = case_id_problem(c.case_id)
+        if bad is not None:
+            problems.append(Problem(case_where(table, i), "case-id", bad))
     counts = Counter(c.case_id for c in table.cases)
     for case_id, n in counts.items():
         if n > 1:
@@ -174,22 +202,64 @@ def _table_problems(table: CaseTable) -> list[Problem]:
     for pid, splits in patient_splits(table.cases).items():
         if len(splits) > 1:
             problems.append(Problem(where, "leak", leak_text(pid, splits)))
-    if table.class_names:
-        for c in table.cases:
-            if c.label is not None and not _known_class(c.label, table.class_names):
-                problems.append(Problem(where, "label", f"case '{c.case_id}' has label {c.label!r}, not one of the "
-                                        f"declared classes {table.class_names} (or their 0-based index)",
-                                        "use a declared class name, or add the class to class_names",
-                                        case_id=c.case_id))  # fmt: skip
+    for i, c in enumerate(table.cases):
+        bad = label_problem(c.label, table.class_names, classification)
+        if bad is not None:
+            problems.append(Problem(case_where(table, i), "label", f"case '{c.case_id}' {bad}",
+                                    "use a declared class name or a whole class index 0..K-1, or add the class "
+                                    "to class_names", case_id=c.case_id))
     return problems
+
+
+def label_problem(label: object, class_names: list[str] | None, classification: bool = False) -> str | None:
+    """Why a case label is not a class (see :func:`table_problems`), or None."""
+    if label is None:
+        return None
+    if class_names:
+        if _known_class(label, class_names):
+            return None
+        return (f"has label {label!r}, not one of the declared classes {class_names} "
+                f"(or their 0-based index 0..{len(class_names) - 1})")
+    if not classification:
+        return None
+    if isinstance(label, bool) or not isinstance(label, int | float) or not float(label).is_integer() \
+            or label < 0:
+        return f"has label {label!r}, which is not a class index (a whole number >= 0)"
+    return None
 
 
 def _known_class(label: object, class_names: list[str]) -> bool:
     if isinstance(label, str):
         return label in class_names
-    if isinstance(label, int | float) and float(label).is_integer():
-        return 0 <= int(label) < len(class_names) or str(int(label)) in class_names
+    if isinstance(label, int | float) and not isinstance(label, bool) and float(label).is_integer():
+        return 0 <= int(label) < len(class_names)
     return False
+
+
+def validate_table(table: CaseTable, classification: bool = False) -> CaseTable:
+    """Raise the first table-wide problem as a one-line DataError (the rules of ``medfuse data check``).
+
+    Called wherever ``train``, ``evaluate`` and ``predict`` load cases. Returns ``table``.
+    """
+    raise_first(table_problems(table, classification), table.source or table.root)
+    return table
+
+
+def raise_first(problems: list[Problem], dataset: str | Path | None = None) -> None:
+    """Raise ``problems[0]`` as a :class:`DataError` (its file, ``[rule] message`` and fix); no-op if empty.
+
+    Args:
+        problems: found problems.
+        dataset: the dataset to name in the pointer to ``medfuse data check`` when there are more.
+    """
+    if not problems:
+        return
+    p = problems[0]
+    more = ""
+    if len(problems) > 1:
+        more = f" ({_plural(len(problems) - 1, 'more problem')}: see `medfuse data check {dataset}`)" \
+            if dataset is not None else f" ({_plural(len(problems) - 1, 'more problem')})"
+    raise DataError(p.path, f"[{p.rule}] {p.message.rstrip('.')}{more}", p.fix or FIXES.get(p.rule, ""))
 
 
 # ----------------------------------------------------------------------------- per-case rules
@@ -215,7 +285,8 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                     problems.append(Problem(path, "unreadable", f"{what} of case '{cid}' cannot be read: {reason}",
                                             case_id=cid))  # fmt: skip
                 else:
-                    problems.extend(_nonfinite(volumes[path], path, what, cid))
+                    bad = nonfinite_problem(volumes[path].array, path, what, cid)
+                    problems.extend([bad] if bad else [])
         return volumes[path]
 
     if not case.images:
@@ -234,7 +305,8 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
         if ref is None:
             ref = (m, vol)
         elif path != case.images[ref[0]]:
-            problems.extend(_grid(ref, (f"image '{m}'", vol), path, cid, grid_atol, affine_atol))
+            flat = dims_problem(f"image '{ref[0]}'", ref[1].shape, f"image '{m}'", vol.shape, path, cid)
+            problems.extend([flat] if flat else _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol, affine_atol))
     if case.mask is None:
         if table.mask_required and case.split != "test":
             problems.append(
@@ -250,20 +322,53 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
     if mask is None:
         return problems
     if ref is not None:
-        problems.extend(_grid(ref, ("mask", mask), case.mask, cid, grid_atol, affine_atol))
+        flat = dims_problem(f"image '{ref[0]}'", ref[1].shape, "mask", mask.shape, case.mask, cid)
+        problems.extend([flat] if flat else _grid(ref, ("mask", mask), case.mask, cid, grid_atol, affine_atol))
     problems.extend(_mask_values(table, mask, case.mask, cid))
     return problems
 
 
-def _nonfinite(vol: Volume, path: str, what: str, cid: str) -> list[Problem]:
-    if vol.array.dtype.kind not in "fc":
-        return []
-    n_nan = int(np.isnan(vol.array).sum())
-    n_inf = int(np.isinf(vol.array).sum())
+def nonfinite_problem(array: np.ndarray, path: str, what: str, cid: str) -> Problem | None:
+    """The ``nonfinite`` rule on one array (any layout): NaN/Inf voxels, or None."""
+    if array.dtype.kind not in "fc":
+        return None
+    n_nan = int(np.isnan(array).sum())
+    n_inf = int(np.isinf(array).sum())
     if not n_nan and not n_inf:
-        return []
-    return [Problem(path, "nonfinite", f"{what} of case '{cid}' has {n_nan + n_inf} of {vol.array.size} voxels "
-                    f"non-finite ({n_nan} NaN, {n_inf} Inf)", case_id=cid)]  # fmt: skip
+        return None
+    return Problem(path, "nonfinite", f"{what} of case '{cid}' has {n_nan + n_inf} of {array.size} voxels "
+                   f"non-finite ({n_nan} NaN, {n_inf} Inf)", case_id=cid)  # fmt: skip
+
+
+def dims_problem(ref_name: str, ref_shape: tuple[int, ...], name: str, shape: tuple[int, ...], path: str,
+                 cid: str) -> Problem | None:
+    """The ``dims`` rule: one of two (C, D, H, W) shapes is a single slice (2D) and the other is 3D."""
+    if (ref_shape[1] == 1) == (shape[1] == 1):
+        return None
+    flat, deep = (name, ref_name) if shape[1] == 1 else (ref_name, name)
+    n = max(ref_shape[1], shape[1])
+    return Problem(path, "dims", f"{flat} of case '{cid}' is a 2D image (one slice) but {deep} is a 3D volume "
+                   f"({n} slices)", case_id=cid)
+
+
+def mask_value_problem(values: np.ndarray, counts: np.ndarray, declared: list[int] | None, path: str,
+                       cid: str) -> Problem | None:
+    """The ``label`` rule on a mask's unique ``values`` (with their voxel ``counts``): values outside
+    the ``declared`` label values, or non-integer values. None when fine or nothing is declared."""
+    whole = np.mod(values, 1) == 0 if values.dtype.kind in "fc" else np.ones(values.shape, bool)
+    if declared is None:
+        if whole.all():
+            return None
+        bad = ~whole
+        tail = "; a mask holds whole-number labels"
+    else:
+        bad = ~np.isin(values, np.asarray(sorted(set(declared)))) | ~whole
+        tail = f", outside the declared labels {{{', '.join(str(v) for v in sorted(set(declared)))}}}"
+    if not bad.any():
+        return None
+    shown = ", ".join(f"{v:g}" for v in values[bad][:10].tolist()) + (" ..." if bad.sum() > 10 else "")
+    return Problem(path, "label", f"mask of case '{cid}' has values {{{shown}}} in {int(counts[bad].sum())} voxels"
+                   f"{tail}", case_id=cid)  # fmt: skip
 
 
 def _grid(
@@ -301,15 +406,8 @@ def _mask_values(table: CaseTable, mask: Volume, path: str, cid: str) -> list[Pr
     if table.mask_labels:
         finite = arr[np.isfinite(arr)] if arr.dtype.kind in "fc" else arr
         values, counts = np.unique(finite, return_counts=True)
-        declared = np.asarray(sorted(set(table.mask_labels.values())))
-        bad = ~np.isin(values, declared)
-        if bad.any():
-            shown = ", ".join(f"{v:g}" for v in values[bad][:10].tolist()) + (
-                " ..." if bad.sum() > 10 else ""
-            )
-            problems.append(Problem(path, "label", f"mask of case '{cid}' has values {{{shown}}} in "
-                                    f"{int(counts[bad].sum())} voxels, outside the declared labels "
-                                    f"{{{', '.join(str(v) for v in declared.tolist())}}}", case_id=cid))  # fmt: skip
+        bad = mask_value_problem(values, counts, list(table.mask_labels.values()), path, cid)
+        problems.extend([bad] if bad else [])
     if table.mask_required and not np.any(np.nan_to_num(arr) if arr.dtype.kind in "fc" else arr):
         problems.append(Problem(path, "empty-mask", f"mask of case '{cid}' is all zero", case_id=cid))
     return problems

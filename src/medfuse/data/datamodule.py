@@ -112,12 +112,33 @@ def data_root(cfg: Config, what: str = "a folder or manifest") -> Path:
 
 
 def load_table(cfg: Config):
-    """Load the case table of a config, generating the demo data first when asked to."""
+    """Load and check the case table of a config (the table-wide rules of ``medfuse data check``).
+
+    Case ids are checked while loading; duplicate ids, patient leaks and case labels that are not
+    classes (for a classification run: a declared class name or a whole index) are refused with
+    one line (:func:`medfuse.data.checks.validate_table`). Class-name labels of a classification
+    run become their class index.
+    """
+    from medfuse.data.checks import validate_table
     from medfuse.data.layouts import load_cases
 
     root = data_root(cfg)
     table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
-    return regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
+    classification = cfg.task == "classification"
+    if classification:
+        class_index_labels(table)
+    table = regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
+    return validate_table(table, classification=classification)
+
+
+def class_index_labels(table) -> None:
+    """Turn case labels that name a declared class into that class's index (in place)."""
+    names = table.class_names or []
+    for c in table.cases:
+        if isinstance(c.label, str) and c.label in names:
+            c.label = names.index(c.label)
+        elif isinstance(c.label, float) and c.label.is_integer():
+            c.label = int(c.label)
 
 
 def regroup_labels(table, label_map: dict[int, int] | None, class_names: list[str] | None):
@@ -133,7 +154,9 @@ def regroup_labels(table, label_map: dict[int, int] | None, class_names: list[st
             if c.label is None:
                 continue
             try:
-                c.label = label_map[int(c.label)]
+                if isinstance(c.label, bool) or not float(c.label).is_integer():
+                    raise ValueError(c.label)
+                c.label = label_map[int(float(c.label))]
             except (KeyError, ValueError, TypeError):
                 raise ConfigError("data.label_map", f"case {c.case_id} has label {c.label!r}, which the map lacks",
                                   f"add it to data.label_map (keys now: {sorted(label_map)})") from None
@@ -160,11 +183,15 @@ def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
     """
     from medfuse.data.split import assign_splits
 
-    table = load_table(cfg) if table is None else table
+    if table is None:
+        table = load_table(cfg)
+    else:  # a family's own table: the same table-wide rules
+        from medfuse.data.checks import validate_table
+
+        validate_table(table)
     saved = run_dir / "splits.csv" if run_dir is not None else None
     if saved is not None and saved.is_file():
-        with saved.open() as f:
-            split_of = {r["case_id"]: r["split"] for r in csv.DictReader(f)}
+        split_of = read_splits(saved)
         for c in table.cases:
             if c.case_id not in split_of:
                 raise DataError(saved, f"case {c.case_id} is not in the run's saved split",
@@ -185,6 +212,32 @@ def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
     return table, by_split
 
 
+def read_splits(path: Path) -> dict[str, str]:
+    """``case_id -> split`` from a run's ``splits.csv``, or a one-line DataError naming the file."""
+    fix = "restore splits.csv from a backup; it records which cases were trained on, so a changed split is a new run"
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"case_id", "split"} <= set(reader.fieldnames):
+                raise DataError(path, f"is not a split table (columns {reader.fieldnames or []}; "
+                                "case_id and split are needed)", fix)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot be read ({type(e).__name__}: {e})", fix) from None
+    out: dict[str, str] = {}
+    for i, r in enumerate(rows, start=2):
+        if r.get("split") not in SPLITS or not r.get("case_id"):
+            raise DataError(f"{path} (line {i})", f"has split {r.get('split')!r} for case {r.get('case_id')!r}, "
+                            f"not one of {', '.join(SPLITS)}", fix)
+        out[r["case_id"]] = r["split"]
+    return out
+
+
+def mask_values(table) -> list[int] | None:
+    """The mask label values the dataset declares (None: none declared)."""
+    return sorted(set(int(v) for v in table.mask_labels.values())) if table.mask_labels else None
+
+
 class CaseDataModule(L.LightningDataModule):
     """Train/val/test dataloaders over a case table, transforms from the config."""
 
@@ -194,6 +247,11 @@ class CaseDataModule(L.LightningDataModule):
         self.run_dir = run_dir
         self.table, self.cases = resolve_splits(cfg, run_dir)
         self.modalities = self.table.modalities
+        # The dataset's own label values, read before a family renames table.mask_labels; a
+        # mask value outside them is refused when the case is read (the `label` rule of data check).
+        self.mask_values = mask_values(self.table)
+        if self.mask_values is None and cfg.task == "segmentation" and cfg.data.num_classes:
+            self.mask_values = list(range(cfg.data.num_classes))
         self._datasets: dict[str, Dataset] = {}
 
     @property
@@ -209,7 +267,7 @@ class CaseDataModule(L.LightningDataModule):
                 raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
                                 "add cases or change data.split fractions")
             tf = build_transforms(self.cfg.data.transforms, self.modalities, train=(split == "train"),
-                                  has_mask=self.has_mask)
+                                  has_mask=self.has_mask, mask_values=self.mask_values)
             items = [case_to_item(c, self.modalities) for c in cases]
             cache = self.cfg.data.cache_dir
             self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache))

@@ -34,7 +34,11 @@ their integer dtype; booleans become uint8. ``meta["hu"]`` is True/False for DIC
 and None (unknown) for every other format.
 
 Errors: a missing path, an unreadable or corrupt file and an unsupported suffix raise
-:class:`~medfuse.errors.DataError` whose one line names the path.
+:class:`~medfuse.errors.DataError` whose one line names the path. Before any voxel array is
+allocated, the size the header declares (shape x voxel type) is checked against the size of the
+file (NIfTI, NPZ, NRRD/MHA): a header that claims more voxels than the file can hold, even
+compressed, is refused (:func:`check_declared_size`); running out of memory while reading is
+reported the same way, naming the file.
 """
 
 from __future__ import annotations
@@ -229,12 +233,54 @@ def _reading(path: Path, fmt: str) -> Iterator[None]:
     """Turn any library failure while reading ``path`` into a one-line DataError."""
     try:
         yield
-    except (DataError, MemoryError, KeyboardInterrupt):
+    except (DataError, KeyboardInterrupt):
         raise
+    except MemoryError as exc:
+        raise DataError(path, f"not enough memory to read this {fmt} file", "check the image size in its header, "
+                        "or read it on a machine with more memory") from exc
     except Exception as exc:  # noqa: BLE001 - third-party readers raise anything on bad input
         raise DataError(
             path, f"cannot read {fmt}: {_short(exc)}", f"check that it is a complete, valid {fmt} file"
         ) from exc
+
+
+# deflate (gzip, zlib, zip) compresses at most about 1032:1
+MAX_COMPRESSION_RATIO = 1100
+
+
+def _nbytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def check_declared_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
+                        compressed: bool = False, what: str = "header") -> None:
+    """Refuse a header whose shape x voxel size cannot fit in the file, before anything is allocated.
+
+    Args:
+        path: the image file.
+        shape: the shape the header declares (any axis order; channels included).
+        dtype: the voxel type on disk.
+        offset: bytes before the voxel data (NIfTI ``vox_offset``).
+        compressed: the voxels may be compressed: allow up to :data:`MAX_COMPRESSION_RATIO` times the
+            file size; otherwise the data must fit exactly after ``offset``.
+
+    Raises:
+        DataError: naming the file, the declared shape and both sizes.
+    """
+    if any(n < 0 for n in shape):
+        raise DataError(path, f"{what} declares a negative size {shape}", "re-export the file (its header is corrupt)")
+    declared = float(np.prod([float(n) for n in shape])) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    room = size * MAX_COMPRESSION_RATIO if compressed else size - offset
+    if declared > room:
+        held = f"a file of {_nbytes(size)}" if compressed else f"{_nbytes(max(size - offset, 0))} of voxel data"
+        raise DataError(path, f"{what} declares {' x '.join(str(n) for n in shape)} voxels of "
+                        f"{np.dtype(dtype)} ({_nbytes(declared)}), more than {held} can hold",
+                        "re-export the file (it is truncated or its header is corrupt)")
 
 
 def _as_output_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -283,6 +329,10 @@ def _read_nifti(path: Path, channels_last_4d: bool) -> Volume:
 
     with _reading(path, "NIfTI"):
         img = nib.load(str(path), mmap=False)
+        hdr = img.header
+        check_declared_size(path, tuple(int(n) for n in hdr.get_data_shape()), hdr.get_data_dtype(),
+                            offset=int(hdr.get_data_offset()),
+                            compressed=image_suffix(path) != ".nii", what="NIfTI header")
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
         header = img.header
@@ -350,6 +400,15 @@ def _read_sitk(path: Path) -> Volume:
 
     fmt = image_suffix(path).lstrip(".").upper()
     with _reading(path, fmt):
+        if image_suffix(path) in (".nrrd", ".mha"):  # data in the file itself: check its declared size first
+            info = sitk.ImageFileReader()
+            info.SetFileName(str(path))
+            info.ReadImageInformation()
+            n_bytes = sitk.Image([1] * info.GetDimension(), info.GetPixelID(),
+                                 info.GetNumberOfComponents()).GetSizeOfPixelComponent()
+            shape = (*info.GetSize(), info.GetNumberOfComponents())
+            check_declared_size(path, shape, np.dtype(f"u{n_bytes}") if n_bytes in (1, 2, 4, 8) else np.dtype("u1"),
+                                compressed=True, what=f"{fmt} header")
         image = sitk.ReadImage(str(path))
     return _sitk_to_volume(image, path, {"format": fmt.lower(), "hu": None})
 
@@ -398,7 +457,31 @@ def _read_dicom(path: Path) -> Volume:
 # ------------------------------------------------------------------------------------------- NPZ
 
 
+def _npz_check_sizes(path: Path) -> None:
+    """Refuse an ``.npy`` member whose header declares more bytes than the archive stores for it."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(fh)  # the header only
+            if dtype.hasobject:
+                continue  # refused by np.load(allow_pickle=False) below
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > info.file_size:
+                raise DataError(path, f"array '{info.filename[:-4]}' declares shape {tuple(shape)} {dtype} "
+                                f"({_nbytes(declared)}) but the file stores {_nbytes(info.file_size)} for it",
+                                "re-export the file (it is truncated or its header is corrupt)")
+
+
 def _read_npz(path: Path) -> Volume:
+    with _reading(path, "NPZ"):
+        _npz_check_sizes(path)
     with _reading(path, "NPZ"), np.load(str(path), allow_pickle=False) as npz:
         keys = list(npz.files)
         data_keys = [k for k in keys if k not in ("affine", "spacing")]

@@ -149,16 +149,20 @@ class CaseTable:
         return rows
 
 
-def load_cases(path: str | Path, layout: str = "auto", modalities: list[str] | None = None) -> CaseTable:
+def load_cases(path: str | Path, layout: str = "auto", modalities: list[str] | None = None,
+               check_ids: bool = True) -> CaseTable:
     """Read a dataset description into a :class:`CaseTable` (no image is opened).
 
     Args:
         path: a manifest file, a ``dataset.json``, or a dataset folder.
         layout: ``"auto"`` (detect) or one of :data:`LAYOUTS`.
         modalities: keep only these modalities, in this order (default: all).
+        check_ids: refuse a case id that is not a name (:func:`medfuse.data.paths.check_case_id`);
+            ``medfuse data check`` passes False and reports every bad id on its own line.
 
     Raises:
-        DataError: the path matches no layout, or its description is incomplete or invalid.
+        DataError: the path matches no layout, its description is incomplete or invalid, or a case
+            id is not a name (the line names the manifest row).
         ConfigError: ``layout`` is not a known layout name.
     """
     path = Path(path).absolute()
@@ -169,9 +173,23 @@ def load_cases(path: str | Path, layout: str = "auto", modalities: list[str] | N
     found, source = _detect(path, layout)
     loader = {"manifest": _load_manifest, "nnunet": _load_nnunet, "msd": _load_msd, "brats": _load_brats}
     table = loader[found](source)
+    if check_ids:
+        from medfuse.data.paths import check_case_id
+
+        for i, c in enumerate(table.cases):
+            check_case_id(c.case_id, case_where(table, i))
     if modalities is not None:
         _select_modalities(table, modalities)
     return table
+
+
+def case_where(table: CaseTable, index: int) -> str:
+    """Where case ``index`` of ``table`` is described: the manifest line or row, else the source."""
+    source = table.source or table.root
+    if table.layout == "manifest" and table.source is not None:
+        csv_file = table.source.suffix.lower() == ".csv"
+        return f"{source} ({'line' if csv_file else 'case'} {index + 2 if csv_file else index + 1})"
+    return str(source)
 
 
 def write_manifest(table: CaseTable, path: str | Path) -> Path:
@@ -421,8 +439,16 @@ def _read_sidecar(base: Path) -> dict[str, Any]:
             data = _read_json(p)
         else:
             try:
-                data = yaml.safe_load(p.read_text())
+                data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(p, f"is not UTF-8 text (byte {e.start})", "save it as UTF-8") from None
             except yaml.YAMLError as e:
+                from medfuse.config import refused_tag
+
+                tag = refused_tag(e)
+                if tag:
+                    raise DataError(p, f"refused the YAML tag '{tag}': a sidecar holds plain values, nothing is "
+                                    "executed", "remove the tag") from None
                 raise DataError(p, f"is not valid YAML ({str(e).splitlines()[0]})", "fix the file") from e
         if not isinstance(data, dict):
             return {}

@@ -33,6 +33,7 @@ import torch
 from monai.data import Dataset, MetaTensor, PersistentDataset
 
 from medfuse.config import IntensityConfig, TransformsConfig
+from medfuse.data.checks import dims_problem, mask_value_problem, nonfinite_problem
 from medfuse.data.io import read_image
 from medfuse.errors import ConfigError, DataError, MedfuseError
 
@@ -88,6 +89,18 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
     return vol.array.transpose(0, 3, 2, 1), vol.affine  # (C, D, H, W) -> (C, i, j, k)
 
 
+def _cdhw(x: Any) -> tuple[int, ...]:
+    """(C, i, j, k) shape -> (C, D, H, W)."""
+    return (int(x.shape[0]), *(int(n) for n in reversed(x.shape[1:])))
+
+
+def raise_first(problems: list[Any]) -> None:
+    """Raise the first problem found (``None`` entries are skipped) as a one-line DataError."""
+    from medfuse.data.checks import raise_first as _raise
+
+    _raise([p for p in problems if p is not None])
+
+
 def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
     return a.shape[1:] == b.shape[1:] and np.allclose(
         a.affine.numpy(), b.affine.numpy(), atol=_AFFINE_ATOL, rtol=0.0
@@ -105,23 +118,31 @@ class LoadCased(mt.MapTransform):
     ``item["mask"]`` (a path) becomes an integer ``(1, i, j, k)`` MetaTensor on the same grid
     (nearest-neighbour when resampled).
 
+    The per-file rules of ``medfuse data check`` run here, on every case read (one code path,
+    :mod:`medfuse.data.checks`): ``nonfinite``, ``dims`` (a single-slice image or mask next to 3D
+    volumes) and ``label`` (mask values outside ``mask_values``, or not whole numbers); the reader
+    itself refuses a header that declares more voxels than its file holds.
+
     Args:
         modalities: modality names in channel order (for messages and a length check).
         load_mask: read ``item["mask"]``; when False the key is dropped.
         keys: the image key.
         mask_key: the mask key.
+        mask_values: the label values a mask may hold (None: any whole number).
 
     Raises:
         DataError: a file is missing or unreadable, a multi-channel file lacks a valid channel
-            index, voxels are NaN/inf, a mask is not integer-valued, or the case has no modality.
+            index, voxels are NaN/inf, a mask holds undeclared or non-integer values, a 2D file
+            sits among 3D ones, or the case has no modality.
     """
 
     def __init__(self, modalities: Sequence[str], load_mask: bool = True, keys: str = "image",
-                 mask_key: str = "mask") -> None:
+                 mask_key: str = "mask", mask_values: Sequence[int] | None = None) -> None:
         super().__init__(keys)
         self.modalities = list(modalities)
         self.load_mask = load_mask
         self.mask_key = mask_key
+        self.mask_values = None if mask_values is None else [int(v) for v in mask_values]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -132,12 +153,17 @@ class LoadCased(mt.MapTransform):
             if len(paths) != len(self.modalities):
                 raise ValueError(f"case {case}: {len(paths)} image paths for modalities {self.modalities}")
             chans = list(d.pop("channel_index", None) or [None] * len(paths))
-            loaded = [None if p is None else self._channel(str(p), c, m, cache)
+            loaded = [None if p is None else self._channel(str(p), c, m, cache, str(case))
                       for p, c, m in zip(paths, chans, self.modalities, strict=True)]
             ref = next((x for x in loaded if x is not None), None)
             if ref is None:
                 raise DataError(f"case {case}", "has none of the modalities " + ", ".join(self.modalities),
                                 "give at least one image per case")
+            ref_m = self.modalities[loaded.index(ref)]
+            for x, p, m in zip(loaded, paths, self.modalities, strict=True):
+                if x is not None:
+                    raise_first([dims_problem(f"image '{ref_m}'", _cdhw(ref), f"image '{m}'", _cdhw(x),
+                                              str(p), str(case))])
             resample = mt.ResampleToMatch(mode="bilinear", padding_mode="zeros")
             chans_out = [torch.zeros_like(ref.as_tensor()) if x is None
                          else x.as_tensor() if _same_grid(x, ref)
@@ -147,13 +173,13 @@ class LoadCased(mt.MapTransform):
                                 meta={"filename_or_obj": ref.meta["filename_or_obj"]})  # (M, i, j, k)
             d["present"] = torch.tensor([0.0 if x is None else 1.0 for x in loaded])
             if self.load_mask and d.get(self.mask_key) is not None:
-                d[self.mask_key] = self._mask(str(d[self.mask_key]), ref, cache)
+                d[self.mask_key] = self._mask(str(d[self.mask_key]), ref, cache, str(case))
             else:
                 d.pop(self.mask_key, None)
         return d
 
     def _channel(self, path: str, chan: int | None, modality: str,
-                 cache: dict[str, tuple[np.ndarray, np.ndarray]]) -> MetaTensor:
+                 cache: dict[str, tuple[np.ndarray, np.ndarray]], case: str = "?") -> MetaTensor:
         """One modality as float32 (1, i, j, k)."""
         if path not in cache:
             cache[path] = _read(path)
@@ -169,20 +195,22 @@ class LoadCased(mt.MapTransform):
         c %= n
         x = np.asarray(arr[c : c + 1], dtype=np.float32)
         if not np.isfinite(x).all():
-            raise DataError(path, "contains NaN or infinite voxels", "fix or exclude this image")
+            raise_first([nonfinite_problem(x, path, f"image '{modality}'", case)])
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(x)), affine=torch.as_tensor(affine),
                           meta={"filename_or_obj": path})
 
     def _mask(self, path: str, ref: MetaTensor, cache: dict[str, tuple[np.ndarray, np.ndarray]],
-              ) -> MetaTensor:
+              case: str = "?") -> MetaTensor:
         """The label map as int32 (1, i, j, k) on ``ref``'s grid."""
         arr, affine = cache[path] if path in cache else _read(path)
         if arr.shape[0] != 1:
             raise DataError(path, f"a mask must have one channel, this one has {arr.shape[0]}",
                             "store the label map as a single 3D image")
+        raise_first([dims_problem("image", _cdhw(ref), "mask", _cdhw(arr), path, case)])
         if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
-                raise DataError(path, "mask has non-integer values", "store integer labels (0 = background)")
+            raise_first([nonfinite_problem(arr, path, "mask", case)])
+        values, counts = np.unique(arr, return_counts=True)
+        raise_first([mask_value_problem(values, counts, self.mask_values, path, case)])
         if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
             raise DataError(path, "mask values do not fit in int32", "store small integer class labels")
         mask = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int32)),
@@ -360,7 +388,7 @@ def _check(cfg: TransformsConfig, modalities: list[str]) -> None:
 
 
 def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: bool,
-                     has_mask: bool) -> MedfuseCompose:
+                     has_mask: bool, mask_values: Sequence[int] | None = None) -> MedfuseCompose:
     """Assemble the dict-transform chain for items made by :func:`case_to_item`.
 
     Order: :class:`LoadCased` -> ``Orientationd(cfg.orientation)`` -> ``Spacingd`` (``cfg.spacing``
@@ -389,6 +417,8 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
         modalities: modality names in channel order.
         train: build the training chain (random crop and augmentation).
         has_mask: items carry a segmentation mask to load and transform alongside the image.
+        mask_values: the label values a mask may hold (the dataset's declared labels); a mask with
+            another value is refused when its case is read. None: any whole number.
 
     Returns:
         A Compose (raising MedfuseErrors unwrapped) mapping an item to ``{"image": (M, D, H, W)
@@ -403,7 +433,7 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
     keys = [img, mask] if has_mask else [img]
     both = dict(keys=keys, allow_missing_keys=True)
     modes = ("bilinear", "nearest")[: len(keys)]
-    t: list[Any] = [LoadCased(modalities, load_mask=has_mask, keys=img)]
+    t: list[Any] = [LoadCased(modalities, load_mask=has_mask, keys=img, mask_values=mask_values)]
     if cfg.orientation:
         t.append(mt.Orientationd(axcodes=cfg.orientation, labels=None, **both))
     if cfg.spacing:
@@ -428,10 +458,11 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
         t.extend(_augmentations(cfg, keys))
     t.append(ToSliceMajord(keys=(img, mask)))
     compose = MedfuseCompose(t)
-    compose.fingerprint = json.dumps(
-        {"cfg": cfg.model_dump(mode="json"), "modalities": list(modalities), "train": train,
-         "has_mask": has_mask}, sort_keys=True,
-    )
+    shape = {"cfg": cfg.model_dump(mode="json"), "modalities": list(modalities), "train": train,
+             "has_mask": has_mask}
+    if mask_values is not None:  # cached items were checked against these values
+        shape["mask_values"] = sorted(int(v) for v in mask_values)
+    compose.fingerprint = json.dumps(shape, sort_keys=True)
     return compose
 
 

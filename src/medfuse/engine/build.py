@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from medfuse.config import Config, validate_params
-from medfuse.errors import ConfigError, MedfuseError
+from medfuse.errors import ConfigError, MedfuseError, WeightsError
 from medfuse.registry import FAMILIES, Family, ModelEntry
 
 AUTO_FIELDS = ("in_channels", "num_classes", "modalities", "feature_cache")
@@ -75,9 +75,35 @@ def build_model(cfg: Config, auto: dict[str, Any] | None = None) -> nn.Module:
     if cfg.model.weights:
         from medfuse.encoders.weights import load_weights
 
-        report = load_weights(model, cfg.model.weights, strict=True)
+        check_weights_format(cfg.model.weights)
+        try:
+            report = load_weights(model, cfg.model.weights, strict=True)
+        except MedfuseError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a reader library's error on a bad file: name the file
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:120]
+            raise WeightsError(cfg.model.weights, f"cannot load weights ({type(e).__name__}: {first})",
+                               "check that the file is a safetensors or torch state dict") from e
         model.load_report = report  # type: ignore[attr-defined]
     return model
+
+
+def check_weights_format(path: str | Path) -> None:
+    """Refuse ``model.weights`` whose content is not the format its extension says (e.g. a torch
+    pickle named ``.safetensors``), before any loader opens it.
+
+    Raises:
+        WeightsError: naming ``model.weights`` and the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"model.weights: {p}", "file not found", "give the path of a local weights file")
+    with p.open("rb") as f:
+        head = f.read(9)
+    pickle_or_zip = head[:2] == b"PK" or head[:1] == b"\x80"
+    if p.suffix.lower() == ".safetensors" and pickle_or_zip:
+        raise WeightsError(f"model.weights: {p}", "is a torch/pickle file named .safetensors (wrong format for its "
+                           "extension)", "convert it to safetensors, or give it the .pt extension it has")
 
 
 def prepare_demo_data(cfg: Config) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from medfuse.config import Config
+from medfuse.data.paths import output_path
 from medfuse.engine.build import family_of, resolve
 from medfuse.engine.checkpoint import find_checkpoint, load_model_weights
 from medfuse.engine.tasks import BaseTask
@@ -54,6 +55,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Evaluator:
     """One split of a trained run -> report entries, with one inference pass over the split.
 
+    Every file an evaluator writes is built with :meth:`out_path` (inside the run directory, or
+    refused: case ids never escape it).
+
     Subclasses implement :meth:`update` (consume one batch and its outputs) and :meth:`compute`
     (report entries: ``metrics`` with CIs, ``n``, ``per_class``, ...). A family extends a generic
     evaluator by calling ``super().update``/``super().compute`` and adding its own entries; it may
@@ -77,6 +81,10 @@ class Evaluator:
     @property
     def device(self) -> torch.device:
         return self.task.device
+
+    def out_path(self, *parts: str) -> Path:
+        """``run_dir/<parts>`` (e.g. ``"plots", f"overlay_{case_id}.png"``), refused unless inside the run."""
+        return output_path(self.run_dir, *parts)
 
     def batches(self, loader: Any = None) -> Iterator[dict[str, Any]]:
         """The batches of ``loader`` (default: the split's loader), on the task's device."""
@@ -128,11 +136,11 @@ class ClassificationEvaluator(Evaluator):
         names = self.dm.table.class_names or [str(i) for i in range(probs.shape[1])]
         rep = classification_report(y, probs, class_names=names, n_boot=self.n_boot, seed=self.seed)
         cm = rep.pop("confusion_matrix")
-        self.plots["confusion matrix"] = plot_confusion(np.asarray(cm), names, self.run_dir / "plots" / "confusion.png")
-        self.plots["ROC"] = plot_roc(y, probs, names, self.run_dir / "plots" / "roc.png")
+        self.plots["confusion matrix"] = plot_confusion(np.asarray(cm), names, self.out_path("plots", "confusion.png"))
+        self.plots["ROC"] = plot_roc(y, probs, names, self.out_path("plots", "roc.png"))
         out_dir = self.run_dir / "predictions"
         out_dir.mkdir(exist_ok=True)
-        with (out_dir / f"{self.split}.csv").open("w", newline="") as f:
+        with self.out_path("predictions", f"{self.split}.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["case_id", "label", "pred", *[f"p_{n}" for n in names]])
             for cid, yt, p in zip(self.case_ids, y, probs, strict=True):
@@ -178,10 +186,11 @@ class SegmentationEvaluator(Evaluator):
         image = batch["image"].cpu()
         for i, cid in enumerate(batch["case_id"]):
             affine = np.asarray(batch["affine"][i].cpu()) if "affine" in batch else np.eye(4)
-            write_nifti(pred[i][None].numpy().astype(np.uint8), self.out_dir / f"{cid}.nii.gz", affine=affine)
+            write_nifti(pred[i][None].numpy().astype(np.uint8), output_path(self.out_dir, f"{cid}.nii.gz"),
+                        affine=affine)
             if self.shown < self.cfg.eval.overlays:
                 self.plots[f"overlay {cid}"] = plot_overlay(image[i, 0].numpy(), pred[i].numpy(), mask[i].numpy(),
-                                                            self.run_dir / "plots" / f"overlay_{cid}.png")
+                                                            self.out_path("plots", f"overlay_{cid}.png"))
                 self.shown += 1
 
     def class_names(self) -> list[str]:
@@ -235,9 +244,18 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
     Returns:
         The report dict (also written to disk).
     """
-    from medfuse.reports import write_report
+    from medfuse.engine.lock import RunLock
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        load_run(run_dir)  # the one-line "not a run directory" error, before a lock file is made
+    with RunLock(run_dir, "evaluate"):
+        return _evaluate(run_dir, split, n_boot, counterfactual)
+
+
+def _evaluate(run_dir: Path, split: str, n_boot: int | None, counterfactual: list[str] | None) -> dict[str, Any]:
+    from medfuse.reports import write_report
+
     cfg, dm, task = load_trained(run_dir)
     _, entry = family_of(cfg)
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
@@ -254,7 +272,7 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
     if metrics_csv.exists():
         from medfuse.reports.plots import plot_curves
 
-        plots["training curves"] = plot_curves(metrics_csv, run_dir / "plots" / "curves.png")
+        plots["training curves"] = plot_curves(metrics_csv, output_path(run_dir, "plots", "curves.png"))
     known = {Path(p).resolve() for p in plots.values()}
     for png in sorted((run_dir / "plots").glob("*.png")):  # figures the family's evaluator wrote
         if png.resolve() not in known:

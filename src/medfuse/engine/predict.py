@@ -1,7 +1,10 @@
 """``medfuse predict``: a trained run on new files.
 
 A :class:`Predictor` turns the command's inputs into cases, runs the task's inference on them and
-writes one output per case. A family with its own inputs (text and boxes, any subset of
+writes one output per case. The output folder must be a writable folder (checked before the model is
+loaded); every output file is built with :func:`medfuse.data.paths.output_path`, so a case id never
+escapes it. Input cases pass the checks of ``medfuse data check`` (case ids, duplicate ids, and the
+per-file rules while they are read); a 2D image given to a run trained on 3D volumes is refused. A family with its own inputs (text and boxes, any subset of
 modalities, volume + region mask) subclasses a generic predictor and names it in its
 :class:`~medfuse.registry.ModelEntry`.
 """
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from medfuse.config import Config
+from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
 from medfuse.engine.evaluate import load_trained, to_device
 from medfuse.engine.tasks import BaseTask
@@ -37,11 +41,14 @@ class Predictor:
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """One image per modality (in the run's order or the ``modalities`` given), or one
         manifest/dataset path whose cases are all predicted."""
+        from medfuse.data.checks import validate_table
         from medfuse.data.layouts import Case, load_cases
 
         mods = self.dm.modalities
         if len(inputs) == 1 and (Path(inputs[0]).is_dir() or Path(inputs[0]).suffix in (".csv", ".json")):
-            return load_cases(inputs[0], modalities=mods).cases
+            cases = validate_table(load_cases(inputs[0], modalities=mods)).cases
+            self.check_dims(cases)
+            return cases
         given = modalities or mods[: len(inputs)]
         if len(given) != len(inputs):
             raise DataError(" ".join(inputs), f"{len(inputs)} inputs for modalities {given}",
@@ -52,8 +59,30 @@ class Predictor:
         for p in inputs:
             if not Path(p).exists():
                 raise DataError(p, "file not found", "check the path")
-        name = Path(inputs[0]).name.split(".")[0]
-        return [Case(case_id=name, patient_id=name, images=dict(zip(given, inputs, strict=True)))]
+        name = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
+        cases = [Case(case_id=name, patient_id=name, images=dict(zip(given, inputs, strict=True)))]
+        self.check_dims(cases)
+        return cases
+
+    def check_dims(self, cases: list[Any]) -> None:
+        """Refuse a 2D image (one slice) when the run was trained on 3D volumes, and the reverse.
+
+        The reference is the first image of the run's first training case; NIfTI headers are
+        read without the voxels.
+        """
+        from medfuse.data.checks import dims_problem, raise_first
+
+        train = self.dm.cases.get("train") or []
+        ref_path = next((p for c in train for p in c.images.values() if p), None)
+        if ref_path is None or not Path(ref_path).exists():
+            return
+        ref_shape = image_shape(ref_path)
+        for c in cases:
+            for m, path in c.images.items():
+                if path and Path(path).exists():
+                    raise_first([p for p in [dims_problem("the run's training images", ref_shape,
+                                                          f"image '{m}'", image_shape(path), path, c.case_id)]
+                                 if p is not None])
 
     def batches(self, cases: list[Any]):
         """Cases -> transformed, collated batches on the task's device."""
@@ -61,7 +90,8 @@ class Predictor:
         from medfuse.data.transforms import build_transforms, case_to_item
 
         mods = self.dm.modalities
-        tf = build_transforms(self.cfg.data.transforms, mods, train=False, has_mask=False)
+        tf = build_transforms(self.cfg.data.transforms, mods, train=False, has_mask=False,
+                              mask_values=self.dm.mask_values)
         items = [tf(case_to_item(c, mods)) for c in cases]
         bs = max(1, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
         for i in range(0, len(items), bs):
@@ -79,7 +109,7 @@ class Predictor:
         """Called once after the last batch (e.g. to write a table)."""
 
     def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None) -> Path:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        output_dir(out_dir)
         with torch.no_grad():
             for batch in self.batches(self.cases(list(inputs), modalities)):
                 self.write(batch, self.infer(batch), out_dir)
@@ -102,7 +132,7 @@ class ClassificationPredictor(Predictor):
         if not self.rows:
             return
         names = self.dm.table.class_names or [str(i) for i in range(len(self.rows[0][1]))]
-        with (out_dir / "predictions.csv").open("w", newline="") as f:
+        with output_path(out_dir, "predictions.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["case_id", "pred", *[f"p_{n}" for n in names]])
             for cid, p in self.rows:
@@ -117,7 +147,8 @@ class SegmentationPredictor(Predictor):
 
         pred = out["logits"].argmax(1).cpu().numpy().astype(np.uint8)  # (B, D, H, W)
         for j, cid in enumerate(batch["case_id"]):
-            write_nifti(pred[j][None], out_dir / f"{cid}_pred.nii.gz", affine=np.asarray(batch["affine"][j].cpu()))
+            write_nifti(pred[j][None], output_path(out_dir, f"{cid}_pred.nii.gz"),
+                        affine=np.asarray(batch["affine"][j].cpu()))
 
 
 class EmbeddingPredictor(Predictor):
@@ -134,7 +165,8 @@ class EmbeddingPredictor(Predictor):
 
     def finish(self, out_dir):
         if self.emb:
-            np.savez(out_dir / "embeddings.npz", case_id=np.asarray(self.ids), image_emb=np.concatenate(self.emb))
+            np.savez(output_path(out_dir, "embeddings.npz"), case_id=np.asarray(self.ids),
+                     image_emb=np.concatenate(self.emb))
 
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
@@ -148,7 +180,25 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         out: output folder.
         modalities: which modalities ``inputs`` are, when not all of them.
     """
+    output_dir(out)  # a file, or a folder that cannot be written: refused before the model loads
     cfg, dm, task = load_trained(run_dir)
     _, entry = family_of(cfg)
     predictor: Predictor = entry.predictor(task, dm, cfg)
     return predictor.run(list(inputs), Path(out), modalities)
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """(C, D, H, W) of an image: from the header for NIfTI (no voxels read), else by reading it."""
+    from medfuse.data.io import image_suffix, read_image
+
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        try:
+            shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+        except Exception:  # noqa: BLE001 - read_image reports it with the file's name
+            return read_image(path).shape
+        i, j, k = (*shape[:3], 1, 1, 1)[:3]
+        c = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+        return (c, k, j, i)
+    return read_image(path).shape

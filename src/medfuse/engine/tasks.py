@@ -9,6 +9,10 @@ A task owns a registered model (``self.model``) built from the family's typed pa
 * :meth:`BaseTask.on_stage` to react to a training stage;
 * :meth:`BaseTask.infer` for inference in evaluation and prediction (e.g. sliding windows).
 
+Every task says which metric names it logs (:meth:`BaseTask.logged_metrics`, built from the class
+attributes ``val_metrics`` and ``loss_terms``), so that ``train.monitor`` is checked before
+training starts; a family task that logs other names extends those attributes.
+
 The registry's :class:`~medfuse.registry.ModelEntry` names the task class of each model.
 """
 
@@ -80,6 +84,33 @@ class BaseTask(L.LightningModule):
 
     kind: ClassVar[str] = ""
     """The task kind (``classification``, ``segmentation``, ``contrastive``): the config's ``task``."""
+
+    val_metrics: ClassVar[tuple[str, ...]] = ()
+    """Names :meth:`epoch_metrics` returns (logged as ``val/<name>``); ``<n>`` stands for 1, 2, 3, ..."""
+
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    """Keys :meth:`compute_loss` returns besides ``loss`` (logged as ``train/<name>``)."""
+
+    @classmethod
+    def logged_metrics(cls, cfg: Config | None = None) -> list[str]:
+        """Every metric name this task logs, any of which ``train.monitor`` may name.
+
+        ``train/loss``, ``val/loss``, ``train/<term>`` for :attr:`loss_terms` and ``val/<name>`` for
+        :attr:`val_metrics` (``<n>``: a whole number >= 1). A family task whose names depend on
+        the config overrides this classmethod.
+        """
+        return ["val/loss", *(f"val/{m}" for m in cls.val_metrics), "train/loss",
+                *(f"train/{t}" for t in cls.loss_terms)]
+
+    @classmethod
+    def logs_metric(cls, name: str, cfg: Config | None = None) -> bool:
+        """Whether ``name`` is one of :meth:`logged_metrics` (``<n>`` matching 1, 2, 3, ...)."""
+        import re
+
+        for pattern in cls.logged_metrics(cfg):
+            if re.fullmatch(re.escape(pattern).replace(re.escape("<n>"), "[1-9][0-9]*"), name):
+                return True
+        return False
 
     def __init__(self, config: dict[str, Any], auto: dict[str, Any] | None = None,
                  stage: dict[str, Any] | None = None):
@@ -213,6 +244,7 @@ class ClassificationTask(BaseTask):
     """Case-level classification: cross-entropy, balanced accuracy / AUC / QWK per epoch."""
 
     kind = "classification"
+    val_metrics = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk")
 
     def compute_loss(self, batch, out):
         y = torch.as_tensor(batch["label"], device=out["logits"].device).long()
@@ -242,6 +274,7 @@ class SegmentationTask(BaseTask):
     """Voxel-wise segmentation (softmax labels): MONAI loss, sliding-window validation, Dice."""
 
     kind = "segmentation"
+    val_metrics = ("dice", "dice_<n>")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -264,6 +297,36 @@ class SegmentationTask(BaseTask):
 
     def compute_loss(self, batch, out):
         return {"loss": self.seg_loss(out["logits"].float(), batch["mask"].long())}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Refuse mask values the logits cannot index (on the CPU, before the batch moves), when this
+        task's own loss reads the mask as class indices; names the case and its mask file."""
+        k = dict(self.params).get("num_classes")
+        mask = batch.get("mask") if isinstance(batch, dict) else None
+        if type(self).compute_loss is SegmentationTask.compute_loss and k and isinstance(mask, torch.Tensor) \
+                and mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= k):
+            from medfuse.errors import DataError
+
+            ids = list(batch.get("case_id") or [])
+            for i, cid in enumerate(ids or [None]):
+                m = mask[i] if ids else mask
+                bad = sorted({int(v) for v in torch.unique(m) if not 0 <= int(v) < k})
+                if bad:
+                    where = self._mask_file(cid) or f"case {cid}"
+                    raise DataError(where, f"mask of case '{cid}' has values {bad}, outside the model's classes "
+                                    f"0..{k - 1}", "declare every mask value (mask_labels) or set data.num_classes")
+        return batch
+
+    def _mask_file(self, cid: Any) -> str | None:
+        from medfuse.data.datamodule import CaseDataModule
+
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if isinstance(dm, CaseDataModule):
+            for cases in dm.cases.values():
+                for c in cases:
+                    if c.case_id == cid:
+                        return c.mask
+        return None
 
     def validation_step(self, batch, batch_idx):
         out = self.infer(batch)
@@ -296,6 +359,7 @@ class ContrastiveTask(BaseTask):
     its own loss terms); symmetric InfoNCE; Recall@k on validation."""
 
     kind = "contrastive"
+    val_metrics = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -5,7 +5,15 @@ Run directory (DESIGN "Run directory")::
     runs/<name>/config.yaml          resolved config
     runs/<name>/splits.csv           the patient-level split used by every command
     runs/<name>/checkpoints/         last.ckpt, best.ckpt (per stage in <stage>/ for staged runs)
-    runs/<name>/metrics.csv          Lightning CSV log (TensorBoard under tb/ when installed)
+    runs/<name>/metrics.csv          CSV log, append-only across resumes (TensorBoard under tb/ when installed)
+    runs/<name>/.medfuse.lock        held while a command runs in the directory (engine/lock.py)
+
+Before anything is written: ``model.params``/``data.params`` are validated, ``train.monitor`` is
+checked against the metrics the task logs and ``train.accelerator``/``train.devices`` against the
+machine. ``--resume`` reads and checks ``last.ckpt`` (a medfuse checkpoint of this very model)
+before it touches the run directory; it then drops only the log rows of the epoch the kill cut
+short, so ``metrics.csv`` holds every epoch once. Ctrl-C raises
+:class:`~medfuse.errors.Interrupted` (exit code 130) naming the last checkpoint and how to resume.
 
 Multi-GPU and multi-node use Lightning's DDP: set ``train.devices``, ``train.num_nodes`` and
 ``train.strategy=ddp``. Under ``torchrun`` or SLURM (``srun``) Lightning reads the rank variables
@@ -14,8 +22,12 @@ from the environment, so the same ``medfuse train`` command runs unchanged on ev
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import shutil
+import signal
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +35,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
 from medfuse.engine.build import (
@@ -33,11 +48,54 @@ from medfuse.engine.build import (
     model_params,
     resolve,
 )
-from medfuse.engine.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_model_weights
+from medfuse.engine.checkpoint import (
+    AtomicCheckpointIO,
+    check_checkpoint_fits,
+    checkpoint_dir,
+    load_model_weights,
+)
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import RunDirError
+from medfuse.errors import ConfigError, Interrupted, RunDirError
 
 log = logging.getLogger("medfuse")
+
+
+class HistoryWriter(ExperimentWriter):
+    """Lightning's CSV writer, but it appends to an existing ``metrics.csv`` instead of deleting it."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:  # keep the history (Lightning deletes the file here)
+        return
+
+    def _record_new_keys(self) -> set[str]:
+        """New keys go after the file's columns (Lightning re-sorts them all, which would misalign
+        rows appended under an existing header)."""
+        new = set().union(*self.metrics) - set(self.metrics_keys)
+        self.metrics_keys.extend(sorted(new))
+        return new
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        _write_csv_atomic(path, list(fieldnames), rows)
+
+
+class HistoryCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume (see :func:`prepare_log`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = HistoryWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def precision_for(cfg: Config) -> str:
@@ -53,8 +111,6 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
     The CSV log is ``run_dir/metrics.csv``; a stage of a staged run logs to
     ``run_dir/stages/<stage>/metrics.csv`` (merged into ``metrics.csv`` when the run ends).
     """
-    from lightning.pytorch.loggers import CSVLogger
-
     t = cfg.train
     # Lightning's start-up banner (GPU/TPU availability, tips) is noise in a CLI run.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -70,7 +126,7 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
         from lightning.pytorch.callbacks import RichProgressBar
 
         cbs.append(RichProgressBar(leave=True))
-    loggers: list[Any] = [CSVLogger(save_dir=run_dir, name="stages" if stage else "", version=stage or "")]
+    loggers: list[Any] = [HistoryCSVLogger(save_dir=run_dir, name="stages" if stage else "", version=stage or "")]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -112,6 +168,57 @@ def build_task(cfg: Config, dm: Any, stage: StageConfig | None) -> BaseTask:
                       stage=stage.model_dump() if stage else None)
 
 
+def check_monitor(cfg: Config) -> None:
+    """``train.monitor`` must be a metric the model's task logs (checked before training starts).
+
+    Raises:
+        ConfigError: naming ``train.monitor`` and listing the names the task logs.
+    """
+    _, entry = family_of(cfg)
+    task = entry.task
+    if not task.logs_metric(cfg.train.monitor, cfg):
+        names = ", ".join(n.replace("<n>", "N") for n in task.logged_metrics(cfg))
+        raise ConfigError("train.monitor", f"'{cfg.train.monitor}' is not a metric that model "
+                          f"'{cfg.model.name}' logs", f"use one of: {names}")
+
+
+def check_hardware(cfg: Config) -> None:
+    """``train.accelerator`` and ``train.devices`` must exist on this machine.
+
+    Raises:
+        ConfigError: a GPU (or Apple MPS) asked for and absent, or more devices than the machine has.
+    """
+    t = cfg.train
+    acc, devices = t.accelerator, t.devices
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(torch.backends.mps.is_available())
+    if acc in ("gpu", "cuda") and n_cuda == 0:
+        raise ConfigError("train.accelerator", f"'{acc}' asks for a CUDA GPU, but this machine has none "
+                          f"(torch {torch.__version__}, torch.cuda.is_available() is False)",
+                          "set train.accelerator=cpu (or auto), or run on a machine with a GPU")
+    if acc == "mps" and not mps:
+        raise ConfigError("train.accelerator", "'mps' asks for an Apple GPU, but MPS is not available here",
+                          "set train.accelerator=cpu (or auto)")
+    on_gpu = acc in ("gpu", "cuda") or (acc == "auto" and n_cuda > 0)
+    if devices == "auto" or devices == -1:
+        return
+    if on_gpu:
+        text = str(devices).strip().strip(",")
+        if isinstance(devices, int) or text.isdigit():
+            if int(text) > n_cuda:
+                raise ConfigError("train.devices", f"asks for {int(text)} GPUs, but this machine has {n_cuda}",
+                                  f"set train.devices to at most {n_cuda} (or auto)")
+        else:
+            bad = [int(i) for i in text.split(",") if int(i) >= n_cuda]
+            if bad:
+                raise ConfigError("train.devices", f"names GPU {bad[0]}, but this machine has GPUs 0..{n_cuda - 1}",
+                                  f"use indices below {n_cuda} (or auto)")
+    elif not isinstance(devices, int) and not str(devices).strip().lstrip("-").isdigit():
+        raise ConfigError("train.devices", f"'{devices}' names GPU indices, but training runs on the "
+                          f"{'Apple GPU' if acc == 'mps' else 'CPU'}",
+                          "give a process count (e.g. 1) or auto, or set train.accelerator=gpu on a GPU machine")
+
+
 def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         only_stage: str | None = None) -> Path:
     """Train a config, stage by stage; return the run directory.
@@ -121,23 +228,44 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         resume: continue from each unfinished stage's ``last.ckpt``.
         callbacks: extra Lightning callbacks (tests use this to interrupt runs).
         only_stage: run just this stage, initialised from the previous stage's best checkpoint.
+
+    Raises:
+        ConfigError: bad params, an unknown ``train.monitor``, or hardware the machine lacks
+            (all before anything is written).
+        RunDirError: the run directory is in use by another process, is not writable, or holds
+            checkpoints of a run that was not asked to resume.
+        WeightsError: ``--resume`` found a ``last.ckpt`` that is not this model's checkpoint.
+        Interrupted: Ctrl-C (naming the last checkpoint).
     """
+    from medfuse.data.paths import output_dir
+    from medfuse.engine.lock import RunLock
+
     cfg = resolve(cfg)  # family and task filled in (and checked) before anything is written
     model_params(cfg)
     data_params(cfg)
+    check_monitor(cfg)
+    check_hardware(cfg)
     run_dir = cfg.run_dir
+    output_dir(run_dir, "run directory")
+    with RunLock(run_dir, "train"):
+        try:
+            return _fit(cfg, run_dir, resume, callbacks, only_stage)
+        except KeyboardInterrupt:
+            raise _interrupted(cfg, run_dir) from None
+
+
+def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, only_stage: str | None) -> Path:
     ckpt_root = checkpoint_dir(run_dir)
     if not resume and ckpt_root.exists() and any(ckpt_root.rglob("*.ckpt")) and only_stage is None:
         raise RunDirError(run_dir, "already holds checkpoints",
                           f"continue it with `medfuse train --resume {run_dir}` or set name=<new name>")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, run_dir)
     stages = _stages(cfg)
     names = [s.name for s in stages if s is not None]
     if only_stage is not None and only_stage not in names:
         raise RunDirError(only_stage, "no such stage in train.stages", f"use one of: {', '.join(names)}")
+    config_saved = False
     prev_best: Path | None = None
     for stage in stages:
         sname = stage.name if stage else None
@@ -150,9 +278,18 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
             continue
         task = build_task(cfg, dm, stage)
         last = ckdir / "last.ckpt"
-        ckpt_path = str(last) if resume and last.exists() else None
+        ckpt_path = None
+        resume_epoch: int | None = None
+        if resume and last.exists():
+            # read and check the checkpoint before anything in the run directory changes
+            resume_epoch = int(check_checkpoint_fits(last, task)["epoch"])
+            ckpt_path = str(last)
         if ckpt_path is None and prev_best is not None:
             load_model_weights(task.model, prev_best)
+        if not config_saved:
+            save_config(cfg, run_dir / "config.yaml")
+            config_saved = True
+        prepare_log(stage_log(run_dir, sname), resume_epoch)
         epochs = stage.max_epochs if stage else cfg.train.max_epochs
         trainer = build_trainer(cfg, run_dir, ckdir, epochs, callbacks, stage=sname)
         with warnings.catch_warnings():
@@ -160,11 +297,19 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+            warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`.*")
+            try:
+                trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+            except SystemExit:
+                if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1)
+                    raise KeyboardInterrupt from None
+                raise
         if trainer.interrupted:
-            return run_dir
+            raise KeyboardInterrupt
         done.write_text("ok\n")
         prev_best = ckdir / "best.ckpt"
+    if not config_saved:
+        save_config(cfg, run_dir / "config.yaml")
     if cfg.train.stages:
         merge_stage_logs(run_dir, [s.name for s in cfg.train.stages])
     if cfg.train.stages and prev_best is not None:
@@ -173,6 +318,75 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
             if (final / f"{which}.ckpt").exists():
                 shutil.copyfile(final / f"{which}.ckpt", ckpt_root / f"{which}.ckpt")
     return run_dir
+
+
+def _interrupted(cfg: Config, run_dir: Path) -> Interrupted:
+    """The Ctrl-C report: the newest ``last.ckpt`` of the run (and its epoch) and how to resume."""
+    from medfuse.engine.checkpoint import safe_torch_load
+
+    try:  # Lightning ignores further Ctrl-C while it shuts down; give the user theirs back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        pass
+    lasts = sorted(checkpoint_dir(run_dir).rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    fix = f"resume with `medfuse train --resume {run_dir}`"
+    if not lasts:
+        return Interrupted(run_dir, "training interrupted before the first checkpoint was written", fix)
+    last = lasts[-1]
+    try:
+        epoch = int(safe_torch_load(last)["epoch"])
+        when = f" (after epoch {epoch + 1})"
+    except Exception:  # noqa: BLE001 - the report must not fail
+        when = ""
+    return Interrupted(run_dir, f"training interrupted; the last checkpoint is {last}{when}", fix)
+
+
+def stage_log(run_dir: Path, stage: str | None) -> Path:
+    """The CSV log of a run (``metrics.csv``) or of one stage (``stages/<stage>/metrics.csv``)."""
+    return run_dir / "stages" / stage / "metrics.csv" if stage else run_dir / "metrics.csv"
+
+
+def prepare_log(path: Path, resume_epoch: int | None) -> None:
+    """Make the CSV log ready for a fit: keep rows up to ``resume_epoch`` (the checkpoint's epoch),
+    drop the rows of epochs the checkpoint does not hold (they are logged again), or start afresh
+    (``None``: no checkpoint to continue from). The file is rewritten atomically."""
+    from medfuse.engine.lock import is_rank_zero
+
+    if not path.is_file() or not is_rank_zero():
+        return
+    if resume_epoch is None:
+        path.unlink()
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def kept(r: dict[str, str]) -> bool:
+        e = r.get("epoch")
+        try:
+            return e in (None, "") or int(float(e)) <= resume_epoch
+        except ValueError:
+            return True
+
+    keep = [r for r in rows if kept(r)]
+    if len(keep) == len(rows):
+        return
+    _write_csv_atomic(path, fields, keep)
+
+
+def _write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:

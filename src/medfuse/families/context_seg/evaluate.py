@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import SegmentationEvaluator
 
 SCORES = ("precision", "recall", "f1", "iou", "dice")
@@ -97,13 +98,13 @@ class ContextSegEvaluator(SegmentationEvaluator):
             if not self._more_figures():
                 continue
             intensity = batch["intensity"][i, 0].float().cpu().numpy()  # (D, H, W) raw, for display
-            png = plot_overlay(intensity, pred[i].numpy(), mask[i].numpy(), plots / f"context_overlay_{cid}.png",
+            png = plot_overlay(intensity, pred[i].numpy(), mask[i].numpy(), output_path(plots, f"context_overlay_{cid}.png"),
                                title=f"{cid}: raw, pred, truth")
             self.figures[f"overlay {cid}"] = str(png.relative_to(self.run_dir))
             self.plots[f"context overlay {cid}"] = png
             if "attention" in out:
                 att = out["attention"][i, 0].float().cpu().numpy()  # (D, H, W) level-1 gate, channel mean
-                png = plot_gate_overlay(intensity, att, plots / f"attention_{cid}.png",
+                png = plot_gate_overlay(intensity, att, output_path(plots, f"attention_{cid}.png"),
                                         title=f"{cid}: level-1 context attention (channel mean)")
                 self.figures[f"attention {cid}"] = str(png.relative_to(self.run_dir))
                 self.plots[f"attention {cid}"] = png

@@ -31,7 +31,9 @@ class ContextSegPredictor(SegmentationPredictor):
             if not Path(path).exists():
                 raise DataError(path, "file not found", "check the path")
         images = {p.raw: inputs[0]} | ({p.context: inputs[1]} if want == 2 else {})
-        name = Path(inputs[0]).name.split(".")[0]
+        from medfuse.data.paths import check_case_id
+
+        name = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
         return [Case(case_id=name, patient_id=name, images=images)]
 
     def batches(self, cases: list[Any]):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfuse.data.paths import output_path
 from medfuse.engine.predict import Predictor
 from medfuse.families.incomplete_seg.data import (
     canonical_to_raw,
@@ -24,8 +25,10 @@ class IncompleteSegPredictor(Predictor):
 
     def cases(self, inputs, modalities):
         from medfuse.data.layouts import Case
+        from medfuse.data.paths import check_case_id
 
         case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
+        check_case_id(case_id, next(iter(files.values())))
         return [Case(case_id=case_id, patient_id=case_id, images=files)]
 
     def write(self, batch, out, out_dir: Path) -> None:
@@ -42,8 +45,9 @@ class IncompleteSegPredictor(Predictor):
             if raw is not None:
                 label = np.vectorize(raw.get)(label)
             affine = np.asarray(batch["affine"][j].cpu())
-            write_nifti(label[None].astype(np.uint8), out_dir / f"{case_id}_pred.nii.gz", affine=affine)
-            write_nifti(q[j].numpy().astype(np.float32), out_dir / f"{case_id}_regions.nii.gz", affine=affine)
+            write_nifti(label[None].astype(np.uint8), output_path(out_dir, f"{case_id}_pred.nii.gz"), affine=affine)
+            write_nifti(q[j].numpy().astype(np.float32), output_path(out_dir, f"{case_id}_regions.nii.gz"),
+                        affine=affine)
             given = "+".join(m for m, p in zip(mods, batch["present"][j].tolist(), strict=True) if p > 0.5)
             with csv_path.open("a") as f:
                 f.write(f"{case_id},{given},{case_id}_pred.nii.gz\n")

@@ -92,6 +92,8 @@ class IncompleteSegTask(SegmentationTask):
     ROI and combinations) come from the typed ``self.params``; the network from ``self.model``.
     """
 
+    loss_terms = ("recon_l1", "recon_ssim", "seg", "ntxent", "consistency", "feature")
+
     stage_mode: str = "segment"
     """What the current stage does: ``segment`` | ``reconstruct`` | ``contrast`` | ``adapt``."""
 

@@ -32,7 +32,7 @@ class StagingEvaluator(ClassificationEvaluator):
             if len(self.gate_maps) >= GATE_CASES:
                 break
             png = plot_gate_overlay(batch["image"][i, 0].cpu().numpy(), gate[i].numpy(),
-                                    self.run_dir / "plots" / f"gate_{cid}.png",
+                                    self.out_path("plots", f"gate_{cid}.png"),
                                     title=f"{cid}: BGAMF gate (1 = T2W, 0 = DWI)")
             self.gate_maps[cid] = {"png": str(png.relative_to(self.run_dir)), "mean_gate": float(gate[i].mean()),
                                    "per_slice": [float(v) for v in gate[i].mean(dim=(1, 2))]}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import Evaluator, to_device
 
 METRICS = ("dice", "iou", "hd95")
@@ -98,7 +99,7 @@ class TextSegEvaluator(Evaluator):
             wr = csv.writer(f)
             wr.writerow(["case_id", "text", "dice", "iou", "hd95_px"])
             for j, cid in enumerate(res.case_id):
-                Image.fromarray(res.pred[cid].astype(np.uint8) * 255).save(out_dir / f"{cid}.png")
+                Image.fromarray(res.pred[cid].astype(np.uint8) * 255).save(output_path(out_dir, f"{cid}.png"))
                 wr.writerow([cid, res.text[j], *(f"{res.scores[k][j]:.4f}" for k in METRICS)])
         overlay = plot_overlays(self.dm, self.split, res, self.run_dir / "plots" / "text_seg_overlays.png")
         self.plots["text seg overlays"] = overlay

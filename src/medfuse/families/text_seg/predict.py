@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
 from medfuse.engine.predict import Predictor
 from medfuse.errors import DataError
@@ -25,13 +26,14 @@ class TextSegPredictor(Predictor):
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """One manifest CSV -> the records to predict (no masks needed)."""
+        from medfuse.data.checks import validate_table
         from medfuse.data.layouts import load_cases
         from medfuse.families.text_seg.data import records_from_cases
 
         if len(inputs) != 1 or Path(inputs[0]).suffix.lower() not in (".csv", ".json"):
             raise DataError(" ".join(inputs), "text_seg predicts from one manifest CSV",
                             "give a CSV with case_id, image_<modality>, box and the text (or template) columns")
-        table = load_cases(inputs[0])
+        table = validate_table(load_cases(inputs[0]))
         mod = self.dm.modality if self.dm.modality in table.modalities else table.modalities[0]
         return records_from_cases(table.cases, mod, need_mask=False)
 
@@ -57,7 +59,7 @@ class TextSegPredictor(Predictor):
             prob = torch.sigmoid(F.interpolate(logits[i: i + 1].float(), size=(h, w), mode="bilinear",
                                                align_corners=False))[0, 0].cpu().numpy()
             pred = prob > 0.5
-            Image.fromarray(pred.astype(np.uint8) * 255).save(out_dir / f"{cid}_mask.png")
+            Image.fromarray(pred.astype(np.uint8) * 255).save(output_path(out_dir, f"{cid}_mask.png"))
             box = batch["box"][i].cpu().numpy() * np.array([w, h, w, h]) / self.dm.params.image_size
             self.rows.append([cid, batch["text"][i], " ".join(f"{v:.1f}" for v in box), int(pred.sum()),
                               f"{float(prob[pred].mean()) if pred.any() else 0.0:.4f}"])

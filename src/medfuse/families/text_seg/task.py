@@ -83,6 +83,8 @@ class TextSegTask(BaseTask):
     """Dice + BCE + w x InfoNCE on (image, box, text) batches; validation Dice for model selection."""
 
     kind = "segmentation"
+    val_metrics = ("dice",)
+    loss_terms = ("dice_loss", "bce", "contrastive", "temperature")
 
     def forward_batch(self, batch: TextSegBatch) -> TextSegOutput:
         """Training/validation forward: mask logits at the masks' size and the InfoNCE embeddings."""
