@@ -7,6 +7,7 @@ Every chunked-path check runs with both intra-chunk modes, ``seq`` (the CPU defa
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -269,6 +270,8 @@ def test_intra_env_var_reaches_the_dispatcher(monkeypatch, intra):
 
 
 def test_cuda_forced_on_cpu_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else CPU tensors may take the Triton path
+    monkeypatch.setattr(scan_mod, "_load_triton", lambda: (None, "not wanted here"))
     monkeypatch.setenv("MEDFUSE_SCAN", "cuda")
     monkeypatch.setattr(scan_mod, "_WARNED", set())
     inputs = make_inputs(11)
@@ -292,21 +295,24 @@ def test_bad_env_value_is_a_config_error(monkeypatch):
 
 def test_bad_path_argument_raises():
     with pytest.raises(ValueError, match="unknown scan path"):
-        selective_scan(**make_inputs(3), path="triton")
+        selective_scan(**make_inputs(3), path="fast")
 
 
 def test_available_paths():
     paths = available_paths()
     assert paths[:2] == ["ref", "chunked"]
     assert ("cuda" in paths) == (torch.cuda.is_available() and scan_mod.cuda_scan_importable())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ("triton" in paths) == (scan_mod.triton_scan_unavailable_reason(device) == "")
 
 
 def test_importing_ssm_does_not_import_mamba_ssm():
     code = ("import sys, medfuse.ssm as s; s.available_paths(); s.resolve_path('cpu'); "
-            "print('mamba_ssm' in sys.modules)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            "print('mamba_ssm' in sys.modules, 'triton' in sys.modules and not s.scan.torch.cuda.is_available())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "False False"  # nor Triton on a CPU-only machine
 
 
 def test_shape_errors_are_clear():

@@ -1,8 +1,8 @@
 """Selective state-space models: the scan kernel boundary and the Mamba blocks (seed 000).
 
-``selective_scan`` is the single dispatcher (``MEDFUSE_SCAN=ref|chunked|cuda``); ``Mamba`` and
-``BiMamba`` are the blocks built on it. mamba-ssm is never imported here: only when the ``cuda``
-path is first considered.
+``selective_scan`` is the single dispatcher (``MEDFUSE_SCAN=ref|chunked|triton|cuda``); ``Mamba``
+and ``BiMamba`` are the blocks built on it. Neither mamba-ssm nor Triton is imported here: only when
+the ``cuda`` or ``triton`` path is first considered for a tensor that could use it.
 """
 
 from medfuse.ssm.bimamba import BiMamba

@@ -5,7 +5,7 @@ Standard Mamba (Gu & Dao, 2023): ``in_proj`` -> (x, z); depthwise causal conv1d 
 gate with ``silu(z)``; ``out_proj``. Parameter names and shapes match state-spaces/mamba
 (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``) so its state
 dicts load directly. The scan goes through :func:`medfuse.ssm.scan.selective_scan`, so the block
-runs on CPU (chunked scan) and on GPU (mamba-ssm kernel when installed).
+runs on CPU (chunked scan) and on GPU (Triton kernels, or mamba-ssm's when installed).
 
 Activations stay in (B, L, C) memory order throughout: the scan receives transposed views and
 its chunked path reads them time-major without copies (for batch 1).
