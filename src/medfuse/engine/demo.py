@@ -71,19 +71,20 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
                          "each variant selected on validation; test evaluated once per variant"]
     plots = {p.stem: p for p in sorted((main_run / "plots").glob("*.png"))}
     write_report(main_run, combined, plots)
+    from rich.markup import escape
     from rich.table import Table
 
     keys = [k for k in rows[0] if k not in ("name", "run", "n")]
     title = f"{family} demo: test split, 95% bootstrap CI"
     if len(keys) <= 3:
-        table = Table("variant", "n", *keys, title=title)
+        table = Table("variant", "n", *[escape(k) for k in keys], title=title)
         for r in rows:
-            table.add_row(r["name"], str(r["n"]), *[format_ci(r[k]) if k in r else "-" for k in keys])
+            table.add_row(escape(r["name"]), str(r["n"]), *[format_ci(r[k]) if k in r else "-" for k in keys])
     else:  # many metrics: one row per metric, one column per variant, so that the CIs stay readable
-        table = Table("metric", *[r["name"] for r in rows], title=title)
+        table = Table("metric", *[escape(r["name"]) for r in rows], title=title)
         table.add_row("n", *[str(r["n"]) for r in rows])
         for k in keys:
-            table.add_row(k, *[format_ci(r[k]) if k in r else "-" for r in rows])
+            table.add_row(escape(k), *[format_ci(r[k]) if k in r else "-" for r in rows])
     console.print(table)
     console.print(f"report: {main_run / 'report.html'}")
     return combined
