@@ -104,6 +104,7 @@ def evaluate(
     n_boot: Annotated[int | None, typer.Option(help="bootstrap resamples (default from config)")] = None,
     counterfactual: Annotated[list[str] | None, typer.Option(
         help="FIELD=shuffle|VALUE: rerun with wrong text and report the metric drop (repeatable)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="eval.* overrides like eval.tta=true")] = None,
 ) -> None:
     """Evaluate a run's best checkpoint with bootstrap CIs and write report.json/report.html."""
     from medfuse.engine.evaluate import evaluate as _evaluate
@@ -115,23 +116,29 @@ def evaluate(
         if "=" not in spec:
             raise MedfuseError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE",
                                "e.g. --counterfactual margin=shuffle")
-    report = _evaluate(run_dir, split=split, n_boot=n_boot, counterfactual=counterfactual)
+    report = _evaluate(run_dir, split=split, n_boot=n_boot, counterfactual=counterfactual, overrides=overrides)
     console.print(metrics_table(report.get("metrics", {})))
     console.print(f"report: {run_dir / 'report.html'}")
 
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
-    inputs: Annotated[list[str], typer.Argument(help="one image per modality, or a manifest/dataset folder")],
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory or an exported model.zip")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="a folder of <case>_<XXXX>.<ending> images (e.g. imagesTs), a dataset folder or manifest, "
+             "nnU-Net-style files, or one image per modality; then eval.* overrides key=value")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
     modalities: Annotated[str | None, typer.Option(help="comma-separated modality names of INPUTS")] = None,
 ) -> None:
-    """Predict new cases with a trained run."""
+    """Predict new cases with a trained run or package; outputs lie on each input's own grid."""
     from medfuse.engine.predict import predict as _predict
 
     mods = [m.strip() for m in modalities.split(",")] if modalities else None
-    path = _predict(run_dir, inputs, out, modalities=mods)
+    overrides = [a for a in inputs if "=" in a and not Path(a).exists()]
+    files = [a for a in inputs if a not in overrides]
+    if not files:
+        raise MedfuseError("INPUTS", "no input given", "give an imagesTs folder, a manifest or image files")
+    path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True)
     console.print(f"predictions: {path}")
 
 

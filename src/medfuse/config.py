@@ -82,7 +82,9 @@ class TransformsConfig(_Strict):
         default_factory=lambda: {"*": IntensityConfig()},
         description="per modality; the key '*' applies to modalities not named",
     )
-    spatial_size: tuple[PosInt, PosInt, PosInt] | None = None
+    spatial_size: tuple[PosInt, PosInt, PosInt] | None = Field(
+        None, description="training patch (D, H, W) cut by train_crop; optional. Segmentation evaluation "
+        "and predict always use whole volumes (classification/contrastive chains centre-crop to it)")
     train_crop: Literal["center", "random", "foreground"] = "center"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -102,11 +104,21 @@ class SplitConfig(_Strict):
         return self
 
 
+class DicomConfig(_Strict):
+    """How DICOM folders and SEGs are read (:class:`medfuse.data.dicom.DicomOptions`)."""
+
+    series: str | None = Field(None, description="series to read from a folder holding several: UID, number or description")
+    on_gap: Literal["error", "resample"] = Field(
+        "error", description="missing slices / uneven spacing: refuse, or resample onto a uniform grid (logged)")
+    seg_threshold: float = Field(0.5, gt=0, le=1, description="threshold of fractional DICOM SEG segments")
+    reference: str | None = Field(None, description="image series a DICOM SEG is placed on (default: found by UID)")
+
+
 class DataConfig(_Strict):
     """Where the cases are and how they become tensors."""
 
     root: str | None = None
-    layout: Literal["auto", "manifest", "nnunet", "msd", "brats"] = "auto"
+    layout: Literal["auto", "manifest", "nnunet", "msd", "brats", "busbra"] = "auto"
     demo: str | None = Field(None, description="generate this family's demo data into root if it is missing")
     demo_params: dict[str, Any] = Field(default_factory=dict)
     modalities: list[str] | None = None
@@ -115,6 +127,7 @@ class DataConfig(_Strict):
     label_map: dict[int, int] | None = Field(
         None, description="regroup case labels, e.g. {0: 0, 1: 0, 2: 1, 3: 1} for T1-2 vs T3-4 (set class_names too)")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     batch_size: PosInt = 2
     eval_batch_size: PosInt | None = None
@@ -203,7 +216,13 @@ class EvalConfig(_Strict):
     n_boot: NonNegInt = 1000
     ci: float = Field(0.95, gt=0.0, lt=1.0)
     roi_size: tuple[PosInt, PosInt, PosInt] | None = Field(None, description="sliding-window ROI; None = whole volume")
-    sw_overlap: Fraction = 0.25
+    sw_overlap: Fraction = Field(0.25, description="sliding-window overlap between neighbouring windows")
+    sw_mode: Literal["gaussian", "constant"] = Field(
+        "gaussian", description="blending of overlapping windows (gaussian weights the window centre)")
+    sw_batch_size: PosInt = Field(2, description="windows per forward pass")
+    tta: bool = Field(False, description="mirroring test-time augmentation: every flip combination of the "
+                      "spatial axes (8 passes in 3D), outputs averaged (nnU-Net)")
+    save_probabilities: bool = Field(False, description="predict also writes <case>_probs.nii.gz (K channels)")
     overlays: NonNegInt = 3
 
 
@@ -416,5 +435,8 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".config.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
     os.replace(tmp, p)
     return p

@@ -229,10 +229,17 @@ def test_dicom_series_hu_applied_once(tmp_path, target):
     )
     assert np.array_equal(stored, HU + 1024)  # the file really holds shifted values
 
-    vol = read_image(folder if target == "folder" else folder / "100_002.dcm")
+    if target == "folder":  # two series in one folder: refused unless one is named
+        from medfuse.data.dicom import use_dicom_options
+
+        with pytest.raises(DataError, match="holds 2 DICOM series"):
+            read_image(folder)
+        with use_dicom_options({"series": "1.2.826.0.1.2.100"}):
+            vol = read_image(folder)
+    else:
+        vol = read_image(folder / "100_002.dcm")
     assert vol.meta["series_uid"] == "1.2.826.0.1.2.100" and vol.meta["n_files"] == 4
-    if target == "folder":
-        assert vol.meta["other_series"] == {"1.2.826.0.1.2.200": 2}
+    assert vol.meta["other_series"] == {"1.2.826.0.1.2.200": 2}
     assert vol.meta["hu"] is True and vol.meta["rescale_applied"] is True
     assert vol.meta["rescale_intercept"] == -1024.0 and vol.meta["rescale_slope"] == 1.0
     assert vol.shape == (1, 4, 6, 5)

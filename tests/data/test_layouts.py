@@ -122,8 +122,10 @@ def test_nnunet(tmp_path):
         for ch in (0, 1):
             _vol(tmp_path / "imagesTr" / f"{cid}_{ch:04d}.nii.gz")
         _vol(tmp_path / "labelsTr" / f"{cid}.nii.gz", value=0)
-    for ch in (0, 1):
-        _vol(tmp_path / "imagesTs" / f"pro_100_{ch:04d}.nii.gz")
+    for cid in ("pro_100", "pro_101"):
+        for ch in (0, 1):
+            _vol(tmp_path / "imagesTs" / f"{cid}_{ch:04d}.nii.gz")
+    _vol(tmp_path / "labelsTs" / "pro_100.nii.gz", value=0)  # pro_101 has no label: it is for predict
     table = load_cases(tmp_path)
     assert table.layout == "nnunet" and table.modalities == ["T2", "ADC"]
     assert [c.case_id for c in table.cases] == ["pro_001", "pro_002", "pro_100"]
@@ -134,7 +136,7 @@ def test_nnunet(tmp_path):
         "ADC": str(tmp_path / "imagesTr" / "pro_002_0001.nii.gz"),
     }
     assert c.mask == str(tmp_path / "labelsTr" / "pro_002.nii.gz")
-    assert table.cases[2].mask is None
+    assert table.cases[2].mask == str(tmp_path / "labelsTs" / "pro_100.nii.gz")
     assert sorted(table.mask_labels.values()) == [0, 1, 2]
     assert not table.patient_ids_given and all(c.patient_id == c.case_id for c in table.cases)
 

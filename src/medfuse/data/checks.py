@@ -8,6 +8,9 @@ Rules (the ``[rule]`` tag of each line):
   dataset requires masks).
 * ``unreadable`` - the file exists but cannot be read (corrupt, truncated, unsupported, or a header
   that declares more voxels than the file can hold).
+* ``dicom`` - a DICOM series that cannot be read truthfully: several series in one folder, missing
+  slices, non-uniform spacing, duplicate positions, mixed orientations, a localizer or projection
+  set, a truncated slice, a SEG whose referenced series is not found (:mod:`medfuse.data.dicom`).
 * ``channels`` - a multi-channel file has fewer channels than the modalities mapped to it.
 * ``grid`` - the modalities and mask of one case differ in shape, spacing or affine.
 * ``dims`` - a single-slice (2D) image or mask in a case whose other files are 3D volumes.
@@ -282,7 +285,9 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                     volumes[path] = read_image(path)
                 except _READ_ERRORS as e:
                     reason = e.problem if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-                    problems.append(Problem(path, "unreadable", f"{what} of case '{cid}' cannot be read: {reason}",
+                    rule = getattr(e, "rule", "unreadable")
+                    problems.append(Problem(path, rule, f"{what} of case '{cid}' cannot be read: {reason}",
+                                            e.fix if rule != "unreadable" and isinstance(e, DataError) else "",
                                             case_id=cid))  # fmt: skip
                 else:
                     bad = nonfinite_problem(volumes[path].array, path, what, cid)

@@ -77,12 +77,35 @@ class SeededDataset(Dataset):
         return self.base[idx]
 
 
+def _pad_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the trailing ``len(size)`` axes of ``x`` at their end up to ``size``."""
+    pad: list[int] = []
+    for s, t in zip(reversed(x.shape[-len(size):]), reversed(size), strict=True):
+        pad += [0, int(t) - int(s)]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Default collate, but strings and missing keys stay lists and ``None`` is kept."""
+    """Default collate, but strings and missing keys stay lists and ``None`` is kept.
+
+    Volumes of different spatial sizes (``image`` (C, D, H, W) and the tensors sharing its spatial
+    size, e.g. ``mask``) are zero-padded at the far end of each axis to the largest in the batch
+    (MONAI ``pad_list_data_collate`` semantics, with the affine's origin voxel unchanged), and
+    ``spatial_shape`` (B, 3) records each case's own (D, H, W) so outputs can be cropped back.
+    """
     out: dict[str, Any] = {}
+    img = [b.get("image") for b in batch]
+    sizes = [tuple(x.shape[-3:]) for x in img if isinstance(x, torch.Tensor) and x.ndim >= 4]
+    target = None
+    if len(sizes) == len(batch) and len(set(sizes)) > 1:
+        target = tuple(max(s[i] for s in sizes) for i in range(3))
+        out["spatial_shape"] = torch.tensor(sizes, dtype=torch.long)
     for key in batch[0]:
         vals = [b.get(key) for b in batch]
         if all(isinstance(v, torch.Tensor) for v in vals):
+            if target is not None and all(v.ndim >= 4 and tuple(v.shape[-3:]) == s
+                                          for v, s in zip(vals, sizes, strict=True)):
+                vals = [_pad_to(v, target) for v in vals]
             out[key] = torch.stack(vals)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             out[key] = torch.as_tensor(vals)
@@ -120,6 +143,9 @@ def load_table(cfg: Config):
     run become their class index.
     """
     from medfuse.data.checks import validate_table
+    from medfuse.data.dicom import set_dicom_options
+
+    set_dicom_options(cfg.data.dicom)  # data.dicom applies to every DICOM read of this run
     from medfuse.data.layouts import load_cases
 
     root = data_root(cfg)
@@ -267,7 +293,8 @@ class CaseDataModule(L.LightningDataModule):
                 raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
                                 "add cases or change data.split fractions")
             tf = build_transforms(self.cfg.data.transforms, self.modalities, train=(split == "train"),
-                                  has_mask=self.has_mask, mask_values=self.mask_values)
+                                  has_mask=self.has_mask, mask_values=self.mask_values,
+                                  crop_eval=self.cfg.task != "segmentation")
             items = [case_to_item(c, self.modalities) for c in cases]
             cache = self.cfg.data.cache_dir
             self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache))

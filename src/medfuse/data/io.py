@@ -9,13 +9,15 @@ Formats (chosen by suffix; a directory is a DICOM series):
 * ``.nii`` / ``.nii.gz`` (nibabel). 4D files ``(X, Y, Z, C)`` such as MSD Task01 give ``C`` channels;
   5D vector files ``(X, Y, Z, 1, C)`` as written by ITK likewise; RGB NIfTI gives 3 channels.
   ``scl_slope`` / ``scl_inter`` are applied by nibabel.
-* DICOM folder or ``.dcm`` file (SimpleITK ``ImageSeriesReader``). If a folder holds several series
-  the one with most files is read and the others are listed in ``meta["other_series"]``. GDCM
-  applies RescaleSlope/RescaleIntercept **once** while reading, so the array is
-  ``slope * stored + intercept`` (Hounsfield units for CT, ``meta["hu"] = True``). medfuse never
-  applies them a second time (the CT-RATE double-rescale bug); the values read with pydicom are
-  kept in ``meta["rescale_slope"]`` / ``meta["rescale_intercept"]`` for provenance only. A file with
-  no suffix that carries the ``DICM`` marker is read as DICOM too.
+* DICOM folder or ``.dcm`` file (pydicom, :mod:`medfuse.data.dicom`): a file reads its own series,
+  a folder must hold one series (or ``data.dicom.series`` names it); geometry is validated from
+  ImagePositionPatient/ImageOrientationPatient (gaps, uneven spacing, duplicates, mixed
+  orientations, localizers are refused unless ``data.dicom.on_gap: resample``). The array is
+  pydicom's ``pixel_array * RescaleSlope + RescaleIntercept``, applied **once** per slice
+  (Hounsfield units for CT, ``meta["hu"] = True``); never apply the values kept in
+  ``meta["rescale_slope"]`` / ``meta["rescale_intercept"]`` again (the CT-RATE double-rescale
+  bug). A DICOM SEG reads as a label map on its referenced series' grid (:mod:`medfuse.data.seg`).
+  A file with no suffix that carries the ``DICM`` marker is read as DICOM too.
 * ``.nrrd`` / ``.nhdr`` / ``.mha`` / ``.mhd`` (SimpleITK). ITK's LPS origin and direction are turned
   into a RAS affine; multi-component pixels and a 4th image axis become channels.
 * ``.npz``: the image is key ``"array"``, or the only key besides ``"affine"`` / ``"spacing"``. It is
@@ -164,7 +166,7 @@ def read_image(path: str | Path, *, channels_last_4d: bool = True) -> Volume:
         return _read_pillow(p)
     if suffix in (".tif", ".tiff"):
         return _read_tiff(p, channels_last_4d)
-    if _has_dicom_marker(p):
+    if has_dicom_marker(p):
         return _read_dicom(p)
     raise DataError(
         p,
@@ -312,7 +314,8 @@ def _nifti_dtype(data: np.ndarray) -> np.dtype:
     return data.dtype
 
 
-def _has_dicom_marker(path: Path) -> bool:
+def has_dicom_marker(path: Path) -> bool:
+    """The ``DICM`` marker at byte 128 (DICOM Part 10)."""
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -414,44 +417,11 @@ def _read_sitk(path: Path) -> Volume:
 
 
 def _read_dicom(path: Path) -> Volume:
-    import pydicom
-    import SimpleITK as sitk
+    """DICOM file or folder: :func:`medfuse.data.dicom.read_dicom` (options from ``use_dicom_options``)."""
+    from medfuse.data.dicom import read_dicom
 
-    folder = path if path.is_dir() else path.parent
     with _reading(path, "DICOM"):
-        series = {
-            sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))
-            for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        }
-        if path.is_dir():
-            chosen = max(series, key=lambda sid: len(series[sid])) if series else None
-        else:  # a single file: read the whole series it belongs to, or the file alone
-            chosen = str(pydicom.dcmread(str(path), stop_before_pixels=True).get("SeriesInstanceUID", ""))
-            if chosen not in series or not any(Path(f).samefile(path) for f in series[chosen]):
-                chosen = chosen or path.name
-                series[chosen] = [str(path)]
-    if chosen is None:
-        fix = "point to the folder that directly holds the .dcm files"
-        raise DataError(path, "no DICOM series found in this folder", fix)
-    files = series[chosen]
-    with _reading(path, "DICOM"):
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
-        image = reader.Execute()  # GDCM applies RescaleSlope/Intercept here, exactly once
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    modality = str(ds.get("Modality", ""))
-    meta = {
-        "format": "dicom",
-        "series_uid": chosen,
-        "n_files": len(files),
-        "modality": modality,
-        "rescale_slope": float(ds.get("RescaleSlope", 1.0)),
-        "rescale_intercept": float(ds.get("RescaleIntercept", 0.0)),
-        "rescale_applied": True,  # by GDCM while reading; never apply the two values above again
-        "hu": modality == "CT",
-        "other_series": {sid: len(f) for sid, f in series.items() if sid != chosen},
-    }
-    return _sitk_to_volume(image, path, meta)
+        return read_dicom(path)
 
 
 # ------------------------------------------------------------------------------------------- NPZ

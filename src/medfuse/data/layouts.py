@@ -28,6 +28,14 @@ Four on-disk layouts are understood and auto-detected:
     BraTS case folders ``<root>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` or BraTS 2023+
     ``<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (mapped to flair, t1, t1ce, t2).
 
+``busbra``
+    BUS-BRA (Zenodo 8231412): ``bus_data.csv`` (read BOM-safe, header names stripped) with ``ID``,
+    ``Case`` (the patient), ``Pathology``, ``BIRADS``, ``Histology``, ``Device``, ``Side`` and ``BBOX``
+    (``"[x, y, w, h]"``); images ``Images/<ID>.png``, masks ``Masks/mask_<ID without "bus_">.png``
+    (0/255, required). One modality ``us``. Extra fields for ``data.params.text_template``:
+    ``birads``, ``pathology``, ``histology``, ``device``, ``side``; ``box_x0..box_y1`` (inclusive
+    pixels) from ``BBOX``; ``fold`` from the official ``5-fold-cv.csv`` when it is present.
+
 Loading only lists paths; nothing is read, so ``medfuse data check`` can report every bad file.
 """
 
@@ -46,7 +54,7 @@ import yaml
 
 from medfuse.errors import ConfigError, DataError
 
-LAYOUTS = ("manifest", "nnunet", "msd", "brats")
+LAYOUTS = ("manifest", "nnunet", "msd", "brats", "busbra")
 SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 SIDECAR_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
@@ -171,7 +179,8 @@ def load_cases(path: str | Path, layout: str = "auto", modalities: list[str] | N
     if not path.exists():
         raise DataError(path, "does not exist", "pass a manifest file or a dataset folder")
     found, source = _detect(path, layout)
-    loader = {"manifest": _load_manifest, "nnunet": _load_nnunet, "msd": _load_msd, "brats": _load_brats}
+    loader = {"manifest": _load_manifest, "nnunet": _load_nnunet, "msd": _load_msd, "brats": _load_brats,
+              "busbra": _load_busbra}
     table = loader[found](source)
     if check_ids:
         from medfuse.data.paths import check_case_id
@@ -276,6 +285,8 @@ def _candidates(path: Path, layout: str) -> Iterator[tuple[str, Path]]:
             yield kind, path / "dataset.json"
     if layout in ("auto", "brats") and _brats_case_dirs(path):
         yield "brats", path
+    if layout in ("auto", "busbra") and (path / BUSBRA_CSV).is_file():
+        yield "busbra", path
 
 
 def _json_kind(path: Path) -> str | None:
@@ -541,7 +552,9 @@ def _load_nnunet(source: Path) -> CaseTable:
                 for (k, _), m in zip(channels, modalities, strict=True)
             }
             mask = root / labels / f"{case_id}{ending}"
-            has_mask = split is None or mask.exists()
+            if split == "test" and not mask.exists():
+                continue  # an unlabelled imagesTs case is for `medfuse predict`, not for the split
+            has_mask = True
             cases.append(
                 Case(
                     case_id=case_id,
@@ -699,3 +712,56 @@ def _load_brats(root: Path) -> CaseTable:
         patient_ids_given=any(c.patient_id != c.case_id for c in cases),
         source=root,
     )
+
+
+# ----------------------------------------------------------------------------- BUS-BRA
+
+BUSBRA_CSV = "bus_data.csv"
+BUSBRA_FOLDS = "5-fold-cv.csv"
+_BUSBRA_FIELDS = {"BIRADS": "birads", "Pathology": "pathology", "Histology": "histology", "Device": "device",
+                  "Side": "side"}
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV with BOM-safe, stripped header names and stripped cells."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot be read as CSV ({e})", "save it as UTF-8 CSV") from e
+
+
+def _load_busbra(root: Path) -> CaseTable:
+    source = root / BUSBRA_CSV
+    rows = read_csv_rows(source)
+    missing = [c for c in ("ID", "Case") if rows and c not in rows[0]]
+    if not rows or missing:
+        raise DataError(source, f"has no {'rows' if not rows else 'column ' + repr(missing[0])}",
+                        "use the bus_data.csv of BUS-BRA (columns ID, Case, Pathology, BIRADS, ...)")
+    folds: dict[str, str] = {}
+    notes = []
+    if (root / BUSBRA_FOLDS).is_file():
+        folds = {r.get("ID", ""): r.get("kFold", "") for r in read_csv_rows(root / BUSBRA_FOLDS)}
+        notes.append(f"official folds from {BUSBRA_FOLDS} are in the 'fold' field")
+    cases = []
+    for i, r in enumerate(rows, start=2):
+        cid = r.get("ID", "")
+        if not cid:
+            raise DataError(f"{source} (line {i})", "has an empty ID", "give every row an ID")
+        extra: dict[str, Any] = {v: r.get(k, "") for k, v in _BUSBRA_FIELDS.items()}
+        bbox = r.get("BBOX", "")
+        if bbox:
+            try:
+                x, y, w, h = (float(v) for v in bbox.strip("[]() ").replace(",", " ").split())
+            except ValueError as e:
+                raise DataError(f"{source} (line {i})", f"BBOX '{bbox}' is not [x, y, w, h]",
+                                "fix the cell or remove it (boxes then come from the mask)") from e
+            extra.update(box_x0=x, box_y0=y, box_x1=x + w - 1, box_y1=y + h - 1)
+        if folds:
+            extra["fold"] = folds.get(cid) or None
+        stem = cid[len("bus_"):] if cid.startswith("bus_") else cid
+        cases.append(Case(case_id=cid, patient_id=r.get("Case") or cid, images={"us": str(root / "Images" / f"{cid}.png")},
+                          mask=str(root / "Masks" / f"mask_{stem}.png"), extra=extra))
+    return CaseTable(root=root, layout="busbra", modalities=["us"], cases=cases,
+                     mask_labels={"background": 0, "lesion": 255}, mask_required=True,
+                     patient_ids_given=True, source=source, notes=notes)

@@ -172,6 +172,9 @@ class LoadCased(mt.MapTransform):
             d[key] = MetaTensor(torch.cat(chans_out), affine=ref.affine.clone(),
                                 meta={"filename_or_obj": ref.meta["filename_or_obj"]})  # (M, i, j, k)
             d["present"] = torch.tensor([0.0 if x is None else 1.0 for x in loaded])
+            # the input's own grid, for writing predictions back onto it (engine.inference.to_input_grid)
+            d["orig_affine"] = ref.affine.detach().cpu().to(torch.float64).clone()  # (4, 4)
+            d["orig_shape"] = torch.tensor(_cdhw(ref)[1:], dtype=torch.long)  # (3,) = (D, H, W)
             if self.load_mask and d.get(self.mask_key) is not None:
                 d[self.mask_key] = self._mask(str(d[self.mask_key]), ref, cache, str(case))
             else:
@@ -388,7 +391,8 @@ def _check(cfg: TransformsConfig, modalities: list[str]) -> None:
 
 
 def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: bool,
-                     has_mask: bool, mask_values: Sequence[int] | None = None) -> MedfuseCompose:
+                     has_mask: bool, mask_values: Sequence[int] | None = None,
+                     crop_eval: bool = True) -> MedfuseCompose:
     """Assemble the dict-transform chain for items made by :func:`case_to_item`.
 
     Order: :class:`LoadCased` -> ``Orientationd(cfg.orientation)`` -> ``Spacingd`` (``cfg.spacing``
@@ -397,7 +401,8 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
     augmentation -> :class:`ToSliceMajord`. Deterministic steps come first so that a
     PersistentDataset caches everything before the first random transform.
 
-    Cropping. Eval: ``ResizeWithPadOrCropd`` (centre). Train, by ``cfg.train_crop``: ``center`` as
+    Cropping. Eval: ``ResizeWithPadOrCropd`` (centre) when ``crop_eval``, else the whole volume
+    (segmentation: metrics and predictions are never computed on a crop). Train, by ``cfg.train_crop``: ``center`` as
     eval; ``random``: ``SpatialPadd`` then ``RandSpatialCropd``; ``foreground``: ``SpatialPadd``
     then ``RandCropByPosNegLabeld`` (pos=1, neg=1, num_samples=1) unwrapped to a single dict, so
     the train chain also returns one dict per item. Without a mask ``foreground`` falls back to
@@ -419,11 +424,14 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
         has_mask: items carry a segmentation mask to load and transform alongside the image.
         mask_values: the label values a mask may hold (the dataset's declared labels); a mask with
             another value is refused when its case is read. None: any whole number.
+        crop_eval: an eval chain centre-crops/pads to ``cfg.spatial_size`` (fixed-size batches for
+            classification/contrastive); False keeps whole volumes (segmentation).
 
     Returns:
         A Compose (raising MedfuseErrors unwrapped) mapping an item to ``{"image": (M, D, H, W)
         float32, "mask": (1, D, H, W) int64 (if has_mask), "present": (M,), "affine": (4, 4) float64
-        numpy, ...}``.
+        numpy, "orig_affine": (4, 4) float64 and "orig_shape": (3,) long (the input file's grid,
+        (D, H, W)), ...}``.
 
     Raises:
         ConfigError: an intensity key that is not a modality, or a flip axis outside 0..2.
@@ -439,7 +447,7 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
     if cfg.spacing:
         t.append(mt.Spacingd(pixdim=tuple(reversed(cfg.spacing)), mode=modes, padding_mode="zeros", **both))
     t.append(NormalizeIntensityPerModalityd(modalities, cfg.intensity, keys=img))
-    if cfg.spatial_size:
+    if cfg.spatial_size and (train or crop_eval):
         size = tuple(int(s) for s in reversed(cfg.spatial_size))  # (D, H, W) -> MONAI (i, j, k) = (w, h, d)
         crop = cfg.train_crop if train else "center"
         if crop == "foreground" and not has_mask:
@@ -459,7 +467,7 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
     t.append(ToSliceMajord(keys=(img, mask)))
     compose = MedfuseCompose(t)
     shape = {"cfg": cfg.model_dump(mode="json"), "modalities": list(modalities), "train": train,
-             "has_mask": has_mask}
+             "has_mask": has_mask, "crop_eval": bool(crop_eval or train), "items": 2}
     if mask_values is not None:  # cached items were checked against these values
         shape["mask_values"] = sorted(int(v) for v in mask_values)
     compose.fingerprint = json.dumps(shape, sort_keys=True)

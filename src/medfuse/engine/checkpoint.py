@@ -30,6 +30,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _umask = os.umask(0)
+        os.umask(_umask)
+        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

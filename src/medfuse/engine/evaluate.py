@@ -27,6 +27,18 @@ from medfuse.engine.trainer import build_task, load_run
 from medfuse.errors import ConfigError
 
 
+def check_eval_overrides(overrides: list[str] | None) -> list[str]:
+    """``key=value`` overrides of a trained run: only ``eval.*`` keys may change (the model and
+    its preprocessing are fixed by training)."""
+    out = list(overrides or [])
+    for o in out:
+        key = o.split("=", 1)[0].strip()
+        if "=" not in o or not key.startswith("eval."):
+            raise ConfigError(key or o, "only eval.* settings can be overridden for a trained run",
+                              "e.g. eval.tta=true eval.roi_size=[96,96,96] eval.sw_overlap=0.5")
+    return out
+
+
 def device_for(cfg: Config) -> torch.device:
     if cfg.train.accelerator in ("cpu",) or not torch.cuda.is_available():
         return torch.device("cpu")
@@ -160,38 +172,122 @@ def spacing_of(batch: dict[str, Any], i: int = 0) -> tuple[float, float, float] 
     return (float(sd), float(sh), float(sw))
 
 
+def spacing_from_affine(affine: Any) -> tuple[float, float, float]:
+    """(D, H, W) voxel spacing in mm of a (4, 4) affine whose columns are the w, h, d axes."""
+    a = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)[:3, :3]
+    sw, sh, sd = np.linalg.norm(a, axis=0)
+    return (float(sd), float(sh), float(sw))
+
+
+def case_logits(logits: torch.Tensor, batch: dict[str, Any], i: int) -> torch.Tensor:
+    """Case ``i``'s (K, D, H, W) outputs without the batch padding of different-size cases."""
+    x = logits[i]
+    shapes = batch.get("spatial_shape")
+    if shapes is not None:
+        d, h, w = (int(v) for v in shapes[i].tolist())
+        x = x[..., :d, :h, :w]
+    return x
+
+
+def on_input_grid(x: torch.Tensor, batch: dict[str, Any], i: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Case ``i``'s (K, D, H, W) map moved from the processed grid onto its input file's grid (the
+    inverse of orientation/spacing; :func:`~medfuse.engine.inference.to_input_grid`), with that
+    grid's affine. Items without the input grid keep the processed one."""
+    from medfuse.engine.inference import to_input_grid
+
+    affine = np.asarray(torch.as_tensor(batch["affine"][i]).cpu(), dtype=np.float64) if "affine" in batch \
+        else np.eye(4)
+    if "orig_affine" not in batch or "orig_shape" not in batch:
+        return x, affine
+    dst = np.asarray(torch.as_tensor(batch["orig_affine"][i]).cpu(), dtype=np.float64)
+    shape = [int(v) for v in torch.as_tensor(batch["orig_shape"][i]).tolist()]
+    return to_input_grid(x.float(), affine, dst, shape), dst
+
+
 class SegmentationEvaluator(Evaluator):
-    """Label maps -> per-case Dice/HD95 (whole volumes) with CIs, NIfTI predictions, overlays."""
+    """Label maps -> per-case Dice/HD95 with CIs on the label file's own grid, NIfTI predictions on
+    the input's grid, overlays, ``metrics_per_case.csv``.
+
+    Every case's whole-volume logits (sliding window, padding and TTA by the task) are moved back
+    onto the grid of its label file (orientation and spacing undone, exact for pure reorientation)
+    and scored there against the label file as stored (HD95 in mm of that grid); the prediction is
+    written as ``predictions/<split>/<case_id>.nii.gz`` with the input image's shape and affine.
+    A case without a label file is scored on the processed grid.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.per_case: dict[str, list[np.ndarray]] = {}
+        self.case_ids: list[str] = []
         self.num_classes: int | None = None
         self.shown = 0
         self.out_dir = self.run_dir / "predictions" / self.split
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._cases = {c.case_id: c for c in self.dm.cases.get(self.split, [])}
+
+    def label_values(self, mask: np.ndarray) -> np.ndarray:
+        """A label file's values -> the class indices the model predicts (default: as stored)."""
+        return mask
+
+    def reference(self, batch: dict[str, Any], i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Case ``i``'s label map (D, H, W) as stored in its label file and that file's affine, or
+        None when the case has no label file."""
+        from medfuse.data.io import read_image
+
+        case = self._cases.get(batch["case_id"][i])
+        path = case.mask if case is not None else None
+        if not path or not isinstance(path, (str, Path)) or not Path(path).exists():
+            return None
+        vol = read_image(path)
+        return self.label_values(np.asarray(vol.array[0]).round().astype(np.int64)), np.asarray(vol.affine)
 
     def update(self, batch, out):
         from medfuse.data.io import write_nifti
+        from medfuse.engine.inference import to_input_grid
         from medfuse.metrics import segmentation_case_metrics
         from medfuse.reports.plots import plot_overlay
 
         logits = out["logits"]  # (B, K, D, H, W)
-        self.num_classes = logits.shape[1]
-        pred = logits.argmax(1).cpu()
-        mask = batch["mask"][:, 0].long().cpu()
-        m = segmentation_case_metrics(pred, mask, num_classes=self.num_classes, spacing=spacing_of(batch))
-        for key, v in m.items():
-            self.per_case.setdefault(key, []).append(np.asarray(v))
+        self.num_classes = k = logits.shape[1]
         image = batch["image"].cpu()
         for i, cid in enumerate(batch["case_id"]):
-            affine = np.asarray(batch["affine"][i].cpu()) if "affine" in batch else np.eye(4)
-            write_nifti(pred[i][None].numpy().astype(np.uint8), output_path(self.out_dir, f"{cid}.nii.gz"),
-                        affine=affine)
+            lg = case_logits(logits, batch, i).float().cpu()  # (K, D, H, W) processed grid
+            proc_affine = np.asarray(torch.as_tensor(batch["affine"][i]).cpu()) if "affine" in batch else np.eye(4)
+            ref = self.reference(batch, i)
+            if ref is not None:
+                target_np, t_affine = ref
+                pred_t = to_input_grid(lg, proc_affine, t_affine, target_np.shape).argmax(0)
+                target = torch.from_numpy(target_np)
+                spacing = spacing_from_affine(t_affine)
+            else:
+                pred_t = lg.argmax(0)
+                target = case_logits(batch["mask"], batch, i)[0].long().cpu()
+                spacing = spacing_from_affine(proc_affine)
+            m = segmentation_case_metrics(pred_t[None], target[None], num_classes=k, spacing=spacing)
+            for key, v in m.items():
+                self.per_case.setdefault(key, []).append(np.asarray(v))
+            self.case_ids.append(str(cid))
+            on_grid, affine = on_input_grid(lg, batch, i)
+            write_nifti(on_grid.argmax(0)[None].numpy().astype(np.uint8),
+                        output_path(self.out_dir, f"{cid}.nii.gz"), affine=affine)
             if self.shown < self.cfg.eval.overlays:
-                self.plots[f"overlay {cid}"] = plot_overlay(image[i, 0].numpy(), pred[i].numpy(), mask[i].numpy(),
+                mask = case_logits(batch["mask"], batch, i)[0].cpu().numpy() if "mask" in batch else None
+                img = case_logits(image, batch, i)[0].numpy()
+                self.plots[f"overlay {cid}"] = plot_overlay(img, lg.argmax(0).numpy(), mask,
                                                             self.out_path("plots", f"overlay_{cid}.png"))
                 self.shown += 1
+
+    def write_per_case(self, names: list[str]) -> Path:
+        """``metrics_per_case.csv``: one row per case, Dice/IoU/HD95 (mm) per scored class."""
+        path = self.out_path("metrics_per_case.csv")
+        merged = {key: np.concatenate(v) for key, v in self.per_case.items()}
+        keys = [k for k in ("dice", "iou", "hd95") if k in merged]
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "case_id", *[f"{k}_{n}" for k in keys for n in names]])
+            for r, cid in enumerate(self.case_ids):
+                w.writerow([self.split, cid, *[f"{float(merged[k][r, j]):.6g}" for k in keys for j in range(len(names))]])
+        return path
 
     def class_names(self) -> list[str]:
         k = self.num_classes or 0
@@ -201,6 +297,7 @@ class SegmentationEvaluator(Evaluator):
         from medfuse.metrics import segmentation_report
 
         merged = {key: np.concatenate(v) for key, v in self.per_case.items()}
+        self.write_per_case(self.class_names()[1:])
         rep = segmentation_report(merged, self.class_names()[1:], n_boot=self.n_boot, seed=self.seed)
         extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n") if k in rep}
         return {"metrics": rep, **extra}
@@ -231,7 +328,7 @@ class RetrievalEvaluator(Evaluator):
 
 
 def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None,
-             counterfactual: list[str] | None = None) -> dict[str, Any]:
+             counterfactual: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a run's best checkpoint on a split; write ``report.json``/``report.html``/plots.
 
     Args:
@@ -240,6 +337,7 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
         n_boot: bootstrap resamples (default ``cfg.eval.n_boot``).
         counterfactual: ``FIELD=shuffle|VALUE`` specs, run by the family's evaluator
             (:meth:`Evaluator.counterfactual`; families without one refuse the option).
+        overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...).
 
     Returns:
         The report dict (also written to disk).
@@ -250,13 +348,14 @@ def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None
     if not (run_dir / "config.yaml").is_file():
         load_run(run_dir)  # the one-line "not a run directory" error, before a lock file is made
     with RunLock(run_dir, "evaluate"):
-        return _evaluate(run_dir, split, n_boot, counterfactual)
+        return _evaluate(run_dir, split, n_boot, counterfactual, overrides)
 
 
-def _evaluate(run_dir: Path, split: str, n_boot: int | None, counterfactual: list[str] | None) -> dict[str, Any]:
+def _evaluate(run_dir: Path, split: str, n_boot: int | None, counterfactual: list[str] | None,
+              overrides: list[str] | None = None) -> dict[str, Any]:
     from medfuse.reports import write_report
 
-    cfg, dm, task = load_trained(run_dir)
+    cfg, dm, task = load_trained(run_dir, overrides=check_eval_overrides(overrides))
     _, entry = family_of(cfg)
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     evaluator: Evaluator = entry.evaluator(task, dm, cfg, run_dir, split, n_boot)

@@ -21,7 +21,7 @@ import torch
 from medfuse.config import Config
 from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
-from medfuse.engine.evaluate import load_trained, to_device
+from medfuse.engine.evaluate import check_eval_overrides, load_trained, to_device
 from medfuse.engine.tasks import BaseTask
 from medfuse.errors import DataError
 
@@ -39,14 +39,40 @@ class Predictor:
         self.task, self.dm, self.cfg = task, dm, cfg
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
-        """One image per modality (in the run's order or the ``modalities`` given), or one
-        manifest/dataset path whose cases are all predicted."""
+        """Inputs -> cases. Accepted: a folder of nnU-Net-style images (``<case>_<XXXX>.<ending>``,
+        channel ``i`` = the run's ``i``-th modality; e.g. ``imagesTs``), a dataset folder with
+        ``dataset.json`` + ``imagesTs`` (its test images), a manifest/dataset path (all its cases),
+        several nnU-Net-style files (grouped into cases), or one image per modality of one case (in
+        the run's order or the ``modalities`` given; its id is the first file's nnU-Net case id)."""
         from medfuse.data.checks import validate_table
+        from medfuse.data.inputs import (
+            case_id_of,
+            channel_of,
+            dataset_test_folder,
+            image_cases,
+            image_files,
+            is_image_folder,
+        )
         from medfuse.data.layouts import Case, load_cases
 
         mods = self.dm.modalities
+        for p in inputs:
+            if not Path(p).exists():
+                raise DataError(p, "file not found", "check the path")
+        if len(inputs) == 1 and Path(inputs[0]).is_dir():
+            folder = Path(inputs[0])
+            folder = dataset_test_folder(folder) or folder
+            if is_image_folder(folder):
+                cases = image_cases(image_files(folder), list(mods))
+                self.check_dims(cases)
+                return cases
         if len(inputs) == 1 and (Path(inputs[0]).is_dir() or Path(inputs[0]).suffix in (".csv", ".json")):
             cases = validate_table(load_cases(inputs[0], modalities=mods)).cases
+            self.check_dims(cases)
+            return cases
+        if modalities is None and all(channel_of(p) is not None for p in inputs) \
+                and len({case_id_of(p) for p in inputs}) > 1:
+            cases = image_cases([Path(p) for p in inputs], list(mods))
             self.check_dims(cases)
             return cases
         given = modalities or mods[: len(inputs)]
@@ -56,10 +82,7 @@ class Predictor:
         unknown = [m for m in given if m not in mods]
         if unknown:
             raise DataError(unknown[0], "not a modality of this run", f"use some of: {', '.join(mods)}")
-        for p in inputs:
-            if not Path(p).exists():
-                raise DataError(p, "file not found", "check the path")
-        name = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
+        name = check_case_id(case_id_of(inputs[0]), inputs[0])
         cases = [Case(case_id=name, patient_id=name, images=dict(zip(given, inputs, strict=True)))]
         self.check_dims(cases)
         return cases
@@ -91,11 +114,12 @@ class Predictor:
 
         mods = self.dm.modalities
         tf = build_transforms(self.cfg.data.transforms, mods, train=False, has_mask=False,
-                              mask_values=self.dm.mask_values)
-        items = [tf(case_to_item(c, mods)) for c in cases]
-        bs = max(1, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
-        for i in range(0, len(items), bs):
-            yield to_device(collate(items[i: i + bs]), self.task.device)
+                              mask_values=self.dm.mask_values, crop_eval=self.cfg.task != "segmentation")
+        # whole volumes are read one batch at a time (memory), the others by the batch size
+        bs = 1 if self.cfg.task == "segmentation" else max(1, self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
+        for i in range(0, len(cases), bs):
+            items = [tf(case_to_item(c, mods)) for c in cases[i: i + bs]]
+            yield to_device(collate(items), self.task.device)
 
     def infer(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One forward pass over a batch (default: the task's inference path)."""
@@ -108,11 +132,18 @@ class Predictor:
     def finish(self, out_dir: Path) -> None:
         """Called once after the last batch (e.g. to write a table)."""
 
-    def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None) -> Path:
+    def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
+            progress: bool = False) -> Path:
+        """Predict every case of ``inputs`` into ``out_dir`` (a progress bar over cases when ``progress``)."""
         output_dir(out_dir)
-        with torch.no_grad():
-            for batch in self.batches(self.cases(list(inputs), modalities)):
+        cases = self.cases(list(inputs), modalities)
+        from rich.progress import Progress
+
+        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+            job = bar.add_task("predict", total=len(cases))
+            for batch in self.batches(cases):
                 self.write(batch, self.infer(batch), out_dir)
+                bar.advance(job, len(batch.get("case_id", [None])))
         self.finish(out_dir)
         return out_dir
 
@@ -140,15 +171,23 @@ class ClassificationPredictor(Predictor):
 
 
 class SegmentationPredictor(Predictor):
-    """One label map per case, ``<case_id>_pred.nii.gz`` (processed grid's affine)."""
+    """One label map per case, ``<case_id>.nii.gz`` (nnU-Net naming) on the input image's own grid:
+    its shape and affine exactly (orientation and spacing undone,
+    :func:`~medfuse.engine.evaluate.on_input_grid`). With ``eval.save_probabilities`` also
+    ``<case_id>_probs.nii.gz`` (K softmax channels, float32, same grid)."""
 
     def write(self, batch, out, out_dir):
         from medfuse.data.io import write_nifti
+        from medfuse.engine.evaluate import case_logits, on_input_grid
 
-        pred = out["logits"].argmax(1).cpu().numpy().astype(np.uint8)  # (B, D, H, W)
+        logits = out["logits"]  # (B, K, D, H, W)
         for j, cid in enumerate(batch["case_id"]):
-            write_nifti(pred[j][None], output_path(out_dir, f"{cid}_pred.nii.gz"),
-                        affine=np.asarray(batch["affine"][j].cpu()))
+            lg, affine = on_input_grid(case_logits(logits, batch, j).float().cpu(), batch, j)
+            write_nifti(lg.argmax(0)[None].numpy().astype(np.uint8), output_path(out_dir, f"{cid}.nii.gz"),
+                        affine=affine)
+            if self.cfg.eval.save_probabilities:
+                write_nifti(lg.softmax(0).numpy().astype(np.float32), output_path(out_dir, f"{cid}_probs.nii.gz"),
+                            affine=affine)
 
 
 class EmbeddingPredictor(Predictor):
@@ -170,7 +209,8 @@ class EmbeddingPredictor(Predictor):
 
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
-            modalities: list[str] | None = None) -> Path:
+            modalities: list[str] | None = None, overrides: list[str] | None = None,
+            progress: bool = False) -> Path:
     """Run a trained model on new files with its family's predictor; return the output folder.
 
     Args:
@@ -179,12 +219,14 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
             manifest/dataset path).
         out: output folder.
         modalities: which modalities ``inputs`` are, when not all of them.
+        overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...).
+        progress: show a progress bar over cases.
     """
     output_dir(out)  # a file, or a folder that cannot be written: refused before the model loads
-    cfg, dm, task = load_trained(run_dir)
+    cfg, dm, task = load_trained(run_dir, overrides=check_eval_overrides(overrides))
     _, entry = family_of(cfg)
     predictor: Predictor = entry.predictor(task, dm, cfg)
-    return predictor.run(list(inputs), Path(out), modalities)
+    return predictor.run(list(inputs), Path(out), modalities, progress=progress)
 
 
 def image_shape(path: str | Path) -> tuple[int, ...]:

@@ -218,6 +218,26 @@ def _batch_size(batch: dict[str, Any]) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) else len(batch.get("case_id", [1]))
 
 
+def pad_batch(batch: dict[str, Any], divisor: int) -> dict[str, Any]:
+    """``image`` (B, M, D, H, W) and ``mask`` (B, 1, D, H, W) zero-padded at the far end of each
+    spatial axis to a multiple of ``divisor`` (MONAI ``DivisiblePad``, ``method="end"``)."""
+    image = batch.get("image")
+    if divisor <= 1 or not isinstance(image, torch.Tensor) or image.ndim != 5:
+        return batch
+    spatial = image.shape[2:]
+    if all(s % divisor == 0 for s in spatial):
+        return batch
+    pad: list[int] = []
+    for s in reversed(spatial):
+        pad += [0, -(-int(s) // divisor) * divisor - int(s)]
+    out = dict(batch)
+    out["image"] = F.pad(image, pad)
+    mask = batch.get("mask")
+    if isinstance(mask, torch.Tensor) and mask.shape[2:] == spatial:
+        out["mask"] = F.pad(mask, pad)
+    return out
+
+
 def merge_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in outputs[0]:
@@ -282,15 +302,40 @@ class SegmentationTask(BaseTask):
 
         self.seg_loss = build_segmentation_loss(self.cfg.train.seg_loss, class_weights=self.cfg.train.class_weights)
 
-    def infer_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, M, D, H, W) -> logits (B, K, D, H, W), by sliding window when ``eval.roi_size`` is set."""
-        roi = self.cfg.eval.roi_size
-        if roi is None:
-            return self.model(image)
-        from monai.inferers import sliding_window_inference
+    @property
+    def size_divisor(self) -> int:
+        """What every spatial size given to the network must be divisible by (default: from the
+        params' ``strides``, else 16); a family task with another network overrides this."""
+        from medfuse.engine.inference import size_divisor
 
-        return sliding_window_inference(image, roi, sw_batch_size=2, predictor=self.model,
-                                        overlap=self.cfg.eval.sw_overlap, mode="gaussian")
+        return size_divisor(self.params)
+
+    def run_inference(self, fn: Any, image: torch.Tensor, sliding: bool = True, pad: bool = True) -> Any:
+        """``fn`` over a whole (B, C, D, H, W) volume with the ``eval`` settings: sliding windows of
+        ``eval.roi_size`` (``sw_overlap``, ``sw_mode``, ``sw_batch_size``) when set and ``sliding``,
+        else one pass zero-padded to :attr:`size_divisor` and cropped back; with ``eval.tta`` the
+        average over every mirroring of the spatial axes."""
+        from medfuse.engine.inference import check_roi, infer_padded, mirror_tta, sliding_window
+
+        ev = self.cfg.eval
+        k = self.size_divisor
+
+        def once(x: torch.Tensor) -> Any:
+            if sliding and ev.roi_size is not None:
+                check_roi(ev.roi_size, k)
+                return sliding_window(fn, x, ev.roi_size, ev.sw_overlap, ev.sw_mode, ev.sw_batch_size)
+            return infer_padded(fn, x, k) if pad else fn(x)
+
+        return mirror_tta(once, image) if ev.tta else once(image)
+
+    def infer_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, M, D, H, W) -> logits (B, K, D, H, W) over the whole volume (:meth:`run_inference`;
+        with ``eval.tta`` the mean of the mirrored passes' logits, as nnU-Net v2)."""
+        return self.run_inference(self.model, image)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Pads ``image`` and ``mask`` (background) to :attr:`size_divisor`, then trains."""
+        return super().training_step(pad_batch(batch, self.size_divisor), batch_idx)
 
     def infer(self, batch):
         return {"logits": self.infer_logits(batch["image"])}
@@ -337,10 +382,17 @@ class SegmentationTask(BaseTask):
     def collect(self, batch, out):
         from medfuse.metrics import segmentation_case_metrics
 
-        pred = out["logits"].argmax(1)
+        pred = out["logits"].argmax(1).cpu()
         k = out["logits"].shape[1]
-        m = segmentation_case_metrics(pred.cpu(), batch["mask"][:, 0].long().cpu(), num_classes=k)
-        return {"dice": np.asarray(m["dice"])}
+        mask = batch["mask"][:, 0].long().cpu()
+        shapes = batch.get("spatial_shape")
+        if shapes is None:
+            return {"dice": np.asarray(segmentation_case_metrics(pred, mask, num_classes=k)["dice"])}
+        rows = []  # cases of different sizes: each scored on its own voxels, not the batch padding
+        for i, (d, h, w) in enumerate(shapes.tolist()):
+            m = segmentation_case_metrics(pred[i: i + 1, :d, :h, :w], mask[i: i + 1, :d, :h, :w], num_classes=k)
+            rows.append(np.asarray(m["dice"]))
+        return {"dice": np.concatenate(rows)}
 
     def epoch_metrics(self, merged):
         d = merged["dice"]  # (N, K-1)

@@ -382,6 +382,9 @@ def _write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]])
             w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+        _umask = os.umask(0)
+        os.umask(_umask)
+        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -69,6 +69,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _umask = os.umask(0)
+        os.umask(_umask)
+        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

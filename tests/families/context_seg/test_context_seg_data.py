@@ -324,7 +324,7 @@ def test_train_evaluate_predict_end_to_end(trained):
     assert any(k.startswith("attention ") for k in figures)
     case = build_datamodule(cfg, run).cases["test"][0]
     out = predict(run, [case.images["raw"], case.images["context"]], tmp / "pred")
-    pred = read_volume(str(next(out.glob("*_pred.nii.gz"))))
+    pred = read_volume(str(next(out.glob("*.nii.gz"))))
     assert pred.array.shape == (1, 16, 16, 16)
     np.testing.assert_allclose(pred.affine, read_volume(str(run / "predictions" / "test" / f"{case.case_id}.nii.gz")).affine)
     with pytest.raises(DataError, match="1 inputs for context_mode 'paired'"):

@@ -89,7 +89,7 @@ def test_hu_conversion_is_applied_once(demo_root, tmp_path):
     dm = CTEncoderDataModule(_cfg(demo_root, tmp_path), tmp_path / "run")
     item = dm.dataset("train")[0]
     cid = item["case_id"]
-    stored = nib.load(str(next(demo_root.rglob(f"{cid}.nii.gz")))).get_fdata()  # raw, (x, y, z)
+    stored = nib.load(str(next((demo_root / "train").rglob(f"{cid}.nii.gz")))).get_fdata()  # raw, (x, y, z)
     hu = item["image"][0].numpy()  # (D, H, W) after "none" intensity
     np.testing.assert_allclose(hu, stored.transpose(2, 1, 0) - 1024.0, atol=1e-3)
     assert item["mask"].shape == (1, *SHAPE) and int(item["mask"].max()) <= 9
@@ -133,7 +133,7 @@ def _set_header_scaling(path, slope, inter):
 def test_patients_stay_in_one_split_and_reconstructions(demo_root, tmp_path):
     root = _copy(demo_root, tmp_path / "recon")
     rows = list(csv.DictReader((root / "reports.csv").open()))
-    src = next(root.rglob("train_2_a_1.nii.gz"))
+    src = next((root / "train").rglob("train_2_a_1.nii.gz"))
     for name in ("train_2_a_2", "train_2_b_1"):  # another reconstruction and another scan of patient 2
         (src.parent / f"{name}.nii.gz").write_bytes(src.read_bytes())
         (root / "masks" / f"{name}.nii.gz").write_bytes((root / "masks" / "train_2_a_1.nii.gz").read_bytes())
@@ -182,7 +182,7 @@ def test_user_errors(demo_root, tmp_path):
     with pytest.raises(DataError, match="reports CSV not found"):
         CTEncoderDataModule(_cfg(demo_root, tmp_path, reports="nope.csv"), None)
     root = _copy(demo_root, tmp_path / "partial")
-    next(root.rglob("train_4_a_1.nii.gz")).unlink()
+    next((root / "train").rglob("train_4_a_1.nii.gz")).unlink()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         dm = CTEncoderDataModule(_cfg(root, tmp_path), None)
@@ -212,7 +212,7 @@ def test_data_params_are_the_familys_and_predict_inputs(demo_root, tmp_path):
     assert isinstance(dm, CTEncoderDataModule) and dm.params.hu == "metadata"
     # medfuse predict's inputs: a folder, or a VOLUME MASK pair (not with per-volume metadata)
     assert len(predict_cases([str(demo_root)], dm.params)) == 8
-    vol, mask = str(next(demo_root.rglob("train_1_a_1.nii.gz"))), str(demo_root / "masks" / "train_1_a_1.nii.gz")
+    vol, mask = str(next((demo_root / "train").rglob("train_1_a_1.nii.gz"))), str(demo_root / "masks" / "train_1_a_1.nii.gz")
     with pytest.raises(DataError, match="metadata"):
         predict_cases([vol, mask], dm.params)
     (case,) = predict_cases([vol, mask], CTEncoderDataParams(hu="fixed", hu_intercept=-1024.0))

@@ -292,14 +292,15 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     t = load_file(str(files[0]))
     assert t["global_emb"].shape == (16,) and t["region_emb"].shape == (9, 16)
     assert t["patch_features"].shape[0] == int(t["grid"].prod()) and abs(float(t["global_emb"].norm()) - 1) < 1e-4
-    vol = next(root.rglob("train_1_a_1.nii.gz"))
+    vol = next((root / "train").rglob("train_1_a_1.nii.gz"))
     with pytest.raises(DataError, match="metadata"):
         predict(run, [str(vol), str(root / "masks" / "train_1_a_1.nii.gz")], tmp_path / "emb2")
 
 
 def test_ct_encoder_evaluate_once(tmp_path, monkeypatch):
-    """`medfuse evaluate` runs the encoder once per test batch: retrieval, zero-shot AUROC, region-text
-    alignment and the attention maps all come from that one pass."""
+    """`medfuse evaluate` runs the encoder once per test batch (retrieval, zero-shot AUROC, region-text
+    alignment, attention maps, step metrics all come from that one pass), then once per training
+    batch (linear probe, nearest-neighbour baseline)."""
     import medfuse.engine.evaluate as ev
     from medfuse.engine.trainer import fit
     from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
@@ -317,7 +318,7 @@ def test_ct_encoder_evaluate_once(tmp_path, monkeypatch):
         "eval": {"n_boot": 5},
     })
     run = fit(cfg)
-    calls, batches = [], []
+    calls, batches, train_batches = [], [], []
     load_trained = ev.load_trained
 
     def counting(*args, **kwargs):
@@ -325,11 +326,12 @@ def test_ct_encoder_evaluate_once(tmp_path, monkeypatch):
         # every encoder pass (forward and forward_intermediates) embeds the patches once
         task.model.vision.patch_embed.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
         batches.extend(len(b["case_id"]) for b in dm.loader("test"))
+        train_batches.extend(len(b["case_id"]) for b in dm.eval_loader("train"))
         return cfg, dm, task
 
     monkeypatch.setattr(ev, "load_trained", counting)
     rep = ev.evaluate(run, split="test")
-    assert len(batches) >= 2 and len(calls) == len(batches) and calls == batches
+    assert len(batches) >= 2 and calls == batches + train_batches
     assert rep["n"] == sum(batches) == rep["metrics"]["image_to_text/R@1"]["n"]
     assert "zero_shot/mean_auroc" in rep["metrics"] and "region_text_accuracy" in rep["metrics"]
     assert rep["region_attention_maps"] and all((run / x["png"]).is_file() for x in rep["region_attention_maps"])

@@ -402,10 +402,14 @@ def test_three_stages_resume_evaluate_and_predict_any_subset(phantom_root, tmp_p
 
     case = phantom_root / "Phantom_0003"
     out = predict(full, [str(case / "Phantom_0003_t1ce.nii.gz"), str(case / "Phantom_0003_flair.nii.gz")],
-                  tmp_path / "pred")
-    pred = out / "Phantom_0003_pred.nii.gz"
+                  tmp_path / "pred", overrides=["eval.save_probabilities=true"])
+    pred = out / "Phantom_0003.nii.gz"  # nnU-Net naming, on the input's own grid
     assert pred.is_file() and (out / "Phantom_0003_regions.nii.gz").is_file()
     import nibabel as nib
+
+    src = nib.load(str(case / "Phantom_0003_t1ce.nii.gz"))
+    assert nib.load(str(pred)).shape == src.shape
+    np.testing.assert_array_equal(nib.load(str(pred)).affine, src.affine)
 
     assert set(np.unique(np.asarray(nib.load(str(pred)).dataobj)).tolist()) <= {0, 1, 2, 4}  # raw BraTS labels
     assert "flair+t1ce" in (out / "predictions.csv").read_text()

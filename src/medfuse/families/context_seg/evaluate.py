@@ -77,6 +77,11 @@ class ContextSegEvaluator(SegmentationEvaluator):
     def class_names(self) -> list[str]:
         return class_names(self.dm)
 
+    def reference(self, batch, i):
+        """The family's items already lie on the label grid (its data module resamples the raw and
+        context streams onto it): score there."""
+        return None
+
     def infer(self, batch):
         if self.fusion == "attention" and self._more_figures():
             return self.task.infer_intermediates(batch)  # logits + attention gates, one pass

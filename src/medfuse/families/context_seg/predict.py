@@ -13,7 +13,7 @@ from medfuse.errors import DataError
 
 
 class ContextSegPredictor(SegmentationPredictor):
-    """RAW (and CONTEXT in ``context_mode: paired``) -> ``<name>_pred.nii.gz`` on the training label grid.
+    """RAW (and CONTEXT in ``context_mode: paired``) -> ``<case_id>.nii.gz`` on the training label grid.
 
     The inputs go through the run's data pipeline (frozen encoder, resampling onto the label grid,
     the training cases' ``label_scale``); the label map is written with the label grid's affine.
@@ -31,9 +31,10 @@ class ContextSegPredictor(SegmentationPredictor):
             if not Path(path).exists():
                 raise DataError(path, "file not found", "check the path")
         images = {p.raw: inputs[0]} | ({p.context: inputs[1]} if want == 2 else {})
+        from medfuse.data.inputs import case_id_of
         from medfuse.data.paths import check_case_id
 
-        name = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
+        name = check_case_id(case_id_of(inputs[0]), inputs[0])  # nnU-Net naming: no _XXXX, no ending
         return [Case(case_id=name, patient_id=name, images=images)]
 
     def batches(self, cases: list[Any]):

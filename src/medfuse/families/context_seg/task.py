@@ -18,6 +18,11 @@ from medfuse.engine.tasks import Batch, SegmentationTask
 class ContextSegTask(SegmentationTask):
     """MONAI segmentation loss (``train.seg_loss``) on (B, K, D, H, W) logits from stacked features."""
 
+    @property
+    def size_divisor(self) -> int:
+        """1: the network pads D, H, W to a multiple of 2^levels itself."""
+        return 1
+
     def infer_intermediates(self, batch: Batch) -> dict[str, Any]:
         """Inference that also keeps what evaluation shows, from one (sliding-window) pass.
 
@@ -34,10 +39,4 @@ class ContextSegTask(SegmentationTask):
                 out["attention"] = inter["attention"][0].mean(1, keepdim=True)  # (B, 1, D, H, W)
             return out
 
-        roi = self.cfg.eval.roi_size
-        if roi is None:
-            return predictor(batch["image"])
-        from monai.inferers import sliding_window_inference
-
-        return dict(sliding_window_inference(batch["image"], roi, sw_batch_size=2, predictor=predictor,
-                                             overlap=self.cfg.eval.sw_overlap, mode="gaussian"))
+        return dict(self.run_inference(predictor, batch["image"]))  # eval.roi_size / tta, padded to the divisor

@@ -1,11 +1,15 @@
 """Family ``ct_encoder``: a 3D CT encoder with slice- and region-aware attention, aligned to
 chain-of-thought reports (seed 001).
 
-Where things are: ``model.py`` (the network, ``forward_intermediates`` with the region attention),
-``params.py`` (``model.params`` and ``data.params``), ``task.py`` (the three-level loss),
-``evaluate.py`` (retrieval + zero-shot AUROC + region-text alignment + attention maps in one pass),
-``predict.py`` (embeddings per volume), ``data.py`` (CT-RATE layout, CoT, masks, HU once), ``demo.py`` (the
-chest/abdomen phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
+Where things are: ``model.py`` (the network, ``forward_intermediates`` with the region attention,
+text-to-patch step attention), ``params.py`` (``model.params`` and ``data.params``), ``task.py``
+(the three-level loss, generation, CoT-anchored loss), ``generation.py`` (visual prefix + causal
+LM report generator), ``labeler.py`` (findings labelers for clinical efficacy), ``evaluate.py``
+(every metric of the seed's list: retrieval, volume-to-volume retrieval, zero-shot AUROC, linear
+probe, region-text alignment, step-patch correlation, localization IoU, report generation with a
+nearest-neighbour baseline), ``predict.py`` (embeddings and generated reports per volume),
+``data.py`` (CT-RATE layout, CoT, masks, lesion masks, HU once), ``demo.py`` (the chest/abdomen
+phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ FAMILY = Family(
     models=(
         ModelEntry("ct_encoder", CTEncoderParams, build_ct_encoder, CTEncoderTask, CTEncoderEvaluator,
                    CTEncoderPredictor,
-                   help="3D CT ViT with slice-aware + region-aware attention, 3-level CoT alignment"),
+                   help="3D CT ViT with slice-aware + region-aware attention, 3-level CoT alignment, "
+                        "optional report generator"),
     ),
     data_params=CTEncoderDataParams,
     datamodule=ct_encoder_datamodule,

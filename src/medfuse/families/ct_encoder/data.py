@@ -11,16 +11,22 @@ default, relative to the root)::
     <root>/regions.json               {"region_names": {"1": "right upper lobe", ...},
                                        "region_groups": {"right lung": [1, 2, 3], ...}}
     <root>/metadata.csv   (optional)  VolumeName, RescaleSlope, RescaleIntercept
-    <root>/labels.csv     (optional)  VolumeName + one 0/1 column per abnormality (zero-shot AUROC)
+    <root>/labels.csv     (optional)  VolumeName + one 0/1 column per abnormality (zero-shot AUROC,
+                                      linear probe, clinical efficacy of generated reports)
     <root>/cot.json       (optional)  chain-of-thought records (JSON list or JSONL), the seed's schema:
                                       {"volumename" | "case_id", "cot_reasoning": [{"step", "text",
-                                       "anatomical_entities", "mask_region"}], ...}; a record
-                                      with only "answer" (CT-RATE CoT) is split into sentences.
+                                       "anatomical_entities", "mask_region", "lesion"?}], ...}; a
+                                      record with only "answer" (CT-RATE CoT) is split into sentences.
+    <root>/lesions/<VolumeName> (optional) lesion mask per volume (label k = the lesion a CoT step
+                                      names with "lesion": k), for localization IoU
 
-Per case the batch carries ``text`` (the impression; findings if there is none), ``region_text``
-(``[[region_id, sentences of the findings that name exactly that region]]``) and ``steps``
-(``[[step text, [region ids of its mask_region]]]``), ``labels`` (abnormality vector, NaN when
-unknown), ``image`` (B, 1, D, H, W) and ``mask`` (B, 1, D, H, W).
+Per case the batch carries ``text`` (the impression; findings if there is none), ``findings``,
+``region_text`` (``[[region_id, sentences of the findings that name exactly that region]]``),
+``steps`` (``[[step text, [region ids of its mask_region]]]``), ``step_lesions`` (the lesion label
+of each step, 0 = none), ``labels`` (abnormality vector, NaN when unknown), ``image`` (B, 1, D, H,
+W), ``mask`` (B, 1, D, H, W) and, when any case has a lesion mask, ``lesion`` (B, 1, D, H, W) (zeros
+for a case without one). The lesion mask rides through every transform as a second mask channel
+(:class:`AttachLesiond` / :class:`SplitLesiond`), so flips and crops move it with the image.
 
 **HU conversion is explicit and applied once** (REFERENCE: CT-RATE v2 files are already in HU and
 applying slope/intercept again is CT-CLIP's issues #28/#50): ``data.params.hu`` is ``none`` (files
@@ -40,7 +46,6 @@ layout) for :class:`~medfuse.families.ct_encoder.evaluate.CTEncoderPredictor`.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import warnings
@@ -50,10 +55,12 @@ from typing import Any
 import lightning as L
 import monai.transforms as mt
 import numpy as np
+import torch
 
 from medfuse.config import Config, validate_params
-from medfuse.data.datamodule import CaseDataModule, SeededDataset, data_root, resolve_splits
-from medfuse.data.layouts import Case, CaseTable
+from medfuse.data.datamodule import CaseDataModule, SeededDataset, SeededSampler, data_root, resolve_splits
+from medfuse.data.layouts import Case, CaseTable, read_csv_rows
+from medfuse.data.paths import check_case_id
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
 
@@ -76,12 +83,7 @@ def check_params(cfg: Config) -> CTEncoderDataParams:
     return p
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(path, f"cannot be read as CSV ({e})", "save it as UTF-8 CSV") from e
+_csv = read_csv_rows  # BOM-safe, stripped headers and cells
 
 
 def _stem(name: str) -> str:
@@ -195,6 +197,15 @@ def cot_steps(record: dict[str, Any], vocab: RegionVocab) -> list[list[Any]]:
     return [[s, vocab.mentions(s)] for s in sentences(record.get("answer", ""))]
 
 
+def cot_step_lesions(record: dict[str, Any]) -> list[int]:
+    """The lesion label each step of :func:`cot_steps` names (its ``lesion`` field; 0 = none), in step order."""
+    steps = record.get("cot_reasoning")
+    if not isinstance(steps, list):
+        return [0] * len(sentences(record.get("answer", "")))
+    ordered = sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0))
+    return [int(s.get("lesion") or 0) for s in ordered if str(s.get("text") or "").strip()]
+
+
 def _read_cot(path: Path) -> dict[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     try:
@@ -235,9 +246,13 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     masks = root / str(p.masks)
     if not masks.is_dir():
         raise DataError(masks, "region mask folder not found", "set data.params.masks (one mask per volume)")
+    lesions = _optional(root, p, "lesions")
+    lesion_index = {_stem(f.name): f for f in lesions.rglob("*") if f.is_file()} if lesions else {}
     index = {_stem(f.name): f for f in sorted(root.rglob("*"))
-             if f.is_file() and f.name.lower().endswith(_VOLUME_SUFFIXES) and masks not in f.parents}
+             if f.is_file() and f.name.lower().endswith(_VOLUME_SUFFIXES) and masks not in f.parents
+             and (lesions is None or lesions not in f.parents)}
     mask_index = {_stem(f.name): f for f in masks.rglob("*") if f.is_file()}
+
     meta_path = _optional(root, p, "metadata")
     meta = {_stem(r.get("VolumeName", "")): r for r in _csv(meta_path)} if meta_path else {}
     if p.hu == "metadata" and not meta:
@@ -285,7 +300,9 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
             case_id=stem, patient_id=m["patient"] if m else stem, images={"ct": str(index[stem])},
             mask=str(mask_index[stem]), text=impression,
             extra={"findings": findings, "region_text": region_sentences(findings, vocab),
-                   "steps": cot_steps(rec, vocab) if rec else [], "labels": labels, "hu": hu}))
+                   "steps": cot_steps(rec, vocab) if rec else [], "step_lesions": cot_step_lesions(rec) if rec else [],
+                   "lesion": str(lesion_index[stem]) if stem in lesion_index else None,
+                   "labels": labels, "hu": hu}))
     if missing:
         warnings.warn(f"{len(missing)} volumes of {reports_path.name} are not under {root} (e.g. {missing[0]}); "
                       "they are skipped", stacklevel=2)
@@ -336,13 +353,55 @@ class Hounsfieldd(mt.MapTransform):
         return d
 
 
-def ct_transforms(cfg: Config, train: bool):
-    """The platform chain (load, orient, space, window, crop/pad) with the HU step after loading."""
+class AttachLesiond(mt.MapTransform):
+    """Right after loading: read ``item["lesion"]`` (a lesion-mask path, or None) onto the image grid
+    and stack it as channel 1 of the region mask, so that every spatial step (orientation, spacing,
+    crop, flips) moves both alike; a case without one gets an empty channel."""
+
+    def __init__(self, keys: str = "mask"):
+        super().__init__(keys)
+
+    def __call__(self, data):
+        from monai.data import MetaTensor
+
+        from medfuse.data.transforms import LoadCased
+
+        d = dict(data)
+        path = d.pop("lesion", None)
+        mask = d["mask"]
+        if path:
+            lesion = LoadCased(["ct"])._mask(str(path), d["image"], {}, str(d.get("case_id", "?"))).as_tensor()
+        else:
+            lesion = torch.zeros_like(mask.as_tensor())
+        d["mask"] = MetaTensor(torch.cat([mask.as_tensor(), lesion.to(mask.dtype)]), affine=mask.affine.clone(),
+                               meta={k: v for k, v in mask.meta.items() if k != "affine"})
+        return d
+
+
+class SplitLesiond(mt.MapTransform):
+    """Last step: channel 1 of ``mask`` (1 + 1, D, H, W) becomes ``lesion`` (1, D, H, W)."""
+
+    def __init__(self, keys: str = "mask"):
+        super().__init__(keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        d["lesion"] = d["mask"][1:2].clone()
+        d["mask"] = d["mask"][:1].contiguous()
+        return d
+
+
+def ct_transforms(cfg: Config, train: bool, lesions: bool = False):
+    """The platform chain (load, orient, space, window, crop/pad) with the HU step after loading;
+    with ``lesions`` the lesion masks ride along as a second mask channel and come out as ``lesion``."""
     from medfuse.data.transforms import MedfuseCompose, build_transforms
 
     base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True)
-    chain = MedfuseCompose([base.transforms[0], Hounsfieldd(), *base.transforms[1:]])
-    chain.fingerprint = base.fingerprint + "|hu-once"
+    steps = [base.transforms[0], Hounsfieldd(), *base.transforms[1:]]
+    if lesions:
+        steps = [steps[0], steps[1], AttachLesiond(), *steps[2:], SplitLesiond()]
+    chain = MedfuseCompose(steps)
+    chain.fingerprint = base.fingerprint + "|hu-once" + ("|lesions" if lesions else "")
     return chain
 
 
@@ -355,6 +414,10 @@ def case_item(case: Case) -> dict[str, Any]:
     item["text"] = case.text
     for key in ("region_text", "steps", "labels", "hu"):
         item[key] = case.extra.get(key) or ([] if key != "hu" else None)
+    item["findings"] = str(case.extra.get("findings") or "")
+    item["step_lesions"] = list(case.extra.get("step_lesions") or [])
+    if case.extra.get("lesion"):
+        item["lesion"] = str(case.extra["lesion"])
     item.pop("label", None)
     return item
 
@@ -394,9 +457,34 @@ class CTEncoderDataModule(CaseDataModule):
                 raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
                                 "add cases or change data.split fractions")
             items = [case_item(c) for c in self.cases[split]]
-            tf = ct_transforms(self.cfg, train=(split == "train"))
+            tf = ct_transforms(self.cfg, train=(split == "train"), lesions=self.has_lesions)
             self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
         return self._datasets[split]
+
+    @property
+    def has_lesions(self) -> bool:
+        """Whether any case has a lesion mask (then every batch carries ``lesion``)."""
+        return any(c.extra.get("lesion") for c in self.table.cases)
+
+    def eval_loader(self, split: str):
+        """An unshuffled loader over ``split`` with the evaluation transforms (no augmentation), e.g.
+        the training cases for the linear probe and the nearest-neighbour baseline."""
+        from torch.utils.data import DataLoader
+
+        from medfuse.data.datamodule import collate, derive_seed
+        from medfuse.data.transforms import build_dataset
+
+        if split != "train":
+            return self.loader(split)
+        key = "train:eval"
+        if key not in self._datasets:
+            items = [case_item(c) for c in self.cases["train"]]
+            tf = ct_transforms(self.cfg, train=False, lesions=self.has_lesions)
+            self._datasets[key] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
+        ds = self._datasets[key]
+        return DataLoader(ds, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                          sampler=SeededSampler(len(ds), derive_seed(self.cfg.train.seed, key), shuffle=False),
+                          num_workers=self.cfg.data.num_workers, collate_fn=collate)
 
 
 def ct_encoder_datamodule(cfg: Config, run_dir: Path | None = None) -> CTEncoderDataModule:
@@ -417,7 +505,7 @@ def predict_cases(inputs: list[str], p: CTEncoderDataParams) -> list[Case]:
             raise DataError(inputs[0], "this run converts to HU with per-volume metadata",
                             "pass a dataset folder with its metadata CSV instead of single files")
         hu = [float(p.hu_slope), float(p.hu_intercept)] if p.hu == "fixed" else None
-        stem = Path(inputs[0]).name.split(".")[0]
+        stem = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
         return [Case(case_id=stem, patient_id=stem, images={"ct": inputs[0]}, mask=inputs[1], text="",
                      extra={"hu": hu})]
     raise DataError(" ".join(inputs), "ct_encoder predicts from a VOLUME MASK pair or one dataset folder",

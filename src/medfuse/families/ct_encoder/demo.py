@@ -20,15 +20,21 @@ literally so: **the region a finding lies in can be read from the mask but not f
 * **Reports** name region, finding and size (CT-RATE columns): findings have one sentence per
   region; the impression lists the abnormal findings (unique per volume); the chain-of-thought
   JSON (seed schema) has one step per finding with its ``mask_region`` (a region, or a group such
-  as "right lung" for an effusion) and a "lungs otherwise clear" step over all lobes.
+  as "right lung" for an effusion) and a "lungs otherwise clear" step over all lobes; a step about
+  a nodule or liver lesion also names its ``lesion`` label in the lesion mask.
+* **Generatable reports.** Findings (one templated sentence per region, in a fixed order) and
+  impression are a function of what the volume and its mask show, so a generator conditioned on
+  the encoder can write them; the keyword labeler of
+  :mod:`~medfuse.families.ct_encoder.labeler` reads the 8 findings of ``labels.csv`` back from
+  them exactly (a test checks it), which makes clinical efficacy (CE-F1) well defined.
 
 Two volumes with the same findings in different lobes get different reports, so report <->
 volume retrieval needs the anatomy; a region-blind encoder can at best guess the lobe.
 
 Files (CT-RATE layout, see :mod:`medfuse.families.ct_encoder.data`): volumes stored as raw int16 (HU +
 1024, with ``metadata.csv`` slope 1 / intercept -1024, i.e. CT-RATE v1 style) under
-``train/train_<i>/train_<i>_a/``, ``masks/``, ``reports.csv``, ``metadata.csv``, ``labels.csv``,
-``cot.json`` and ``regions.json``.
+``train/train_<i>/train_<i>_a/``, ``masks/``, ``lesions/`` (finding k of a case labelled k where
+it was drawn), ``reports.csv``, ``metadata.csv``, ``labels.csv``, ``cot.json`` and ``regions.json``.
 """
 
 from __future__ import annotations
@@ -177,19 +183,19 @@ def sample_case(rng: np.random.Generator, shape=(32, 48, 48)) -> dict:
 
 def write_reports(case: dict) -> dict:
     """Findings (one sentence per region), impression, CoT steps and labels of one case."""
-    by_region = {f["region"]: f for f in case["findings"]}
+    by_region = {f["region"]: (k, f) for k, f in enumerate(case["findings"], start=1)}
     findings, imp, steps = [], [], []
     for rid, name in enumerate(REGIONS, start=1):
-        f = by_region.get(rid)
+        k, f = by_region.get(rid, (0, None))
         title = name.capitalize()
         if f is not None and f["kind"] == "nodule":
             findings.append(f"{title}: a {f['size_mm']} mm solid nodule.")
             imp.append(f"{f['size_mm']} mm nodule in the {name}.")
-            steps.append((f"{title} - a {f['size_mm']} mm solid, well-circumscribed nodule.", name))
+            steps.append((f"{title} - a {f['size_mm']} mm solid, well-circumscribed nodule.", name, k))
         elif f is not None:
             findings.append(f"{title}: a {f['size_mm']} mm hypodense lesion.")
             imp.append(f"{f['size_mm']} mm hypodense lesion in the {name}.")
-            steps.append((f"{title} - a {f['size_mm']} mm hypodense lesion, likely a cyst.", name))
+            steps.append((f"{title} - a {f['size_mm']} mm hypodense lesion, likely a cyst.", name, k))
         elif rid <= 5:
             findings.append(f"{title}: clear.")
         elif rid <= 7:
@@ -202,17 +208,27 @@ def write_reports(case: dict) -> dict:
         side = case["effusion"]
         findings.append(f"Small {side} pleural effusion.")
         imp.append(f"Small {side} pleural effusion.")
-        steps.append((f"{side.capitalize()} pleural space - a small dependent effusion.", f"{side} lung"))
+        steps.append((f"{side.capitalize()} pleural space - a small dependent effusion.", f"{side} lung", 0))
     if case["cardiomegaly"]:
         imp.append("Cardiomegaly.")
-        steps.append(("Heart - the cardiac silhouette is enlarged.", "heart"))
-    steps.append(("Lungs - otherwise clear.", "lungs"))
+        steps.append(("Heart - the cardiac silhouette is enlarged.", "heart", 0))
+    steps.append(("Lungs - otherwise clear.", "lungs", 0))
     nodule_regions = {f["region"] for f in case["findings"] if f["kind"] == "nodule"}
     labels = [*[int(r in nodule_regions) for r in range(1, 6)],
               int(any(f["kind"] == "lesion" for f in case["findings"])), int(case["effusion"] is not None),
               int(case["cardiomegaly"])]
-    cot = [{"step": i + 1, "text": t, "anatomical_entities": [m], "mask_region": m} for i, (t, m) in enumerate(steps)]
+    cot = [{"step": i + 1, "text": t, "anatomical_entities": [m], "mask_region": m, **({"lesion": k} if k else {})}
+           for i, (t, m, k) in enumerate(steps)]
     return {"findings": " ".join(findings), "impression": " ".join(imp), "cot": cot, "labels": labels}
+
+
+def lesion_mask(case: dict, shape: tuple[int, int, int]) -> np.ndarray:
+    """(D, H, W) uint8: finding k (1-based, the order of ``case["findings"]``) where it was drawn, else 0."""
+    z, y, x = np.meshgrid(*(np.arange(s, dtype=np.float64) for s in shape), indexing="ij")
+    out = np.zeros(shape, np.uint8)
+    for k, f in enumerate(case["findings"], start=1):
+        out[_ellipsoid(z, y, x, f["pos"], (f["r"],) * 3) <= 1] = k
+    return out
 
 
 def make_ct_encoder_demo(out: str | Path, n_patients: int = 360, seed: int = 0, quick: bool = False,
@@ -238,6 +254,7 @@ def make_ct_encoder_demo(out: str | Path, n_patients: int = 360, seed: int = 0, 
     affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
     rows, meta, labels, cot, seen = [], [], [], [], set()
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "lesions").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         while True:  # identical impressions would be indistinguishable pairs in retrieval
@@ -253,6 +270,8 @@ def make_ct_encoder_demo(out: str | Path, n_patients: int = 360, seed: int = 0, 
         nib.save(nib.Nifti1Image(np.ascontiguousarray(stored.transpose(2, 1, 0)), affine), folder / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(np.ascontiguousarray(case["mask"].transpose(2, 1, 0)), affine),
                  out / "masks" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(lesion_mask(case, tuple(shape)).transpose(2, 1, 0)), affine),
+                 out / "lesions" / f"{name}.nii.gz")
         rows.append({"VolumeName": f"{name}.nii.gz", "ClinicalInformation_EN": "Screening.",
                      "Technique_EN": "Non-contrast chest CT.", "Findings_EN": rep["findings"],
                      "Impressions_EN": rep["impression"]})

@@ -1,19 +1,43 @@
-"""The ct_encoder family's evaluation and prediction.
+"""The ct_encoder family's evaluation (every item of seed 001's "Evaluation Metrics").
 
-:class:`CTEncoderEvaluator` adds, to the retrieval report of the generic
-:class:`~medfuse.engine.evaluate.RetrievalEvaluator`, from the same single pass over the split and
-the same embeddings:
+:class:`CTEncoderEvaluator` runs the encoder once over the evaluated split (and once over the
+training split, with the evaluation transforms, for the two things that need training data: the
+linear probe and the nearest-neighbour baseline) and reports, from those passes:
 
+* retrieval Recall@k both ways (global head vs impression), ``k`` in ``model.params.retrieval_ks``
+  (default 1, 5, 10, 50, 100; cut-offs above the split size are left out);
+* volume-to-volume retrieval (``volume_to_volume/R@k``): a volume's positives are the other volumes
+  of the split with the same set of findings (identical ``labels.csv`` rows), ranked by cosine of
+  the global embeddings; volumes whose finding set is unique are left out;
 * zero-shot AUROC per abnormality of ``labels.csv``: ``softmax(scale * [cos(v, "{X} is
   present."), cos(v, "{X} is not present.")])``, and their macro mean;
+* lesion classification by a linear probe (``probe/mean_accuracy``, ``probe/mean_auroc``):
+  scikit-learn logistic regression per abnormality on the standardised frozen global features of
+  the training split, scored on the evaluated split (accuracy at 0.5);
 * region-text alignment accuracy (two-alternative, chance 0.5): each present region with a
   sentence must prefer (local head, cosine) its own sentence over a distractor: the region's most
   common sentence in the split (its "normal" one) when its own differs, else another case's
   sentence for that region; a case's score is the share it gets right;
+* step-patch attention correlation (``step_patch_corr``): Pearson correlation, over a volume's
+  patches, between a CoT step's text-to-patch attention
+  (:meth:`~medfuse.families.ct_encoder.model.CTEncoderModel.step_patch_attention`) and the voxel
+  fraction of each patch inside the region the step names; mean per case;
+* lesion localization (``localization_iou``, ``localization_pointing``): for a step that names a
+  lesion of the lesion masks, the patches with attention >= half the step's maximum against the
+  patches the lesion occupies (IoU on the patch grid), and whether the most attended patch holds
+  lesion (pointing game); mean per case;
+* report generation (``generation/bleu1..4``, ``rouge_l``, ``rouge1``, ``meteor``,
+  ``ce_precision``, ``ce_recall``, ``ce_f1``, ``ce_f1_micro``; see
+  :mod:`medfuse.metrics.generation`) of the model's generator against
+  :func:`~medfuse.families.ct_encoder.generation.target_text`, and the same for a
+  nearest-neighbour baseline (``nn_copy/...``) that copies the training report of the closest
+  training volume by global embedding. Clinical efficacy compares the findings the labeler
+  (``data.params.labeler``) reads from a generated report with the dataset's labels (the labeler
+  on the reference report where ``labels.csv`` has none); the generated and copied reports are
+  written to ``predictions/<split>_reports.csv``;
 * region-attention maps (last block, mean over heads) over slices for the first two cases.
 
-:class:`CTEncoderPredictor` is ``medfuse predict`` for the family: embeddings per volume as
-``<case_id>.safetensors``.
+Every metric carries n and a 95% bootstrap CI over cases.
 """
 
 from __future__ import annotations
@@ -53,13 +77,55 @@ def _macro_auc(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.nanmean(auc, axis=-1)
 
 
-class CTEncoderEvaluator(RetrievalEvaluator):
-    """Retrieval Recall@k (global head vs impression) plus zero-shot AUROC, region-text alignment
-    and region-attention maps (see the module doc), all from one inference pass.
+def localization_scores(attn: torch.Tensor, occupied: torch.Tensor) -> tuple[float, float]:
+    """IoU on the patch grid between the patches with attention >= half the maximum and the
+    patches a lesion occupies, and the pointing-game hit (the most attended patch holds lesion).
 
-    Report entries besides the retrieval ones: ``metrics["zero_shot/mean_auroc"]``,
-    ``metrics["region_text_accuracy"]``, ``per_class`` (zero-shot AUROC and prevalence per
-    abnormality) and ``region_attention_maps`` (case, region, png, step).
+    Args:
+        attn: (N,) a step's attention over the patches; occupied: (N,) bool.
+    """
+    pred = attn >= 0.5 * attn.max()
+    union = float((pred | occupied).sum())
+    return (float((pred & occupied).sum()) / union if union else float("nan")), float(occupied[int(attn.argmax())])
+
+
+def volume_to_volume_ranks(img: torch.Tensor, y: np.ndarray) -> np.ndarray:
+    """0-based rank of the best other volume with the same finding set, per volume that has one.
+
+    Args:
+        img: (N, E) L2-normalised global embeddings; y: (N, K) 0/1 findings.
+
+    Returns:
+        (Q,) ranks over the N - 1 other volumes, for the Q volumes whose finding set is not unique.
+    """
+    from medfuse.metrics import retrieval_ranks
+
+    sim = (img @ img.t()).numpy().astype(np.float64)
+    np.fill_diagonal(sim, -np.inf)  # never retrieve the query itself
+    yy = np.asarray(y) > 0.5
+    same = (yy[:, None, :] == yy[None, :, :]).all(-1)
+    np.fill_diagonal(same, False)
+    q = same.any(1)
+    return retrieval_ranks(sim[q], same[q]) if q.any() else np.zeros(0, dtype=np.int64)
+
+
+def _per_case(rows: list[tuple[int, float]]) -> np.ndarray:
+    """Mean value per case of (case index, value) rows, NaNs dropped; (cases,)."""
+    per: dict[int, list[float]] = {}
+    for c, v in rows:
+        if np.isfinite(v):
+            per.setdefault(c, []).append(float(v))
+    return np.asarray([np.mean(v) for _, v in sorted(per.items())])
+
+
+class CTEncoderEvaluator(RetrievalEvaluator):
+    """Every metric of the module doc from one inference pass over the split (plus one over the
+    training split for the linear probe and the nearest-neighbour baseline).
+
+    Report entries besides the retrieval ones: the ``metrics`` named in the module doc,
+    ``per_class`` (zero-shot and probe AUROC, probe accuracy, prevalence and CE scores per
+    abnormality), ``region_attention_maps`` (case, region, png, step), ``generated_examples`` and
+    ``notes``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -68,6 +134,37 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         self.labels: list[list[float]] = []
         self.pairs: list[tuple[int, int, str, torch.Tensor]] = []  # (case index, region id, sentence, region emb)
         self.maps: list[dict[str, Any]] | None = None  # None until the first batch was seen
+        self.case_ids: list[str] = []
+        self.refs: list[str] = []  # the generator's targets
+        self.hyps: list[str] = []  # generated reports
+        self.global_feats: list[torch.Tensor] = []  # (B, L * C_f) frozen global features
+        self.corr: list[tuple[int, float]] = []  # (case index, step-patch correlation)
+        self.loc: list[tuple[int, float, float]] = []  # (case index, IoU, pointing hit)
+        self.train: dict[str, Any] = {}  # the training split's pass
+        self.notes: list[str] = []
+        self.examples: list[dict[str, str]] = []
+
+    def run(self):
+        """Infer the split once (every metric reads that pass), then the training split once."""
+        with torch.no_grad():
+            for batch in self.batches():
+                self.update(batch, self.infer(batch))
+            if self.split != "train":
+                self.train_pass()
+            return self.compute()
+
+    def train_pass(self) -> None:
+        """Global features, embeddings, labels and targets of the training split (evaluation transforms)."""
+        loader = self.dm.eval_loader("train") if hasattr(self.dm, "eval_loader") else self.dm.loader("train")
+        feats, emb, labels, refs = [], [], [], []
+        for batch in self.batches(loader):
+            out = self.task.encode(batch)
+            feats.append(out["global"].float().cpu())
+            emb.append(F.normalize(out["image_emb"].float(), dim=-1).cpu())
+            labels += [list(x or []) for x in batch.get("labels") or [[]] * len(batch["text"])]
+            refs += self.task.gen_targets(batch)
+        if feats:
+            self.train = {"global": torch.cat(feats).numpy(), "emb": torch.cat(emb), "labels": labels, "refs": refs}
 
     def infer(self, batch):
         if self.maps is None:  # the first batch: the same forward pass, also returning the attention
@@ -86,6 +183,33 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                     self.pairs.append((case0 + b, int(r), str(t), out["region_emb"][b, int(r) - 1].float().cpu()))
         if self.maps is None:
             self.maps = self.attention_maps(batch, out) if "region_attn" in out else []
+        self.case_ids += [str(c) for c in batch["case_id"]]
+        self.refs += self.task.gen_targets(batch)
+        self.global_feats.append(out["global"].float().cpu())
+        if self.task.model.generator is not None:
+            self.hyps += self.task.generate(out)
+        self.step_metrics(batch, out, case0)
+
+    def step_metrics(self, batch, out, case0: int) -> None:
+        """Step-patch correlation and lesion localization of one batch (see the module doc)."""
+        sa = self.task.step_attention(batch, out)
+        if not len(sa["case"]):
+            return
+        attn, inside = sa["attn"].float().cpu(), sa["inside"].float().cpu()
+        lesion_map = batch.get("lesion")
+        grid = tuple(out["grid"])
+        for m in range(len(sa["case"])):
+            b = int(sa["case"][m])
+            a = attn[m]
+            if bool(sa["has_region"][m]) and float(inside[m].std()) > 0 and float(a.std()) > 0:
+                self.corr.append((case0 + b, float(np.corrcoef(a.numpy(), inside[m].numpy())[0, 1])))
+            k = int(sa["lesion"][m])
+            if k and lesion_map is not None:
+                hit = (lesion_map[b, 0] == k).float()[None, None]
+                if float(hit.sum()) == 0:
+                    continue
+                occ = F.adaptive_avg_pool3d(hit, grid).flatten().cpu() > 0  # (N,) patches holding lesion
+                self.loc.append((case0 + b, *localization_scores(a, occ)))
 
     def attention_maps(self, batch: dict[str, Any], out: dict[str, Any]) -> list[dict[str, Any]]:
         """PNG overlays of the last block's attention to the region each case's first CoT step names."""
@@ -105,7 +229,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
             zs = np.nonzero((batch["mask"][b, 0].cpu() == r).flatten(1).any(1).numpy())[0]
             z0, z1 = (int(zs.min()), int(zs.max())) if len(zs) else (0, image.shape[0] - 1)
             png = plot_gate_overlay(image[z0: z1 + 1], amap[z0: z1 + 1],
-                                    self.run_dir / "plots" / f"region_attention_{cid}.png",
+                                    self.out_path("plots", f"region_attention_{cid}.png"),
                                     title=f"{cid}: attention to region {r}, slices {z0}-{z1} "
                                           "(last block, mean over heads)")
             shown.append({"case": cid, "region": r, "png": str(png.relative_to(self.run_dir)),
@@ -113,10 +237,11 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         return shown
 
     def compute(self):
-        from medfuse.metrics import bootstrap_ci
+        from medfuse.metrics import bootstrap_ci, retrieval_report
 
-        rep = super().compute()
-        metrics = rep["metrics"]
+        sim = self.similarity()
+        metrics = retrieval_report(sim, ks=tuple(self.task.params.retrieval_ks), n_boot=self.n_boot, seed=self.seed)
+        rep: dict[str, Any] = {"n": metrics.pop("n"), "metrics": metrics}
         model, n_boot, seed = self.task.model, self.n_boot, self.seed
         img = torch.cat(self.image_emb)  # the retrieval report's image embeddings, (N, E)
         per_class: dict[str, Any] = {}
@@ -141,10 +266,141 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         if align.size:
             metrics["region_text_accuracy"] = bootstrap_ci(lambda a: a.mean(-1), align, n_boot=n_boot, seed=seed,
                                                            vectorized=True)
+        metrics.update(self.volume_to_volume(img, y))
+        metrics.update(self.linear_probe(y, per_class))
+        for key, rows in (("step_patch_corr", [(c, v) for c, v in self.corr]),
+                          ("localization_iou", [(c, v) for c, v, _ in self.loc]),
+                          ("localization_pointing", [(c, v) for c, _, v in self.loc])):
+            per_case = _per_case(rows)
+            if per_case.size:
+                metrics[key] = bootstrap_ci(lambda a: a.mean(-1), per_case, n_boot=n_boot, seed=seed, vectorized=True)
+        self.generation(metrics, per_class, y, names)
         rep["region_attention_maps"] = self.maps or []
+        if self.examples:
+            rep["generated_examples"] = self.examples
         if per_class:
             rep["per_class"] = per_class
+        if self.notes:
+            rep["notes"] = self.notes
         return rep
+
+    # --- volume-to-volume retrieval ------------------------------------------------------------------
+    def volume_to_volume(self, img: torch.Tensor, y: np.ndarray) -> dict[str, Any]:
+        """Recall@k of volume -> other volumes with the same finding set (see the module doc)."""
+        from medfuse.metrics import bootstrap_ci
+
+        if y.ndim != 2 or y.shape[0] != img.shape[0] or not y.shape[1]:
+            return {}
+        known = np.isfinite(y).all(1)
+        idx = np.nonzero(known)[0]
+        if len(idx) < 3:
+            return {}
+        ranks = volume_to_volume_ranks(img[idx], y[idx])
+        if len(ranks) < 2:
+            return {}
+        out = {}
+        for k in self.task.params.retrieval_ks:
+            if k < len(idx):
+                out[f"volume_to_volume/R@{k}"] = bootstrap_ci(lambda r, k=k: (r < k).mean(-1), ranks,
+                                                              n_boot=self.n_boot, seed=self.seed, vectorized=True)
+        return out
+
+    # --- linear probe ----------------------------------------------------------------------------------
+    def linear_probe(self, y: np.ndarray, per_class: dict[str, Any]) -> dict[str, Any]:
+        """Logistic regression per abnormality on frozen global features, train split -> this split."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        from medfuse.metrics import bootstrap_ci
+
+        names = list(self.dm.abnormalities or [])
+        tr = self.train
+        if not names or not tr or y.shape != (len(self.texts), len(names)):
+            return {}
+        ytr = np.asarray(tr["labels"], dtype=np.float64)
+        if ytr.shape != (len(tr["global"]), len(names)):
+            return {}
+        scaler = StandardScaler().fit(tr["global"])
+        xtr, xte = scaler.transform(tr["global"]), scaler.transform(torch.cat(self.global_feats).numpy())
+        prob = np.full(y.shape, np.nan)
+        for k in range(len(names)):
+            ok = np.isfinite(ytr[:, k])
+            if len(np.unique(ytr[ok, k])) < 2:
+                continue
+            clf = LogisticRegression(max_iter=2000).fit(xtr[ok], ytr[ok, k] > 0.5)
+            prob[:, k] = clf.predict_proba(xte)[:, 1]
+        cols = np.isfinite(prob).all(0)
+        rows = np.isfinite(y[:, cols]).all(1)
+        if not cols.any() or rows.sum() < 2:
+            return {}
+        yc, pc = y[rows][:, cols], prob[rows][:, cols]
+        n_boot, seed = self.n_boot, self.seed
+        out = {"probe/mean_accuracy": bootstrap_ci(lambda a, b: ((b > 0.5) == (a > 0.5)).mean((-1, -2)), yc, pc,
+                                                   n_boot=n_boot, seed=seed, vectorized=True),
+               "probe/mean_auroc": bootstrap_ci(_macro_auc, yc, pc, n_boot=n_boot, seed=seed, vectorized=True)}
+        for j, k in enumerate(np.nonzero(cols)[0]):
+            entry = per_class.setdefault(names[k], {})
+            entry["probe_auroc"] = bootstrap_ci(_binary_auc, yc[:, j], pc[:, j], n_boot=n_boot, seed=seed,
+                                                vectorized=True)
+            entry["probe_accuracy"] = float(((pc[:, j] > 0.5) == (yc[:, j] > 0.5)).mean())
+        return out
+
+    # --- report generation -----------------------------------------------------------------------------
+    def generation(self, metrics: dict[str, Any], per_class: dict[str, Any], y: np.ndarray, names: list[str]) -> None:
+        """Generation metrics of the model (``generation/``) and of the nearest-neighbour copy (``nn_copy/``)."""
+        from medfuse.families.ct_encoder.labeler import build_labeler
+        from medfuse.metrics.generation import generation_report
+
+        systems: dict[str, list[str]] = {}
+        if self.hyps:
+            systems["generation"] = self.hyps
+        tr = self.train
+        if tr and tr.get("refs"):
+            img = torch.cat(self.image_emb)
+            nearest = (img @ tr["emb"].t()).argmax(1).tolist()
+            systems["nn_copy"] = [tr["refs"][j] for j in nearest]
+        if not systems:
+            return
+        true, kept, labeler, cols = None, [], None, None
+        if names and y.shape == (len(self.refs), len(names)):
+            labeler = build_labeler(self.dm.params.labeler, getattr(self.dm.table, "root", None))
+            from_refs = np.asarray(labeler(self.refs, names), dtype=np.float64)
+            true = np.where(np.isfinite(y), y, from_refs)
+            cols = np.isfinite(from_refs).all(0) & np.isfinite(true).all(0)
+            if cols.any():
+                kept = [n for n, c in zip(names, cols, strict=True) if c]
+                true = true[:, cols]
+                left = [n for n, c in zip(names, cols, strict=True) if not c]
+                if left:
+                    self.notes.append(f"clinical efficacy leaves out {', '.join(left)} (no labeler rule)")
+            else:
+                true = None
+        keep_nn = {"bleu1", "bleu4", "rouge_l", "meteor", "ce_f1"}
+        for system, hyps in systems.items():
+            pred = None if true is None else np.asarray(labeler(hyps, names), dtype=np.float64)[:, cols]
+            g = generation_report(hyps, self.refs, pred, true, kept or None, n_boot=self.n_boot, seed=self.seed,
+                                  prefix=f"{system}/")
+            for key, v in g["metrics"].items():
+                if system == "generation" or key.split("/", 1)[1] in keep_nn:
+                    metrics[key] = v
+            for name, scores in g["per_class"].items():
+                entry = per_class.setdefault(name, {})
+                entry.update({f"{system}_{k}": v for k, v in scores.items() if k != "support"})
+                entry["ce_support"] = scores["support"]
+        self.write_reports(systems)
+
+    def write_reports(self, systems: dict[str, list[str]]) -> None:
+        import csv
+
+        out = self.run_dir / "predictions"
+        out.mkdir(exist_ok=True)
+        with (out / f"{self.split}_reports.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case_id", "reference", *systems])
+            for i, cid in enumerate(self.case_ids):
+                w.writerow([cid, self.refs[i], *[systems[s][i] for s in systems]])
+        self.examples = [{"case": self.case_ids[i], "reference": self.refs[i], **{s: systems[s][i] for s in systems}}
+                         for i in range(min(3, len(self.case_ids)))]
 
     def region_alignment(self) -> np.ndarray:
         """Per-case two-alternative region-text accuracy (see the module doc); (cases with a pair,)."""

@@ -226,6 +226,8 @@ class CTEncoderModel(nn.Module):
         text_max_length: tokens per text.
         init_temp: initial temperature of every level (clamped to [0.01, 1]).
         aux_seg: add the auxiliary region-segmentation head on patch features.
+        gen_*: the report generator (:class:`~medfuse.families.ct_encoder.generation.ReportGenerator`;
+            ``gen_decoder`` none | scratch | hf:<folder>), built only when a decoder is named.
     """
 
     def __init__(self, in_channels: int = 1, num_regions: int = 20, preset: str = "tiny", dim: int | None = None,
@@ -235,7 +237,9 @@ class CTEncoderModel(nn.Module):
                  fpn_dim: int | None = None, mask_hidden: int = 32, mask_sub=(1, 4, 4), drop: float = 0.0,
                  grad_checkpoint: bool = False, embed_dim: int = 256, text_encoder: str = "minilm", text_pool: str = "mean",
                  text_trainable: bool = False, text_max_length: int = 128, init_temp: float = 0.07,
-                 aux_seg: bool = False):
+                 aux_seg: bool = False, gen_decoder: str = "none", gen_queries: int = 16, gen_width: int = 128,
+                 gen_depth: int = 2, gen_heads: int = 4, gen_dropout: float = 0.1, gen_vocab_size: int = 1024,
+                 gen_max_length: int = 160, gen_lm_trainable: bool = True):
         super().__init__()
         if preset not in PRESETS:
             raise ConfigError("model.params.preset", f"unknown preset '{preset}'", f"use one of: {', '.join(PRESETS)}")
@@ -272,6 +276,14 @@ class CTEncoderModel(nn.Module):
         self.text_proj = _mlp(text_dim, embed_dim)
         self.num_regions = num_regions
         self._text_cache: dict[str, torch.Tensor] = {}
+        # Built last (and only when asked for), so that every module above draws the same initial
+        # weights from the global generator as a model without a generator.
+        self.generator = None
+        if gen_decoder != "none":
+            from medfuse.families.ct_encoder.generation import ReportGenerator
+
+            self.generator = ReportGenerator(cf, gen_decoder, gen_queries, gen_width, gen_depth, gen_heads, gen_dropout,
+                                             gen_vocab_size, gen_max_length, gen_lm_trainable)
 
     # --- text ------------------------------------------------------------------------------------
     def _encode_raw(self, encoder: nn.Module, texts: list[str]) -> torch.Tensor:
@@ -320,3 +332,34 @@ class CTEncoderModel(nn.Module):
         v["present"] = v["ctx"].present
         v["region_emb"] = _project(self.local_proj, v["region"], v["present"])
         return v, inter
+
+    # --- text-to-patch attention -----------------------------------------------------------------
+    def step_patch_attention(self, patch: torch.Tensor, step_emb: torch.Tensor) -> torch.Tensor:
+        """Each CoT step's attention over its volume's patches (seed "CoT-Anchored Learning").
+
+        The patches go through the step head (with the BatchNorm's running statistics, so that
+        training with the anchor loss does not change the statistics the step level sees) into the
+        shared space; a step attends to the patches by ``softmax(scale_step * cos(patch, step))``.
+
+        Args:
+            patch: (M, N, C_f) patch features of the volume each step belongs to.
+            step_emb: (M, E) projected step-text embeddings (:meth:`embed_text`).
+
+        Returns:
+            (M, N) attention weights; each row sums to 1.
+        """
+        p = F.normalize(_head_running_stats(self.step_proj, patch), dim=-1)  # (M, N, E)
+        t = F.normalize(step_emb, dim=-1)  # (M, E)
+        return (self.temps["step"].scale * torch.einsum("mne,me->mn", p, t)).softmax(-1)
+
+
+def _head_running_stats(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` on (..., C) with every BatchNorm normalising by its running statistics (no update)."""
+    for layer in head:
+        if isinstance(layer, nn.BatchNorm1d):
+            shape = x.shape
+            x = F.batch_norm(x.reshape(-1, shape[-1]), layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                             False, 0.0, layer.eps).reshape(shape)
+        else:
+            x = layer(x)
+    return x

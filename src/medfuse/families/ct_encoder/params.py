@@ -9,8 +9,9 @@ from pydantic import Field, field_validator
 
 from medfuse.config import Params
 
-LEVELS = ("global", "region", "step", "seg")
-"""The loss terms: volume <-> impression, region <-> sentences, step <-> CoT steps, auxiliary region seg."""
+LEVELS = ("global", "region", "step", "seg", "gen", "anchor")
+"""The loss terms: volume <-> impression, region <-> sentences, step <-> CoT steps, auxiliary region seg,
+report generation (next-token loss), CoT-anchored attention (a step's patch attention inside its region)."""
 
 
 class CTEncoderParams(Params):
@@ -46,8 +47,30 @@ class CTEncoderParams(Params):
     text_max_length: int = Field(128, ge=1, description="tokens per text")
     init_temp: float = Field(0.07, gt=0, description="initial temperature of every level (clamped to [0.01, 1])")
     loss_weights: dict[str, float] | None = Field(
-        None, description="weights of global, region, step, seg (default 1, 1, 1, 0); a stage's losses override them")
+        None, description="weights of global, region, step, seg, gen, anchor (default 1, 1, 1, 0, 1, 0; gen counts "
+                          "only with a gen_decoder); a stage's losses override them")
     aux_seg: bool = Field(False, description="auxiliary region segmentation head on the patch features")
+    gen_decoder: str = Field(
+        "none", description="report generator: none, scratch (small GPT-2 + word tokenizer, CPU) or hf:<local folder>")
+    gen_target: Literal["report", "findings", "impression", "cot"] = Field(
+        "report", description="what the generator writes: findings + impression, one of them, or the CoT steps")
+    gen_inputs: Literal["patch", "patch+region"] = Field(
+        "patch", description="visual tokens of the generator: the encoder's patch tokens (+ its region tokens)")
+    gen_detach: bool = Field(
+        False, description="stop the generation loss at the encoder (a second stage on a frozen encoder, trained "
+                           "alongside; gradient norms are then clipped per part)")
+    gen_queries: int = Field(16, ge=1, description="visual prefix tokens (learned queries of the attentional pooler)")
+    gen_width: int = Field(128, ge=8, description="scratch decoder width")
+    gen_depth: int = Field(2, ge=1, description="scratch decoder blocks")
+    gen_heads: int = Field(4, ge=1, description="scratch decoder heads (and the pooler's)")
+    gen_dropout: float = Field(0.1, ge=0, lt=1, description="scratch decoder dropout")
+    gen_vocab_size: int = Field(1024, ge=8, description="scratch word vocabulary rows (fitted on the training reports)")
+    gen_max_length: int = Field(160, ge=4, description="tokens per generated text (targets are cut there)")
+    gen_beams: int = Field(1, ge=1, description="decoding in evaluate/predict: 1 greedy, >1 beam search")
+    gen_lr: float | None = Field(None, gt=0, description="the generator's learning rate (default: train.lr; same schedule)")
+    gen_lm_trainable: bool = Field(True, description="fine-tune the language model (false: train only the pooler)")
+    retrieval_ks: tuple[int, ...] = Field(
+        (1, 5, 10, 50, 100), description="Recall@k cut-offs of evaluate (those above the split size are left out)")
 
     @field_validator("loss_weights")
     @classmethod
@@ -55,6 +78,13 @@ class CTEncoderParams(Params):
         unknown = sorted(set(v or {}) - set(LEVELS))
         if unknown:
             raise ValueError(f"unknown loss '{unknown[0]}', use some of: {', '.join(LEVELS)}")
+        return v
+
+    @field_validator("gen_decoder")
+    @classmethod
+    def _known_decoder(cls, v: str) -> str:
+        if v not in ("none", "scratch") and not (v.startswith("hf:") and len(v) > 3):
+            raise ValueError(f"unknown decoder '{v}', use none, scratch or hf:<local folder>")
         return v
 
 
@@ -77,10 +107,17 @@ class CTEncoderDataParams(Params):
     hu_intercept: float = Field(0.0, description="intercept of hu: fixed")
     reconstructions: Literal["first", "all"] = Field(
         "first", description="keep the first reconstruction per CT-RATE scan, or all")
+    lesions: str | None = Field(
+        "lesions", description="folder of lesion masks (one per volume; CoT steps name their lesion label with "
+                               "'lesion'), for localization IoU")
+    labeler: str = Field(
+        "keyword", description="findings labeler of clinical efficacy: keyword (built-in rules), keyword:<rules JSON> "
+                               "or <module>:<function> (texts, names) -> (N, K) 0/1")
 
 
 def build_ct_encoder(p: CTEncoderParams):
     """The ct_encoder model from validated params (the loss weights are the task's)."""
     from medfuse.families.ct_encoder.model import CTEncoderModel
 
-    return CTEncoderModel(**p.model_dump(exclude={"loss_weights"}))
+    return CTEncoderModel(**p.model_dump(exclude={"loss_weights", "retrieval_ks", "gen_target", "gen_inputs",
+                                                 "gen_detach", "gen_beams", "gen_lr"}))

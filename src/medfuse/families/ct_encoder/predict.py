@@ -1,12 +1,13 @@
-"""`medfuse predict` for ct_encoder: one embedding file per volume (``<case_id>.safetensors``)."""
+"""`medfuse predict` for ct_encoder: one embedding file per volume (``<case_id>.safetensors``) and,
+for a model with a report generator, one generated report per volume (``<case_id>.txt`` and
+``reports.csv``)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
 from medfuse.engine.predict import Predictor
 
@@ -17,7 +18,13 @@ class CTEncoderPredictor(Predictor):
     Each file holds ``global_emb`` (E,), ``region_emb`` (R, E) (both L2-normalised),
     ``region_present`` (R,), ``global_features`` (L * C_f,), ``patch_features`` (N, C_f) and
     ``grid`` (3,) = (d, h, w). HU conversion is the run's (``hu: metadata`` needs a folder).
+    With a generator (``model.params.gen_decoder``), ``<case_id>.txt`` holds the generated report
+    (greedy or beam search, ``gen_beams``) and ``reports.csv`` lists them all (case_id, report).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reports: list[tuple[str, str]] = []
 
     def cases(self, inputs, modalities):
         from medfuse.families.ct_encoder.data import predict_cases
@@ -29,7 +36,7 @@ class CTEncoderPredictor(Predictor):
         from medfuse.data.datamodule import collate
         from medfuse.families.ct_encoder.data import case_item, ct_transforms
 
-        tf = ct_transforms(self.cfg, train=False)
+        tf = ct_transforms(self.cfg, train=False)  # no lesion masks at prediction time
         for c in cases:
             yield to_device(collate([tf(case_item(c))]), self.task.device)
 
@@ -42,15 +49,21 @@ class CTEncoderPredictor(Predictor):
                        "region_present": out["present"][b].to(torch.uint8).cpu().contiguous(),
                        "global_features": out["global"][b].float().cpu().contiguous(),
                        "patch_features": out["patch"][b].float().cpu().contiguous(),
-                       "grid": torch.tensor(out["grid"], dtype=torch.int64)}, str(out_dir / f"{cid}.safetensors"))
+                       "grid": torch.tensor(out["grid"], dtype=torch.int64)}, str(output_path(out_dir, f"{cid}.safetensors")))
+        if self.task.model.generator is not None:
+            for cid, text in zip(batch["case_id"], self.task.generate(out), strict=True):
+                output_path(out_dir, f"{cid}.txt").write_text(text + "\n", encoding="utf-8")
+                self.reports.append((str(cid), text))
 
-    def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None) -> Path:
-        # The base loop calls task.infer (vision + text); a prediction has no report, so only the
-        # vision side runs (the engine's Predictor has no per-family inference hook yet).
-        cases = self.cases(list(inputs), modalities)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            for batch in self.batches(cases):
-                self.write(batch, self.task.encode(batch), out_dir)
-        self.finish(out_dir)
-        return out_dir
+    def finish(self, out_dir):
+        if self.reports:
+            import csv
+
+            with (out_dir / "reports.csv").open("w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["case_id", "report"])
+                w.writerows(self.reports)
+
+    def infer(self, batch):
+        """The vision side only (a volume to predict has no report to embed)."""
+        return self.task.encode(batch)

@@ -1,5 +1,6 @@
-"""The ct_encoder family's task: three-level contrastive alignment (global, region, CoT step) plus
-an optional auxiliary region segmentation, with per-stage loss weights."""
+"""The ct_encoder family's task: three-level contrastive alignment (global, region, CoT step), an
+optional auxiliary region segmentation, report generation (seed "Multi-Task Training" objective 3)
+and the CoT-anchored attention loss (seed "CoT-Anchored Learning"), with per-stage loss weights."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medfuse.engine.tasks import Batch, ContrastiveTask
 from medfuse.errors import ConfigError, DataError
+from medfuse.families.ct_encoder.generation import target_text
 from medfuse.families.ct_encoder.params import LEVELS
 
-DEFAULT_LOSS_WEIGHTS = {"global": 1.0, "region": 1.0, "step": 1.0, "seg": 0.0}
+DEFAULT_LOSS_WEIGHTS = {"global": 1.0, "region": 1.0, "step": 1.0, "seg": 0.0, "gen": 1.0, "anchor": 0.0}
+"""``gen`` counts only when ``model.params.gen_decoder`` names a decoder."""
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, texts: list[str], scale: torch.Tensor) -> torch.Tensor:
@@ -36,17 +40,35 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, texts: list[str], sca
 
 
 class CTEncoderTask(ContrastiveTask):
-    """Volume + region mask + report -> embeddings; loss ``sum_k w_k * L_k`` over ``global``,
-    ``region``, ``step`` and ``seg``.
+    """Volume + region mask + report -> embeddings (and a report); loss ``sum_k w_k * L_k`` over
+    ``global``, ``region``, ``step``, ``seg``, ``gen`` and ``anchor``.
 
     The batch (see :mod:`medfuse.families.ct_encoder.data`) holds ``image`` (B, 1, D, H, W), ``mask``
-    (B, 1, D, H, W) region ids, ``text`` (the impressions), ``region_text`` (``[[region id,
-    sentence]]`` per case) and ``steps`` (``[[step text, [region ids]]]`` per case).
+    (B, 1, D, H, W) region ids, ``text`` (the impressions), ``findings`` (B strings),
+    ``region_text`` (``[[region id, sentence]]`` per case), ``steps`` (``[[step text, [region
+    ids]]]`` per case), ``step_lesions`` (the lesion label each step names, 0 = none) and, when the
+    dataset has lesion masks, ``lesion`` (B, 1, D, H, W).
+
+    Generation (``gen``): the generator reads the encoder's patch tokens (``gen_inputs``) and learns
+    :func:`~medfuse.families.ct_encoder.generation.target_text` by next-token loss; with
+    ``gen_detach`` the loss stops at the encoder and gradient norms are clipped separately for the
+    generator and the rest, so the contrastive half trains exactly as without a generator (a second
+    stage on a frozen encoder, run alongside). A staged run (``train.stages`` with ``trainable:
+    ["generator.*"]``, ``losses: {gen: 1}``) trains it on a truly frozen encoder; frozen BatchNorm
+    layers are then kept in eval mode. The scratch tokenizer is fitted on the training split's
+    targets in :meth:`setup`.
+
+    Anchor (``anchor``): a step's text-to-patch attention
+    (:meth:`~medfuse.families.ct_encoder.model.CTEncoderModel.step_patch_attention`) should fall
+    inside the region it names: ``-log(sum_n a_n * f_n)``, f_n the patch's voxel fraction inside the
+    step's regions, averaged over steps with a present region.
 
     Attributes:
-        loss_weights: ``model.params.loss_weights`` over the defaults (1, 1, 1, 0), then the current
-            stage's ``losses``. Every stage's ``losses`` is checked when the task is built.
+        loss_weights: ``model.params.loss_weights`` over the defaults (1, 1, 1, 0, 1, 0), then the
+            current stage's ``losses``. Every stage's ``losses`` is checked when the task is built.
     """
+
+    loss_terms = ("global", "region", "step", "seg", "gen", "anchor")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,6 +80,11 @@ class CTEncoderTask(ContrastiveTask):
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(self.params.loss_weights or {})}
         if self.stage_cfg is not None:
             self.loss_weights.update(self.stage_cfg.losses)
+        asked = (self.params.loss_weights or {}).get("gen", 0.0) > 0 or any(
+            st.losses.get("gen", 0.0) > 0 for st in self.cfg.train.stages)
+        if asked and self.model.generator is None:
+            raise ConfigError("model.params.gen_decoder", "is none but a gen loss weight is set",
+                              "set gen_decoder=scratch (or hf:<folder>), or drop loss_weights.gen")
 
     # --- forward ---------------------------------------------------------------------------------
     @staticmethod
@@ -86,6 +113,122 @@ class CTEncoderTask(ContrastiveTask):
         out, inter = self.model.forward_intermediates(batch["image"], batch["mask"])
         out["text_emb"] = self.model.embed_text([str(t) for t in batch["text"]])
         return {**out, **inter}
+
+    # --- generation --------------------------------------------------------------------------------
+    def gen_targets(self, batch: Batch) -> list[str]:
+        """The B texts the generator learns (``model.params.gen_target``)."""
+        n = len(batch["text"])
+        findings = batch.get("findings") or [""] * n
+        steps = batch.get("steps") or [[]] * n
+        return [target_text(findings[b], batch["text"][b], steps[b], self.params.gen_target) for b in range(n)]
+
+    def visual_tokens(self, out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The generator's input: (B, N [+ R], C_f) tokens and a (B, N [+ R]) padding mask (True =
+        absent region), detached with ``gen_detach``."""
+        tokens, pad = out["patch"], None
+        if self.params.gen_inputs == "patch+region":
+            tokens = torch.cat([tokens, out["region"]], dim=1)
+            pad = torch.cat([torch.zeros(tokens.shape[0], out["patch"].shape[1], dtype=torch.bool, device=tokens.device),
+                             ~out["present"]], dim=1)
+        if self.params.gen_detach:
+            tokens = tokens.detach()
+        return tokens, pad
+
+    def generate(self, out: dict[str, Any], num_beams: int | None = None) -> list[str]:
+        """Reports for the B volumes of ``out`` (:meth:`encode` outputs): greedy or beam search
+        (``model.params.gen_beams``)."""
+        gen = self.model.generator
+        if gen is None:
+            raise ConfigError("model.params.gen_decoder", "is none: this model has no report generator",
+                              "train with gen_decoder=scratch (or hf:<folder>)")
+        tokens, pad = self.visual_tokens(out)
+        return gen.generate(tokens, num_beams=num_beams or self.params.gen_beams, key_padding_mask=pad)
+
+    def setup(self, stage: str) -> None:
+        """Fit the scratch generator's word tokenizer on the training split's targets (once: a
+        loaded checkpoint brings its own)."""
+        gen = self.model.generator
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if gen is not None and not gen.fitted and dm is not None:
+            gen.fit_tokenizer([target_text(c.extra.get("findings", ""), c.text, c.extra.get("steps"),
+                                           self.params.gen_target) for c in dm.cases["train"]])
+
+    def on_train_epoch_start(self) -> None:
+        # A frozen projection head (a stage that trains only the generator) keeps its BatchNorm
+        # statistics: Lightning puts every module in train mode at the start of an epoch.
+        for m in self.model.modules():
+            if isinstance(m, nn.BatchNorm1d) and m.weight is not None and not m.weight.requires_grad:
+                m.eval()
+
+    def configure_optimizers(self):
+        """The engine's optimizer and schedule; with ``gen_lr`` the generator's parameters move to a
+        second parameter group with that learning rate and the same schedule (the first group holds
+        exactly the parameters, in the order, of a model without a generator)."""
+        conf = super().configure_optimizers()
+        gen, lr = self.model.generator, self.params.gen_lr
+        if gen is None or lr is None:
+            return conf
+        opt = conf["optimizer"] if isinstance(conf, dict) else conf
+        ids = {id(p) for p in gen.parameters()}
+        first = opt.param_groups[0]
+        moved = [p for p in first["params"] if id(p) in ids]
+        if not moved:
+            return conf
+        first["params"] = [p for p in first["params"] if id(p) not in ids]
+        sched = conf["lr_scheduler"]["scheduler"] if isinstance(conf, dict) else None
+        factor = sched.lr_lambdas[0](sched.last_epoch) if sched is not None else 1.0
+        opt.add_param_group({"params": moved, "lr": lr * factor, "initial_lr": lr})
+        if sched is not None:  # the LambdaLR zips groups with base_lrs and lambdas strictly
+            sched.base_lrs.append(lr)
+            sched.lr_lambdas.append(sched.lr_lambdas[0])
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+        return conf
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        gen = self.model.generator
+        if gen is None or not self.params.gen_detach or not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        gen_ids = {id(p) for p in gen.parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for part in ([p for p in params if id(p) not in gen_ids], [p for p in params if id(p) in gen_ids]):
+            torch.nn.utils.clip_grad_norm_(part, gradient_clip_val)
+
+    # --- text-to-patch attention ---------------------------------------------------------------------
+    def step_attention(self, batch: Batch, out: dict[str, Any]) -> dict[str, Any]:
+        """Every CoT step's text-to-patch attention with what it should point at.
+
+        Returns:
+            ``case`` (M,) batch index, ``attn`` (M, N) attention, ``inside`` (M, N) voxel fraction of
+            each patch inside the step's regions (zeros for a step without a present region),
+            ``lesion`` (M,) the lesion label the step names (0 = none), ``has_region`` (M,) bool.
+            Steps that name neither a present region nor a lesion are left out.
+        """
+        fr = out["ctx"].fractions  # (B, N, R + 1)
+        n_regions = self.model.num_regions
+        lesions = batch.get("step_lesions") or [[]] * len(batch["text"])
+        case, texts, inside, lesion, has = [], [], [], [], []
+        for b, steps in enumerate(batch.get("steps") or []):
+            for j, (text, rids) in enumerate(steps):
+                r = sorted({int(i) for i in rids if 1 <= int(i) <= n_regions})
+                f = fr[b, :, r].sum(-1) if r else fr.new_zeros(fr.shape[1])
+                les = int(lesions[b][j]) if j < len(lesions[b]) else 0
+                if float(f.sum()) <= 0 and not les:
+                    continue
+                case.append(b)
+                texts.append(str(text))
+                inside.append(f)
+                lesion.append(les)
+                has.append(float(f.sum()) > 0)
+        dev = fr.device
+        if not texts:
+            return {"case": torch.zeros(0, dtype=torch.long, device=dev), "attn": fr.new_zeros(0, fr.shape[1]),
+                    "inside": fr.new_zeros(0, fr.shape[1]), "lesion": torch.zeros(0, dtype=torch.long, device=dev),
+                    "has_region": torch.zeros(0, dtype=torch.bool, device=dev)}
+        idx = torch.tensor(case, device=dev)
+        attn = self.model.step_patch_attention(out["patch"][idx], self.model.embed_text(texts))
+        return {"case": idx, "attn": attn, "inside": torch.stack(inside), "lesion": torch.tensor(lesion, device=dev),
+                "has_region": torch.tensor(has, device=dev)}
 
     # --- loss ------------------------------------------------------------------------------------
     def region_pairs(self, batch: Batch, out: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
@@ -129,7 +272,8 @@ class CTEncoderTask(ContrastiveTask):
     def compute_loss(self, batch: Batch, out: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``loss`` (the weighted sum) and each term, detached: ``global`` (volume <-> impression),
         ``region`` and ``step`` (when weighted and the batch has two pairs or more), ``seg``
-        (with ``aux_seg``, when weighted)."""
+        (with ``aux_seg``, when weighted), ``anchor`` (when weighted and a step names a present
+        region) and ``gen`` (with a generator, when weighted)."""
         w = self.loss_weights
         model = self.model
         texts = [str(t) for t in batch["text"]]
@@ -142,5 +286,14 @@ class CTEncoderTask(ContrastiveTask):
         if model.seg_head is not None and w.get("seg", 0.0) > 0:
             logp = model.seg_head(out["patch"]).log_softmax(-1)  # (B, N, R + 1)
             losses["seg"] = -(out["ctx"].fractions * logp).sum(-1).mean()
+        if w.get("anchor", 0.0) > 0:
+            sa = self.step_attention(batch, out)
+            keep = sa["has_region"]
+            if bool(keep.any()):
+                mass = (sa["attn"][keep] * sa["inside"][keep]).sum(-1)  # (M,)
+                losses["anchor"] = -mass.clamp_min(1e-6).log().mean()
+        if model.generator is not None and w.get("gen", 0.0) > 0:
+            tokens, pad = self.visual_tokens(out)
+            losses["gen"] = model.generator.loss(tokens, self.gen_targets(batch), pad)
         total = sum(w.get(k, 0.0) * v for k, v in losses.items())
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}}

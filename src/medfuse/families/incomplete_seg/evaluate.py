@@ -67,6 +67,12 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
         self.dice_rows: list[np.ndarray] = []  # per case (C, R)
         self.hd_rows: list[np.ndarray] = []
 
+    def label_values(self, mask):
+        """A raw label file (e.g. BraTS 0/1/2/4) -> canonical nested labels 0..R."""
+        from medfuse.families.incomplete_seg.data import canonical_labels
+
+        return canonical_labels(torch.from_numpy(mask), self.dm.raw_regions, "label file").numpy()
+
     def infer(self, batch):
         """One masked forward per modality combination that some case of the batch has.
 

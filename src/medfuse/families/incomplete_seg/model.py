@@ -69,6 +69,7 @@ class IncompleteSegNet(nn.Module):
             raise ConfigError("data.modalities", f"{len(self.modalities)} names for {m} channels", "fix the list")
         self.m, self.num_regions, self.output, self.fill = m, num_classes - 1, output, fill
         self.channels_last = channels_last
+        self.size_divisor = 2 ** (len(widths) - 1)  # one 2x downsampling per level after the first
         common = dict(spatial_dims=3, norm=norm)
         levels: list[nn.Module] = [nn.Sequential(ConvNormAct(m, widths[0], **common),
                                                  ConvNormAct(widths[0], widths[0], **common))]
@@ -174,7 +175,7 @@ class IncompleteSegNet(nn.Module):
 
     def predict_regions(self, image: torch.Tensor, present: torch.Tensor | None = None,
                         roi_size: tuple[int, int, int] | None = None, overlap: float = 0.25,
-                        sw_batch_size: int = 4) -> torch.Tensor:
+                        sw_batch_size: int = 4, mode: str = "gaussian") -> torch.Tensor:
         """Region probabilities (B, R, *S), by MONAI sliding-window inference when ``roi_size`` is set.
 
         The presence mask rides along as M constant input channels, so windows of different cases
@@ -194,7 +195,7 @@ class IncompleteSegNet(nn.Module):
             return self.region_probs(self.seg_logits(win[:, : self.m], pres)[0])
 
         return sliding_window_inference(x, tuple(roi_size), sw_batch_size, predictor, overlap=overlap,
-                                        mode="gaussian")
+                                        mode=mode)
 
     def reconstruct(self, image: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """Stage 1's reconstruction head: (B, M, *S) masked input -> every modality (B, M, *S) in [0, 1]."""

@@ -17,37 +17,50 @@ from medfuse.families.incomplete_seg.data import (
 class IncompleteSegPredictor(Predictor):
     """``medfuse predict RUN FILES... [--modalities a,b]`` with any non-empty modality subset.
 
-    Inputs are image files (their modalities read from the names or given by ``--modalities``) or
-    one case folder. Writes ``<case>_pred.nii.gz`` (raw label values when the regions allow it,
-    else canonical labels), ``<case>_regions.nii.gz`` (R probabilities) and a row of
-    ``predictions.csv``.
+    Inputs are a folder of nnU-Net-style images (``<case>_<XXXX>.<ending>``, several cases, a
+    missing channel file = a missing modality), a dataset/manifest, or one case: image files (their
+    modalities read from the names or given by ``--modalities``) or one case folder. Writes, on
+    each input's own grid (shape and affine), ``<case>.nii.gz`` (raw label values when the regions
+    allow it, else canonical labels), ``<case>_regions.nii.gz`` (R probabilities, with
+    ``eval.save_probabilities``) and a row of ``predictions.csv``.
     """
 
     def cases(self, inputs, modalities):
+        from medfuse.data.inputs import channel_of, dataset_test_folder, is_image_folder
         from medfuse.data.layouts import Case
         from medfuse.data.paths import check_case_id
 
+        p0 = Path(inputs[0]) if inputs else None
+        if len(inputs) == 1 and p0.is_dir() and (dataset_test_folder(p0) or is_image_folder(p0) or
+                                                 (p0 / "dataset.json").is_file()):
+            return super().cases(inputs, modalities)
+        if len(inputs) == 1 and p0.suffix in (".csv", ".json"):
+            return super().cases(inputs, modalities)
+        if modalities is None and len(inputs) > 1 and all(channel_of(p) is not None for p in inputs):
+            return super().cases(inputs, modalities)
         case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
         check_case_id(case_id, next(iter(files.values())))
         return [Case(case_id=case_id, patient_id=case_id, images=files)]
 
     def write(self, batch, out, out_dir: Path) -> None:
         from medfuse.data.io import write_nifti
+        from medfuse.engine.evaluate import case_logits, on_input_grid
 
         mods = list(self.dm.modalities)
         raw = canonical_to_raw(self.dm.raw_regions)
-        q = out["regions"].float().cpu()  # (B, R, *S)
-        csv_path = out_dir / "predictions.csv"
+        q_all = out["regions"].float().cpu()  # (B, R, *S)
+        csv_path = output_path(out_dir, "predictions.csv")
         if not csv_path.exists():
             csv_path.write_text("case_id,modalities,prediction\n")
         for j, case_id in enumerate(batch["case_id"]):
-            label = (q[j] > 0.5).sum(0).numpy()  # canonical labels (nested regions)
+            q, affine = on_input_grid(case_logits(q_all, batch, j), batch, j)  # (R, *S0) on the input grid
+            label = (q > 0.5).sum(0).numpy()  # canonical labels (nested regions)
             if raw is not None:
                 label = np.vectorize(raw.get)(label)
-            affine = np.asarray(batch["affine"][j].cpu())
-            write_nifti(label[None].astype(np.uint8), output_path(out_dir, f"{case_id}_pred.nii.gz"), affine=affine)
-            write_nifti(q[j].numpy().astype(np.float32), output_path(out_dir, f"{case_id}_regions.nii.gz"),
-                        affine=affine)
+            write_nifti(label[None].astype(np.uint8), output_path(out_dir, f"{case_id}.nii.gz"), affine=affine)
+            if self.cfg.eval.save_probabilities:
+                write_nifti(q.numpy().astype(np.float32), output_path(out_dir, f"{case_id}_regions.nii.gz"),
+                            affine=affine)
             given = "+".join(m for m, p in zip(mods, batch["present"][j].tolist(), strict=True) if p > 0.5)
             with csv_path.open("a") as f:
-                f.write(f"{case_id},{given},{case_id}_pred.nii.gz\n")
+                f.write(f"{case_id},{given},{case_id}.nii.gz\n")

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from medfuse.config import StageConfig
+from medfuse.engine.inference import infer_padded
 from medfuse.engine.tasks import Batch, SegmentationTask
 from medfuse.errors import ConfigError
 from medfuse.families.incomplete_seg.data import (
@@ -105,7 +106,16 @@ class IncompleteSegTask(SegmentationTask):
     def on_stage(self, stage: StageConfig) -> None:
         """Set the stage's behaviour; an ``adapt`` stage turns the adapters on and freezes the encoder."""
         self.stage_mode = stage_kind(stage.losses if stage is not None else None)
+        if self.stage_mode == "contrast" and self.cfg.data.batch_size < 2:
+            raise ConfigError("data.batch_size", f"is {self.cfg.data.batch_size}: NT-Xent in stage '{stage.name}' "
+                              "has no negatives with one case per batch (its loss is exactly 0)",
+                              "set data.batch_size=2 or more")
         self.model.set_stage_kind(self.stage_mode)
+
+    @property
+    def size_divisor(self) -> int:
+        """2^(levels - 1): one 2x downsampling per encoder level after the first."""
+        return int(self.model.size_divisor)
 
     @property
     def mask_cfg(self) -> dict[str, Any]:
@@ -245,7 +255,10 @@ class IncompleteSegTask(SegmentationTask):
         for start in range(0, len(pairs), VAL_CHUNK):
             chunk = pairs[start: start + VAL_CHUNK]
             idx = torch.tensor([i for i, _ in chunk], device=image.device)
-            q = net.predict_regions(image[idx], cmask[[c for _, c in chunk]].to(image.device), self.params.val_roi_size)
+            pres = cmask[[c for _, c in chunk]].to(image.device)
+            roi = self.params.val_roi_size
+            q = infer_padded(lambda x, pres=pres, roi=roi: net.predict_regions(x, pres, roi), image[idx],
+                             1 if roi is not None else self.size_divisor)
             scores.append(hard_dice(q > 0.5, target[idx]))  # (n, R)
         return torch.cat(scores)
 
@@ -264,7 +277,19 @@ class IncompleteSegTask(SegmentationTask):
         ``eval.sw_overlap``); ``present`` (B, M) defaults to the batch's own modalities."""
         image = batch["image"]
         present = self._present(batch, image) if present is None else present
-        return self.model.predict_regions(image, present, self.cfg.eval.roi_size, self.cfg.eval.sw_overlap)
+        ev = self.cfg.eval
+        if ev.roi_size is not None:
+            from medfuse.engine.inference import check_roi
+
+            check_roi(ev.roi_size, self.size_divisor)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            # the network's own sliding window carries the presence flags into every window
+            return self.model.predict_regions(x, present, ev.roi_size, ev.sw_overlap, ev.sw_batch_size,
+                                              mode=ev.sw_mode)
+
+        # one call over the whole volume: padded to the divisor without an ROI; mirroring TTA
+        return self.run_inference(fn, image, sliding=False, pad=ev.roi_size is None)
 
     def infer(self, batch: Batch) -> dict[str, Any]:
         """The batch with the modalities it has: ``logits`` = canonical label log-probabilities

@@ -1,0 +1,103 @@
+"""DICOM SEG -> label map on the referenced CT's grid (highdicom, and the pydicom fallback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from test_dicom import write_series  # tests/data is on sys.path (pytest prepend mode)
+
+from medfuse.data.dicom import DicomError
+from medfuse.data.io import read_image
+
+
+def _segment(number: int, label: str) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label,
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )  # fmt: skip
+
+
+def write_seg(ct_files: list[Path], labels: np.ndarray, out: Path, fractional: bool = False) -> Path:
+    """A highdicom SEG of ``labels`` (D, H, W; 0 = background, k = segment k) over ``ct_files`` (z order)."""
+    sources = [pydicom.dcmread(str(p)) for p in ct_files]
+    n = int(labels.max())
+    if fractional:
+        pixels = labels.astype(np.float32) / max(n, 1)  # one fractional segment
+        seg_type, segs = hd.seg.SegmentationTypeValues.FRACTIONAL, [_segment(1, "tumour")]
+    else:
+        pixels = np.stack([labels == k for k in range(1, n + 1)], axis=-1).astype(np.uint8)
+        seg_type, segs = hd.seg.SegmentationTypeValues.BINARY, [_segment(k, f"s{k}") for k in range(1, n + 1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=seg_type, segment_descriptions=segs,
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="medfuse", manufacturer_model_name="test", software_versions="0", device_serial_number="1",
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(str(out))
+    return out
+
+
+def _ct(tmp_path: Path, n: int = 5) -> list[Path]:
+    zs = [3.0 * k for k in range(n)]
+    return write_series(tmp_path / "study" / "ct", zs)
+
+
+def _labels(n: int = 5) -> np.ndarray:
+    lab = np.zeros((n, 128, 128), dtype=np.uint8)
+    lab[1:3, 40:70, 50:90] = 1
+    lab[2, 60:80, 60:100] = 2  # overlaps segment 1 on slice 2: the higher number wins
+    return lab  # slices 0, 3 and 4 empty: highdicom omits their frames
+
+
+def test_highdicom_seg_reads_as_the_written_label_map_on_the_ct_grid(tmp_path):
+    ct = _ct(tmp_path)
+    lab = _labels()
+    seg_path = write_seg(ct, lab, tmp_path / "study" / "seg.dcm")  # CT is in a folder below the SEG
+    assert pydicom.dcmread(str(seg_path)).NumberOfFrames < 2 * lab.shape[0]  # empty frames are absent
+    vol = read_image(seg_path)
+    image = read_image(tmp_path / "study" / "ct")
+    assert vol.meta["reader"] == "highdicom" and vol.meta["segments"] == 2
+    assert vol.shape == image.shape and np.allclose(vol.affine, image.affine)
+    np.testing.assert_array_equal(vol.array[0], lab)
+
+
+def test_fractional_seg_is_thresholded(tmp_path):
+    from medfuse.data.dicom import use_dicom_options
+
+    ct = _ct(tmp_path)
+    lab = _labels()
+    seg_path = write_seg(ct, lab, tmp_path / "study" / "frac.dcm", fractional=True)  # values 0, 0.5, 1
+    np.testing.assert_array_equal(read_image(seg_path).array[0], (lab >= 1).astype(np.uint8))
+    with use_dicom_options({"seg_threshold": 0.75}):
+        np.testing.assert_array_equal(read_image(seg_path).array[0], (lab == 2).astype(np.uint8))
+
+
+def test_early_slicer_seg_without_segment_identification_uses_the_pydicom_fallback(tmp_path):
+    ct = _ct(tmp_path)
+    lab = (_labels() > 0).astype(np.uint8)
+    seg_path = write_seg(ct, lab, tmp_path / "study" / "slicer.dcm")
+    ds = pydicom.dcmread(str(seg_path))
+    groups = [*ds.PerFrameFunctionalGroupsSequence, *ds.SharedFunctionalGroupsSequence]
+    for item in groups:  # as NSCLC-Radiogenomics' 3D Slicer SEGs: no per-frame segment identification
+        if "SegmentIdentificationSequence" in item:
+            del item.SegmentIdentificationSequence
+    ds.save_as(str(seg_path))
+    vol = read_image(seg_path)
+    assert vol.meta["reader"] == "pydicom"
+    np.testing.assert_array_equal(vol.array[0], lab)
+
+
+def test_seg_with_reference_elsewhere(tmp_path):
+    ct = _ct(tmp_path)
+    seg_path = write_seg(ct, _labels(), tmp_path / "segs" / "seg.dcm")
+    with pytest.raises(DicomError, match="references series"):
+        read_image(seg_path)
+    from medfuse.data.seg import read_seg
+
+    np.testing.assert_array_equal(read_seg(seg_path, reference=tmp_path / "study" / "ct").array[0], _labels())
