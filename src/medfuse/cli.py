@@ -117,7 +117,7 @@ def evaluate(
             raise MedfuseError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE",
                                "e.g. --counterfactual margin=shuffle")
     report = _evaluate(run_dir, split=split, n_boot=n_boot, counterfactual=counterfactual, overrides=overrides)
-    console.print(metrics_table(report.get("metrics", {})))
+    console.print(metrics_table(report.get("metrics", {}), ci=float(report.get("ci", 0.95))))
     console.print(f"report: {run_dir / 'report.html'}")
 
 

@@ -77,3 +77,12 @@ def test_refuses_to_overwrite_a_run(trained):
 
     with pytest.raises(RunDirError, match="--resume"):
         fit(load_run(trained))
+
+
+def test_eval_ci_is_honoured(trained):
+    wide = evaluate(trained, split="test", n_boot=300)
+    narrow = evaluate(trained, split="test", n_boot=300, overrides=["eval.ci=0.5"])
+    assert wide["ci"] == 0.95 and narrow["ci"] == 0.5
+    w, n = wide["metrics"]["roc_auc"], narrow["metrics"]["roc_auc"]
+    assert w["value"] == n["value"]
+    assert (n["high"] - n["low"]) < (w["high"] - w["low"])  # a 50% interval is narrower than a 95% one

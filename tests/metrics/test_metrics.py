@@ -330,3 +330,19 @@ def test_retrieval_report_both_directions():
     entry = rep["image_to_text/R@5"]
     assert entry["low"] <= entry["value"] <= entry["high"] and entry["n"] == 30
     assert rep["n"] == 30
+
+
+def test_ci_level_sets_the_default_coverage_inside_the_block():
+    import numpy as np
+
+    from medfuse.metrics import bootstrap_ci, ci_level, default_ci
+
+    x = np.random.default_rng(0).normal(size=200)
+    base = bootstrap_ci(np.mean, x, n_boot=400, seed=1)
+    with ci_level(0.5) as level:
+        assert level == default_ci() == 0.5
+        inner = bootstrap_ci(np.mean, x, n_boot=400, seed=1)
+        explicit = bootstrap_ci(np.mean, x, n_boot=400, seed=1, ci=0.95)
+    assert default_ci() == 0.95
+    assert inner["high"] - inner["low"] < base["high"] - base["low"]
+    assert explicit == base

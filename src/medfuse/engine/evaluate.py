@@ -362,10 +362,14 @@ def _evaluate(run_dir: Path, split: str, n_boot: int | None, counterfactual: lis
     report: dict[str, Any] = {"name": cfg.name, "family": cfg.family, "task": cfg.task, "split": split,
                               "checkpoint": "best.ckpt",
                               "selection": f"{cfg.train.monitor} ({cfg.train.mode}) on the val split",
-                              "config": {"model": cfg.model.name, **cfg.model.params}}
-    report.update(evaluator.run())
-    if counterfactual:
-        report.update(evaluator.counterfactual(list(counterfactual)) or {})
+                              "config": {"model": cfg.model.name, **cfg.model.params},
+                              "ci": cfg.eval.ci, "n_boot": n_boot}
+    from medfuse.metrics import ci_level
+
+    with ci_level(cfg.eval.ci):  # every bootstrap interval of this evaluation covers eval.ci
+        report.update(evaluator.run())
+        if counterfactual:
+            report.update(evaluator.counterfactual(list(counterfactual)) or {})
     plots = dict(evaluator.plots)
     metrics_csv = run_dir / "metrics.csv"
     if metrics_csv.exists():

@@ -4,7 +4,7 @@ DESIGN "Evaluation honesty": every reported metric carries ``n`` and a bootstrap
 ``{"value", "low", "high", "n", "n_boot"}`` by :func:`bootstrap_ci` and the ``*_report`` functions.
 """
 
-from .bootstrap import bootstrap_ci, to_numpy
+from .bootstrap import bootstrap_ci, ci_level, default_ci, to_numpy
 from .classification import (
     CLASSIFICATION_METRICS,
     accuracy,
@@ -27,6 +27,8 @@ from .segmentation import (
 )
 
 __all__ = [
+    "ci_level",
+    "default_ci",
     "CLASSIFICATION_METRICS",
     "SEG_METRICS",
     "accuracy",

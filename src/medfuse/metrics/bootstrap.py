@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -41,12 +43,32 @@ def _index_chunks(rng: np.random.Generator, n: int, n_boot: int):
 
 _CHUNK_ELEMENTS = 4_000_000
 
+_CI_LEVEL: ContextVar[float] = ContextVar("medfuse_ci_level", default=0.95)
+
+
+def default_ci() -> float:
+    """The interval coverage :func:`bootstrap_ci` uses when it is not given one (0.95 unless set)."""
+    return _CI_LEVEL.get()
+
+
+@contextmanager
+def ci_level(level: float) -> Iterator[float]:
+    """Inside the block, every :func:`bootstrap_ci` without an explicit ``ci`` covers ``level``
+    (``medfuse evaluate`` sets it from ``eval.ci``, so every report function honours it)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {level}")
+    token = _CI_LEVEL.set(float(level))
+    try:
+        yield float(level)
+    finally:
+        _CI_LEVEL.reset(token)
+
 
 def bootstrap_ci(
     metric_fn: Callable[..., Any],
     *arrays: Any,
     n_boot: int = 1000,
-    ci: float = 0.95,
+    ci: float | None = None,
     seed: int = 0,
     vectorized: bool = False,
 ) -> dict[str, float | int]:
@@ -63,7 +85,8 @@ def bootstrap_ci(
             values; resamples are then evaluated in chunks instead of one call each.
         *arrays: one or more arrays (or tensors) with the same length along axis 0.
         n_boot: number of resamples to draw.
-        ci: coverage of the interval (0.95 -> 2.5th and 97.5th percentiles).
+        ci: coverage of the interval (0.95 -> 2.5th and 97.5th percentiles); None: the level
+            set by :func:`ci_level` (0.95 by default).
         seed: seed of the numpy Generator. For a given seed and n, both code paths draw the same
             resamples.
         vectorized: see ``metric_fn``.
@@ -75,6 +98,7 @@ def bootstrap_ci(
     """
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array")
+    ci = default_ci() if ci is None else ci
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     data = [to_numpy(a) for a in arrays]

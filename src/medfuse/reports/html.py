@@ -162,7 +162,8 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, str | Path] | Non
     ]
     metrics = report.get("metrics")
     if isinstance(metrics, Mapping) and metrics:
-        parts += ["<h2>Metrics</h2>", '<p class="meta">value [95% bootstrap CI] (n)</p>']
+        level = f"{100 * float(report.get('ci', 0.95)):g}%"
+        parts += ["<h2>Metrics</h2>", f'<p class="meta">value [{level} bootstrap CI] (n)</p>']
         parts.append(_table(["metric", "value"], metrics_rows(metrics)))
     per_class = report.get("per_class")
     if isinstance(per_class, Mapping) and per_class:

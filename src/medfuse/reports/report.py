@@ -110,18 +110,20 @@ def write_report(
     return json_path, html_path
 
 
-def metrics_table(report_metrics: Mapping[str, Any], title: str | None = None, digits: int = 3) -> Table:
-    """Rich table for the terminal: metric, value, 95% CI, n (non-metric entries are skipped).
+def metrics_table(report_metrics: Mapping[str, Any], title: str | None = None, digits: int = 3,
+                  ci: float = 0.95) -> Table:
+    """Rich table for the terminal: metric, value, CI, n (non-metric entries are skipped).
 
     Args:
         report_metrics: ``{name: {"value", "low", "high", "n"} | number}``.
         title: optional table title.
         digits: decimals.
+        ci: the intervals' coverage (the report's ``ci``), for the column title.
     """
     table = Table(title=title)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
-    table.add_column("95% CI", justify="right")
+    table.add_column(f"{100 * ci:g}% CI", justify="right")
     table.add_column("n", justify="right")
     for name, entry in report_metrics.items():
         if is_ci(entry):
