@@ -58,6 +58,14 @@ def test_segmentation_trains_and_evaluates(seg_dataset, tmp_path):
     np.testing.assert_allclose(pred.affine, AFFINE, atol=1e-5)
     assert set(np.unique(pred.array)) <= {0, 1}
     assert any((run / "plots").glob("overlay_*.png"))
+    table = rep["per_case"]  # the same rows as metrics_per_case.csv, shown in report.html
+    assert len(table["rows"]) == 4 and table["columns"][:2] == ["case_id", "dice_lesion"]
+    with (run / "metrics_per_case.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in csv_rows] == [r[0] for r in table["rows"]]
+    assert abs(float(csv_rows[0]["dice_lesion"]) - table["rows"][0][1]) < 1e-5
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "Per case" in html and table["rows"][0][0] in html
 
 
 def rep_case(run):

@@ -277,17 +277,24 @@ class SegmentationEvaluator(Evaluator):
                                                             self.out_path("plots", f"overlay_{cid}.png"))
                 self.shown += 1
 
-    def write_per_case(self, names: list[str]) -> Path:
-        """``metrics_per_case.csv``: one row per case, Dice/IoU/HD95 (mm) per scored class."""
-        path = self.out_path("metrics_per_case.csv")
+    def per_case_table(self, names: list[str]) -> dict[str, Any]:
+        """``{"columns", "rows"}``: one row per case, Dice/IoU/HD95 (mm) per scored class."""
         merged = {key: np.concatenate(v) for key, v in self.per_case.items()}
         keys = [k for k in ("dice", "iou", "hd95") if k in merged]
-        with path.open("w", newline="") as f:
+        columns = ["case_id", *[f"{k}_{n}" for k in keys for n in names]]
+        rows = [[cid, *[float(merged[k][r, j]) for k in keys for j in range(len(names))]]
+                for r, cid in enumerate(self.case_ids)]
+        return {"columns": columns, "rows": rows}
+
+    def write_per_case(self, names: list[str]) -> dict[str, Any]:
+        """``metrics_per_case.csv`` (the :meth:`per_case_table` rows, with the split); returns the table."""
+        table = self.per_case_table(names)
+        with self.out_path("metrics_per_case.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["split", "case_id", *[f"{k}_{n}" for k in keys for n in names]])
-            for r, cid in enumerate(self.case_ids):
-                w.writerow([self.split, cid, *[f"{float(merged[k][r, j]):.6g}" for k in keys for j in range(len(names))]])
-        return path
+            w.writerow(["split", *table["columns"]])
+            for row in table["rows"]:
+                w.writerow([self.split, row[0], *[f"{v:.6g}" for v in row[1:]]])
+        return table
 
     def class_names(self) -> list[str]:
         k = self.num_classes or 0
@@ -297,10 +304,10 @@ class SegmentationEvaluator(Evaluator):
         from medfuse.metrics import segmentation_report
 
         merged = {key: np.concatenate(v) for key, v in self.per_case.items()}
-        self.write_per_case(self.class_names()[1:])
+        per_case = self.write_per_case(self.class_names()[1:])
         rep = segmentation_report(merged, self.class_names()[1:], n_boot=self.n_boot, seed=self.seed)
         extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n") if k in rep}
-        return {"metrics": rep, **extra}
+        return {"metrics": rep, **extra, "per_case": per_case}
 
 
 class RetrievalEvaluator(Evaluator):
