@@ -62,7 +62,7 @@ def make_demo_cmd(
 @data_app.command("check")
 def data_check(
     path: Annotated[Path, typer.Argument(help="dataset folder or manifest")],
-    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats|busbra")] = "auto",
 ) -> None:
     """Check a dataset's integrity; one line per problem; exit 0 when clean, 2 otherwise."""
     from medfuse.data.checks import run_check
