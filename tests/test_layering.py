@@ -18,7 +18,7 @@ import medfuse
 SRC = Path(medfuse.__file__).parent
 
 ORDER = [
-    "errors", "config", "registry",                                  # bottom
+    "errors", "fileio", "config", "registry",                        # bottom
     "ssm", "layers", "text", "metrics", "losses", "data", "reports",  # blocks, data, metrics, reports
     "encoders",                                                      # foundation encoders
     "engine",                                                        # tasks, trainer, evaluate/predict, demo

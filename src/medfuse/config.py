@@ -11,8 +11,6 @@ All spatial tuples (``spacing``, ``spatial_size``, ``roi_size``) are in array or
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -429,14 +427,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
+    from medfuse.fileio import atomic_open
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(p, "w", encoding="utf-8") as f:
         f.write(text)
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
-    os.replace(tmp, p)
     return p

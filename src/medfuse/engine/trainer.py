@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from medfuse.engine.checkpoint import (
 )
 from medfuse.engine.tasks import BaseTask
 from medfuse.errors import ConfigError, Interrupted, RunDirError
+from medfuse.fileio import atomic_open
 
 log = logging.getLogger("medfuse")
 
@@ -376,20 +376,10 @@ def prepare_log(path: Path, resume_epoch: int | None) -> None:
 
 
 def _write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        _umask = os.umask(0)
-        os.umask(_umask)
-        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes 0600; a run's files are 0644 under umask 022
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:
