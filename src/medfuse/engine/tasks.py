@@ -337,7 +337,7 @@ class SegmentationTask(BaseTask):
         """Pads ``image`` and ``mask`` (background) to :attr:`size_divisor`, then trains."""
         return super().training_step(pad_batch(batch, self.size_divisor), batch_idx)
 
-    def infer(self, batch):
+    def infer(self, batch) -> SegmentationOutput:
         return {"logits": self.infer_logits(batch["image"])}
 
     def compute_loss(self, batch, out):
@@ -419,7 +419,7 @@ class ContrastiveTask(BaseTask):
 
         self.contrastive = InfoNCE()
 
-    def forward_batch(self, batch):
+    def forward_batch(self, batch) -> EmbeddingOutput:
         img, txt = self.model(batch["image"], batch["text"])
         return {"image_emb": img, "text_emb": txt}
 

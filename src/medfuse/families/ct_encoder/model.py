@@ -151,7 +151,7 @@ class CTVisionEncoder(nn.Module):
             The :meth:`forward` outputs and intermediates: ``region_attn`` (B, H, N, R + 1), the
             last block's region-aware attention weights (detached; column 0 is the background),
             present when ``attention`` is set and the blocks have region attention. The last block
-            then runs with ``return_attn`` (:func:`block_with_attention`) and is never checkpointed.
+            then runs with ``return_attn=True`` and is never checkpointed.
         """
         x, coords, grid = self.patch_embed(image)  # (B, N, C), (N, 3)
         ctx = self.anatomy(mask)
@@ -161,7 +161,7 @@ class CTVisionEncoder(nn.Module):
         taps, inter = [], {}
         for i, blk in enumerate(self.blocks, start=1):
             if attention and i == len(self.blocks) and blk.region is not None and ctx.embeds is not None:
-                x, inter["region_attn"] = block_with_attention(blk, x, z, ctx.embeds, ctx.fractions)
+                x, inter["region_attn"] = blk(x, z, ctx.embeds, ctx.fractions, return_attn=True)
             elif self.grad_checkpoint and self.training:
                 x = checkpoint(blk, x, z, ctx.embeds, ctx.fractions, use_reentrant=False)
             else:
@@ -180,21 +180,6 @@ class CTVisionEncoder(nn.Module):
         region, mass = region_pool(patch, ctx.fractions[..., 1:])  # (B, R, C_f), (B, R)
         out = {"global": glob, "patch": patch, "region": region, "mass": mass, "ctx": ctx, "grid": grid}
         return out, inter
-
-
-def block_with_attention(blk: CTBlock, x: torch.Tensor, z: torch.Tensor, regions: torch.Tensor,
-                         fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``blk(x, z, regions, fractions)`` that also returns its region-aware attention weights.
-
-    Args:
-        blk: a block with region attention.
-        x: (B, N, C) tokens; z: (N,) slice index of each token.
-        regions: (B, R + 1, C) region embeddings; fractions: (B, N, R + 1).
-
-    Returns:
-        ``(x, attn)``: (B, N, C) and the detached weights (B, H, N, R + 1).
-    """
-    return blk(x, z, regions, fractions, return_attn=True)
 
 
 # Frozen text encoders are shared between model instances (a process loads MiniLM once).
