@@ -64,14 +64,17 @@ def data_params(cfg: Config) -> Any:
     return validate_params(fam.data_params, cfg.data.params, "data.params")
 
 
-def build_model(cfg: Config, auto: dict[str, Any] | None = None) -> nn.Module:
+def build_model(cfg: Config, auto: dict[str, Any] | None = None, params: Any = None) -> nn.Module:
     """Instantiate the config's model with validated params (and ``model.weights`` if set).
+
+    Args:
+        params: the already validated :func:`model_params` (computed here when None).
 
     Raises:
         ConfigError: an unknown or ill-typed parameter (naming the key).
     """
     _, entry = family_of(cfg)
-    model = entry.build(model_params(cfg, auto))
+    model = entry.build(model_params(cfg, auto) if params is None else params)
     if cfg.model.weights:
         from medfuse.encoders.weights import load_weights
 

@@ -120,7 +120,7 @@ class BaseTask(L.LightningModule):
         self.family, self.entry = family_of(self.cfg)
         self.params = model_params(self.cfg, auto)
         self.stage_cfg = StageConfig.model_validate(stage) if stage else None
-        self.model = build_model(self.cfg, auto)
+        self.model = build_model(self.cfg, params=self.params)
         self._val_outputs: list[dict[str, Any]] = []
         if self.stage_cfg is not None:
             apply_stage(self.model, self.stage_cfg)
