@@ -18,12 +18,13 @@ import medfuse
 SRC = Path(medfuse.__file__).parent
 
 ORDER = [
-    "errors", "fileio", "config", "registry",                        # bottom
+    "errors", "fileio", "dist", "config", "registry",                # bottom (dist: DDP collectives)
     "ssm", "layers", "text", "metrics", "losses", "data", "reports",  # blocks, data, metrics, reports
     "encoders",                                                      # foundation encoders
     "engine",                                                        # tasks, trainer, evaluate/predict, demo
     "families",                                                      # one package per family
     "cli", "api",                                                    # entry points (register the families)
+    "__main__",                                                      # python -m medfuse (torchrun -m medfuse)
 ]
 RANK = {name: i for i, name in enumerate(ORDER)}
 

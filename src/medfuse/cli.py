@@ -62,7 +62,7 @@ def make_demo_cmd(
 @data_app.command("check")
 def data_check(
     path: Annotated[Path, typer.Argument(help="dataset folder or manifest")],
-    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats|busbra")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats|busbra|cellmap|nsclc|ctrate|omniabnorm")] = "auto",
 ) -> None:
     """Check a dataset's integrity; one line per problem; exit 0 when clean, 2 otherwise."""
     from medfuse.data.checks import run_check
@@ -94,7 +94,10 @@ def train(
                 raise MedfuseError("--stage", f"no stage {stage}", f"use 1..{len(cfg.train.stages)}")
             stage = cfg.train.stages[idx].name
         run_dir = fit(cfg, only_stage=stage, resume=stage is not None)
-    console.print(f"run directory: {run_dir}")
+    from medfuse.engine.lock import is_rank_zero
+
+    if is_rank_zero():  # under torchrun/srun every rank returns here
+        console.print(f"run directory: {run_dir}")
 
 
 @app.command()
@@ -140,6 +143,19 @@ def predict(
         raise MedfuseError("INPUTS", "no input given", "give an imagesTs folder, a manifest or image files")
     path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True)
     console.print(f"predictions: {path}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
+    out: Annotated[Path, typer.Option(help="the package to write (a new .zip file)")] = Path("model.zip"),
+) -> None:
+    """Pack a run into a portable model package (config, safetensors weights, labels, preprocessing,
+    split, model card) that `medfuse predict model.zip ...` runs on another machine."""
+    from medfuse.engine.package import export as _export
+
+    path = _export(run_dir, out)
+    console.print(f"model package: {path}")
 
 
 @app.command()

@@ -94,6 +94,9 @@ class SplitConfig(_Strict):
     test: Fraction = 0.15
     seed: NonNegInt = 0
     stratify: bool = True
+    fold: int | None = Field(
+        None, ge=1, description="use the dataset's official folds (BUS-BRA 5-fold-cv.csv): this fold is the test "
+        "split, the other folds are train/val by patient (val as above; test is then ignored)")
 
     @model_validator(mode="after")
     def _room_for_training(self) -> SplitConfig:
@@ -116,7 +119,8 @@ class DataConfig(_Strict):
     """Where the cases are and how they become tensors."""
 
     root: str | None = None
-    layout: Literal["auto", "manifest", "nnunet", "msd", "brats", "busbra"] = "auto"
+    layout: Literal["auto", "manifest", "nnunet", "msd", "brats", "busbra", "cellmap", "nsclc", "ctrate",
+                    "omniabnorm"] = "auto"
     demo: str | None = Field(None, description="generate this family's demo data into root if it is missing")
     demo_params: dict[str, Any] = Field(default_factory=dict)
     modalities: list[str] | None = None
@@ -173,6 +177,8 @@ class TrainConfig(_Strict):
     devices: int | str = Field("auto", description="a count (-1 = all), 'auto', or GPU indices like '0,1'")
     num_nodes: PosInt = 1
     strategy: str = "auto"
+    sync_batchnorm: bool = Field(False, description="under DDP, BatchNorm statistics over the global batch "
+                                 "(torch.nn.SyncBatchNorm); no effect in one process")
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -207,6 +213,16 @@ class TrainConfig(_Strict):
         return v
 
 
+class PostprocessConfig(_Strict):
+    """Optional post-processing of predicted label maps (off by default), applied alike by
+    ``evaluate`` and ``predict`` of the models that support it (others refuse a set key)."""
+
+    min_et_voxels: NonNegInt = Field(
+        0, description="nested regions (BraTS WT/TC/ET): a case whose predicted enhancing tumour (the innermost "
+        "region) has fewer voxels than this loses it to the region around it (ET -> NCR/TC), as the BraTS 2020 "
+        "nnU-Net (Isensee et al. 2021); 0 = off")
+
+
 class EvalConfig(_Strict):
     """Evaluation: which split, bootstrap settings, inference settings."""
 
@@ -221,6 +237,7 @@ class EvalConfig(_Strict):
     tta: bool = Field(False, description="mirroring test-time augmentation: every flip combination of the "
                       "spatial axes (8 passes in 3D), outputs averaged (nnU-Net)")
     save_probabilities: bool = Field(False, description="predict also writes <case>_probs.nii.gz (K channels)")
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     overlays: NonNegInt = 3
 
 

@@ -95,9 +95,36 @@ def test_early_slicer_seg_without_segment_identification_uses_the_pydicom_fallba
 
 def test_seg_with_reference_elsewhere(tmp_path):
     ct = _ct(tmp_path)
-    seg_path = write_seg(ct, _labels(), tmp_path / "segs" / "seg.dcm")
+    seg_path = write_seg(ct, _labels(), tmp_path / "other" / "segs" / "seg.dcm")  # not below, not beside
     with pytest.raises(DicomError, match="references series"):
         read_image(seg_path)
-    from medfuse.data.seg import read_seg
+    from medfuse.data.seg import read_label, read_seg
 
     np.testing.assert_array_equal(read_seg(seg_path, reference=tmp_path / "study" / "ct").array[0], _labels())
+    np.testing.assert_array_equal(read_label(seg_path, image=ct[0]).array[0], _labels())  # the case's image
+
+
+def test_seg_beside_its_ct_in_a_tcia_study_folder_is_paired(tmp_path):
+    ct = write_series(tmp_path / "R01-001" / "study" / "2.000000-CT-1234", [3.0 * k for k in range(5)])
+    seg_path = write_seg(ct, _labels(), tmp_path / "R01-001" / "study" / "1000.000000-3D Slicer segmentation result-5" / "1-1.dcm")
+    np.testing.assert_array_equal(read_image(seg_path).array[0], _labels())
+
+
+def test_rtstruct_is_refused_with_a_conversion_hint(tmp_path):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "RTSTRUCT", generate_uid()
+    (tmp_path / "rt").mkdir()
+    ds.save_as(str(tmp_path / "rt" / "rtstruct.dcm"), enforce_file_format=True)
+    for path in (tmp_path / "rt" / "rtstruct.dcm", tmp_path / "rt"):
+        with pytest.raises(DicomError, match="RTSTRUCT") as err:
+            read_image(path)
+        line = err.value.one_line()
+        assert "\n" not in line and "convert it to DICOM SEG or NIfTI" in line

@@ -9,7 +9,7 @@ import pytest
 
 from medfuse.data.layouts import Case, CaseTable
 from medfuse.data.split import assign_splits, check_no_patient_leak
-from medfuse.errors import DataError
+from medfuse.errors import ConfigError, DataError
 
 
 def _table(
@@ -115,3 +115,36 @@ def test_bad_fractions(val, test):
 
     with pytest.raises(ConfigError):
         assign_splits(_table(n_patients=4), val=val, test=test)
+
+
+# --------------------------------------------------------------------------- official folds
+
+
+def _fold_table(folds: dict[str, tuple[str, str]]) -> CaseTable:
+    """case id -> (patient, fold)."""
+    cases = [Case(case_id=cid, patient_id=pid, images={"us": f"/x/{cid}.png"}, extra={"fold": fold})
+             for cid, (pid, fold) in folds.items()]
+    return CaseTable(root=Path("/x"), layout="busbra", modalities=["us"], cases=cases, patient_ids_given=True)
+
+
+def test_official_fold_is_the_test_split_and_the_rest_train_val_by_patient():
+    folds = {f"c{i}": (f"p{i // 2}", str(i // 2 % 5 + 1)) for i in range(40)}  # 2 images per patient
+    out = assign_splits(_fold_table(folds), val=0.2, test=0.4, seed=1, fold=3)
+    by_id = {c.case_id: c for c in out.cases}
+    assert {cid for cid, c in by_id.items() if c.split == "test"} == {cid for cid, (_, f) in folds.items() if f == "3"}
+    rest = [c for c in out.cases if c.extra["fold"] != "3"]
+    assert {c.split for c in rest} == {"train", "val"}  # test=0.4 is ignored: the fold decides
+    assert sum(c.split == "val" for c in rest) == 8  # val is a fraction of all cases
+    assert check_no_patient_leak(out.cases) == [] and any("official fold 3" in n for n in out.notes)
+
+
+def test_fold_errors_are_one_line():
+    folds = {"a": ("p1", "1"), "b": ("p1", "2"), "c": ("p2", "2")}
+    with pytest.raises(DataError, match="patient 'p1' has cases in fold 1 and in another fold"):
+        assign_splits(_fold_table(folds), fold=1)
+    with pytest.raises(ConfigError, match="no case is in fold 7"):
+        assign_splits(_fold_table({"a": ("p1", "1")}), fold=7)
+    table = _fold_table({"a": ("p1", "1")})
+    table.cases[0].extra = {}
+    with pytest.raises(ConfigError, match="has no official folds"):
+        assign_splits(table, fold=1)

@@ -95,3 +95,35 @@ def test_tta_on_off_reported(trained):
     on = evaluate(run, n_boot=50, overrides=["eval.tta=true"])["metrics"]["dice"]
     assert 0 <= off["value"] <= 1 and 0 <= on["value"] <= 1
     assert on["low"] <= on["value"] <= on["high"]
+
+
+def test_exported_package_predicts_identical_files_elsewhere(trained, tmp_path, monkeypatch):
+    """``medfuse export`` then ``medfuse predict model.zip`` from another directory, with the run
+    folder moved away: byte-identical files to the run's own predictions."""
+    from medfuse.cli import main
+
+    root, run = trained
+    own, pkg = tmp_path / "own", tmp_path / "mni.zip"
+    for argv in (["predict", str(run), str(root / "imagesTs"), "--out", str(own)],
+                 ["export", str(run), "--out", str(pkg)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    moved = tmp_path / "moved"
+    shutil.move(str(run), moved)
+    try:
+        cwd = tmp_path / "elsewhere"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as e:
+            main(["predict", str(pkg), str(root / "imagesTs"), "--out", "preds"])
+        assert e.value.code == 0
+    finally:
+        shutil.move(str(moved), run)
+    names = sorted(p.name for p in own.glob("*.nii.gz"))
+    assert len(names) == 4 and names == sorted(p.name for p in (cwd / "preds").glob("*.nii.gz"))
+    for n in names:
+        a, b = nib.load(own / n), nib.load(cwd / "preds" / n)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert (own / n).read_bytes() == (cwd / "preds" / n).read_bytes()  # byte-identical

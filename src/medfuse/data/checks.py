@@ -12,7 +12,8 @@ Rules (the ``[rule]`` tag of each line):
   slices, non-uniform spacing, duplicate positions, mixed orientations, a localizer or projection
   set, a truncated slice, a SEG whose referenced series is not found (:mod:`medfuse.data.dicom`).
 * ``channels`` - a multi-channel file has fewer channels than the modalities mapped to it.
-* ``grid`` - the modalities and mask of one case differ in shape, spacing or affine.
+* ``grid`` - the modalities and mask of one case differ in shape, spacing or affine (between
+  modalities not when the sidecar declares ``resample_modalities: true``).
 * ``dims`` - a single-slice (2D) image or mask in a case whose other files are 3D volumes.
 * ``nonfinite`` - NaN or Inf voxels.
 * ``label`` - mask values outside the declared labels, or a case label outside the declared classes
@@ -20,6 +21,14 @@ Rules (the ``[rule]`` tag of each line):
 * ``empty-mask`` - an all-zero mask where the dataset requires masks.
 * ``duplicate-id`` - a case id used more than once.
 * ``leak`` - one patient in more than one split.
+* ``geometry`` - (CellMap) a crop whose box lies outside its raw volume, or whose classes disagree
+  on the box.
+* ``hu`` - (CT-RATE) a CT volume whose 1st percentile lies far below air (-1024 HU): rescaled twice.
+
+Layout rules: CellMap crops are checked through their Zarr metadata and crop-sized class arrays,
+never by reading the raw EM volume (:func:`medfuse.data.containers.cellmap_problems`); OmniAbnorm-CT
+records through their slice folders and finding masks; a DICOM SEG mask is read on its case's own
+image series (:func:`medfuse.data.seg.read_label`).
 
 Each file is read once and only one case is held in memory at a time.
 
@@ -44,6 +53,7 @@ import numpy as np
 from medfuse.data.io import Volume, read_image
 from medfuse.data.layouts import Case, CaseTable, case_where, load_cases
 from medfuse.data.paths import CASE_ID_FIX, case_id_problem
+from medfuse.data.seg import read_label
 from medfuse.data.split import LEAK_FIX, leak_text, patient_splits
 from medfuse.errors import DataError, MedfuseError
 
@@ -60,6 +70,8 @@ FIXES = {
     "empty-mask": "check the segmentation, or set mask_required: false if empty masks are expected",
     "duplicate-id": "give every case a unique case_id",
     "leak": LEAK_FIX,
+    "geometry": "re-export the crop with the raw volume's translation and scale (OME-NGFF, nm), or drop it",
+    "hu": "the file is already in HU and was rescaled again: re-export it, or convert with slope 1, intercept 0",
 }
 _READ_ERRORS = (DataError, OSError, ValueError, EOFError, zlib.error)
 
@@ -270,8 +282,11 @@ def raise_first(problems: list[Problem], dataset: str | Path | None = None) -> N
 
 def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: float) -> list[Problem]:
     cid = case.case_id
+    if table.layout in LAYOUT_RULES:
+        return LAYOUT_RULES[table.layout](table, case)
     problems: list[Problem] = []
     volumes: dict[str, Volume | None] = {}  # path -> volume (None: missing or unreadable); one case only
+    first_image = next(iter(case.images.values()), None)
 
     def load(path: str, what: str) -> Volume | None:
         if path not in volumes:
@@ -282,7 +297,8 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                 )
             else:
                 try:
-                    volumes[path] = read_image(path)
+                    # a DICOM SEG mask goes on the grid of the case's own image series
+                    volumes[path] = read_label(path, first_image) if what == "mask" else read_image(path)
                 except _READ_ERRORS as e:
                     reason = e.problem if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
                     rule = getattr(e, "rule", "unreadable")
@@ -291,6 +307,8 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                                             case_id=cid))  # fmt: skip
                 else:
                     bad = nonfinite_problem(volumes[path].array, path, what, cid)
+                    if bad is None and table.layout == "ctrate" and what != "mask":
+                        bad = hu_problem(volumes[path].array, path, cid)
                     problems.extend([bad] if bad else [])
         return volumes[path]
 
@@ -311,7 +329,9 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
             ref = (m, vol)
         elif path != case.images[ref[0]]:
             flat = dims_problem(f"image '{ref[0]}'", ref[1].shape, f"image '{m}'", vol.shape, path, cid)
-            problems.extend([flat] if flat else _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol, affine_atol))
+            grid = [] if table.resample_modalities else _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol,
+                                                               affine_atol)
+            problems.extend([flat] if flat else grid)
     if case.mask is None:
         if table.mask_required and case.split != "test":
             problems.append(
@@ -416,3 +436,61 @@ def _mask_values(table: CaseTable, mask: Volume, path: str, cid: str) -> list[Pr
     if table.mask_required and not np.any(np.nan_to_num(arr) if arr.dtype.kind in "fc" else arr):
         problems.append(Problem(path, "empty-mask", f"mask of case '{cid}' is all zero", case_id=cid))
     return problems
+
+
+AIR_HU = -1024.0
+BELOW_AIR = 600.0
+
+
+def hu_problem(array: np.ndarray, path: str, cid: str) -> Problem | None:
+    """The ``hu`` rule: a CT whose 1st percentile is more than 600 HU below air (-1024) was rescaled
+    twice (CT-RATE v2 files are already in HU; applying the metadata slope/intercept again shifts them)."""
+    if array.size == 0:
+        return None
+    p1 = float(np.percentile(array[..., ::4, ::4].astype(np.float32), 1))
+    if p1 >= AIR_HU - BELOW_AIR:
+        return None
+    return Problem(path, "hu", f"CT of case '{cid}' has its 1st percentile at {p1:.0f} HU, far below air "
+                   f"({AIR_HU:.0f})", case_id=cid)
+
+
+def _cellmap_rules(table: CaseTable, case: Case) -> list[Problem]:
+    from medfuse.data.containers import cellmap_problems
+
+    raw = case.images.get("raw", "")
+    if not case.mask:
+        return [Problem(str(table.source or table.root), "missing", f"case '{case.case_id}' has no crop",
+                        case_id=case.case_id)]
+    return [Problem(p, rule, msg, case_id=case.case_id) for p, rule, msg in cellmap_problems(raw, case.mask,
+                                                                                           case.case_id)]
+
+
+def _omniabnorm_rules(table: CaseTable, case: Case) -> list[Problem]:
+    from medfuse.data.datasets import omni_region_map
+    from medfuse.data.io import read_slice_folder
+
+    cid, image = case.case_id, case.images.get("ct", "")
+    if not Path(image).is_dir():
+        return [Problem(image, "missing", f"slice folder of case '{cid}' does not exist", case_id=cid)]
+    try:
+        slab = read_slice_folder(image, list(case.extra.get("context") or []))
+    except _READ_ERRORS as e:
+        reason = e.problem if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+        rule = "missing" if "has no slice" in reason else "unreadable"
+        return [Problem(image, rule, f"slices of case '{cid}' cannot be read: {reason}", case_id=cid)]
+    if case.extra.get("findings") and not (case.mask and Path(case.mask).is_dir()):
+        return [Problem(case.mask or image, "missing", f"mask folder of case '{cid}' does not exist", case_id=cid)]
+    try:
+        groups = [g["ids"] for g in case.extra.get("findings") or []]
+        omni_region_map(case.mask, groups, slab.shape[-2:], cid)
+    except _READ_ERRORS as e:
+        reason = e.problem if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+        where = e.where if isinstance(e, DataError) else case.mask
+        rule = "missing" if "has no mask" in reason else "grid" if "grid" in reason else "unreadable"
+        return [Problem(str(where), rule, f"finding mask of case '{cid}': {reason}", case_id=cid)]
+    bad = nonfinite_problem(slab.array, image, "slices", cid)
+    return [bad] if bad else []
+
+
+LAYOUT_RULES = {"cellmap": _cellmap_rules, "omniabnorm": _omniabnorm_rules}
+"""Layouts whose cases are not plain image files: their own per-case rules replace the generic ones."""

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medfuse.config import Config
 from medfuse.errors import ConfigError, DataError
+from medfuse.fileio import atomic_open
 
 SPLITS = ("train", "val", "test")
 
@@ -152,6 +153,8 @@ def load_table(cfg: Config):
     table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
     classification = cfg.task == "classification"
     if classification:
+        if table.class_names is None and cfg.data.class_names and not cfg.data.label_map:
+            table.class_names = list(cfg.data.class_names)  # labels may name the config's classes (T1..T4)
         class_index_labels(table)
     table = regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
     return validate_table(table, classification=classification)
@@ -225,11 +228,12 @@ def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
             c.split = split_of[c.case_id]
     else:
         s = cfg.data.split
+        # data.split.fold: an official fold file is the split (the chosen fold is the test split)
         table = assign_splits(table, val=s.val, test=s.test, seed=s.seed,
-                              stratify=s.stratify if stratify is None else stratify)
+                              stratify=s.stratify if stratify is None else stratify,
+                              fold=s.fold)
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            with saved.open("w", newline="") as f:
+            with atomic_open(saved, "w", newline="") as f:  # every DDP rank writes the same file at once
                 w = csv.writer(f)
                 w.writerow(["case_id", "patient_id", "split"])
                 for c in table.cases:
@@ -267,11 +271,16 @@ def mask_values(table) -> list[int] | None:
 class CaseDataModule(L.LightningDataModule):
     """Train/val/test dataloaders over a case table, transforms from the config."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, table: Any = None):
+        """Args:
+            cfg: the experiment config.
+            run_dir: the run directory (its saved split is reused).
+            table: a family's own case table (default: :func:`load_table` of ``cfg``).
+        """
         super().__init__()
         self.cfg = cfg
         self.run_dir = run_dir
-        self.table, self.cases = resolve_splits(cfg, run_dir)
+        self.table, self.cases = resolve_splits(cfg, run_dir, table)
         self.modalities = self.table.modalities
         # The dataset's own label values, read before a family renames table.mask_labels; a
         # mask value outside them is refused when the case is read (the `label` rule of data check).

@@ -30,6 +30,8 @@ the headers; nothing is guessed and nothing is dropped silently:
   keep their stored dtype. A slice that cannot be decoded (truncated, unsupported compression) is
   an error naming the file; a slice is never dropped. Colour images give ``C = 3``.
 * A SEG file is read by :func:`medfuse.data.seg.read_seg` (a label map on its CT's grid).
+* An RTSTRUCT (a file, or a folder holding only one) is refused with one line saying how to convert
+  it to SEG or NIfTI (:func:`rtstruct_error`).
 
 Everything here is deterministic; no SimpleITK/GDCM warning is the only sign of a problem.
 """
@@ -51,6 +53,7 @@ from medfuse.errors import DataError
 log = logging.getLogger(__name__)
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 _NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "SR", "KO", "PR", "ECG", "REG", "DOC", "RWV"}
 _PROJECTION_TYPES = {"PROJECTION IMAGE", "MIP", "MINIP", "MAXIP", "MNIP", "AVERAGE PROJECTION"}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -61,6 +64,18 @@ class DicomError(DataError):
     """A DICOM file or series that cannot be read truthfully (``medfuse data check`` rule ``dicom``)."""
 
     rule = RULE
+
+
+def rtstruct_error(path: Path) -> DicomError:
+    """The one line for an RTSTRUCT given as an image or a label.
+
+    RTSTRUCT holds planar contours, not voxels; turning them into a mask needs polygon filling,
+    hole and interpolation rules that no well-kept package covers (rt-utils and dcmrtstruct2nii
+    have had no release since early 2023), so medfuse does not read it and says how to convert it.
+    """
+    return DicomError(path, "is a DICOM RTSTRUCT (contours, not a voxel mask), which medfuse does not read",
+                      "convert it to DICOM SEG or NIfTI on the CT's grid (e.g. 3D Slicer, plastimatch convert, "
+                      "dcmrtstruct2nii) and give that file as the mask")
 
 
 @dataclass(frozen=True)
@@ -259,6 +274,9 @@ def read_dicom(path: str | Path, options: DicomOptions | None = None) -> Any:
                 from medfuse.data.seg import read_seg
 
                 return read_seg(segs[0].path, options=opts)
+            rt = [h for h in headers if h.modality == "RTSTRUCT" or h.sop_class == RTSTRUCT_SOP_CLASS]
+            if rt:
+                raise rtstruct_error(rt[0].path)
             raise DicomError(path, "no DICOM series found in this folder",
                              "point to the folder that directly holds the .dcm files")
         uid = _choose_series(path, series, opts.series)
@@ -268,6 +286,8 @@ def read_dicom(path: str | Path, options: DicomOptions | None = None) -> Any:
         from medfuse.data.seg import read_seg
 
         return read_seg(path, options=opts)
+    if head.modality == "RTSTRUCT" or head.sop_class == RTSTRUCT_SOP_CLASS:
+        raise rtstruct_error(path)
     if not head.is_image:
         raise DicomError(path, f"is a DICOM {head.modality or 'object'} without an image",
                          "point at an image series (CT, MR, ...) or a SEG")

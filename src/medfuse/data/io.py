@@ -26,6 +26,10 @@ Formats (chosen by suffix; a directory is a DICOM series):
   (axis-aligned affine). Neither: spacing 1. Loaded with ``allow_pickle=False``.
 * ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp`` (Pillow): a 2D image becomes ``(C, 1, H, W)`` with
   ``C = 1`` (grey, 16-bit, palette indices) or ``C = 3`` (colour; alpha is dropped), spacing 1.
+* A folder of 2D slices named by their integer offset from the centre slice (``0.jpeg``,
+  ``-1.jpeg``, ``1.jpeg``; PNG/JPG/BMP), as OmniAbnorm-CT stores a centre slice with its context:
+  a thin slab ``(C, D, H, W)`` in offset order (:func:`read_slice_folder`); the offsets must be
+  evenly spaced, the slice spacing is that step (in slices, ``meta["spacing_unit"] = "pixel"``).
 * ``.tif`` / ``.tiff`` (tifffile): a stack ``(D, H, W)`` or ``(D, H, W, C)``; named axes (ImageJ
   hyperstacks, RGB samples) decide where channels are. Spacing comes from the X/YResolution tags
   and ImageJ ``spacing``/``unit`` metadata, converted to mm where the unit is known (else left in
@@ -46,6 +50,7 @@ reported the same way, naming the file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -152,6 +157,8 @@ def read_image(path: str | Path, *, channels_last_4d: bool = True) -> Volume:
     if not p.exists():
         raise DataError(p, "file not found", f"check the path (relative paths start at {os.getcwd()})")
     if p.is_dir():
+        if slice_offsets(p):
+            return read_slice_folder(p)
         return _read_dicom(p)
     suffix = image_suffix(p)
     if suffix in (".nii", ".nii.gz"):
@@ -216,6 +223,56 @@ def write_nifti(volume: Volume | np.ndarray, path: str | Path, affine: np.ndarra
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(out))
     return out
+
+
+# ----------------------------------------------------------------------------------- slice folders
+
+_SLICE_NAME = re.compile(r"^(-?\d+)\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
+
+
+def slice_offsets(folder: Path) -> dict[int, Path]:
+    """``{offset: file}`` of a folder of 2D slices named by offset; empty unless offset 0 is there."""
+    try:
+        files = {int(m.group(1)): f for f in folder.iterdir() if f.is_file() and (m := _SLICE_NAME.match(f.name))}
+    except OSError:
+        return {}
+    return dict(sorted(files.items())) if 0 in files else {}
+
+
+def read_slice_folder(folder: str | Path, offsets: list[int] | None = None) -> Volume:
+    """Read a centre slice and its context slices (files named by offset) as a thin slab.
+
+    Args:
+        folder: the folder holding ``0.<ext>`` and neighbours such as ``-1.<ext>``, ``1.<ext>``.
+        offsets: the offsets to read (default: every offset-named file in the folder).
+
+    Returns:
+        A Volume (C, D, H, W) with D in offset order; ``meta["offsets"]`` lists them and
+        ``meta["centre"]`` is the index of offset 0.
+
+    Raises:
+        DataError: a named offset has no file, slices differ in size or colour, or the offsets are
+            not evenly spaced.
+    """
+    folder = Path(folder)
+    found = slice_offsets(folder)
+    wanted = sorted(set(offsets or found) | {0})
+    missing = [o for o in wanted if o not in found]
+    if missing:
+        raise DataError(folder, f"has no slice for offset {missing[0]} (files: "
+                        f"{', '.join(f.name for f in found.values()) or 'none'})",
+                        "restore the slice files, named <offset>.jpeg")
+    steps = set(np.diff(wanted).tolist())
+    if len(steps) > 1:
+        raise DataError(folder, f"slice offsets {wanted} are not evenly spaced", "read evenly spaced context slices")
+    planes = [_read_pillow(found[o]) for o in wanted]
+    shapes = {v.shape for v in planes}
+    if len(shapes) > 1:
+        raise DataError(folder, f"slices differ in size or channels {sorted(shapes)}", "give slices of one size")
+    arr = np.concatenate([v.array for v in planes], axis=1)  # (C, D, H, W)
+    step = float(steps.pop()) if steps else 1.0
+    meta = {"format": "slices", "offsets": wanted, "centre": wanted.index(0), "hu": None, "spacing_unit": "pixel"}
+    return _finish(arr, np.diag([1.0, 1.0, step, 1.0]), folder, meta)
 
 
 # --------------------------------------------------------------------------------------- helpers

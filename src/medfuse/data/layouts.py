@@ -1,6 +1,6 @@
 """Dataset layouts -> :class:`Case` records (DESIGN "data/layouts.py").
 
-Four on-disk layouts are understood and auto-detected:
+These on-disk layouts are understood and auto-detected:
 
 ``manifest``
     A CSV or JSON table, one row per case. Columns: ``case_id`` (required), ``patient_id``
@@ -13,8 +13,9 @@ Four on-disk layouts are understood and auto-detected:
 
     A sidecar ``dataset.yaml`` (or ``dataset.yml`` / ``dataset.json``) next to the manifest may
     declare ``modalities`` (list; then a modality column may also be named just ``<modality>``),
-    ``mask_labels`` (``{name: value}`` or a list of values), ``class_names`` (list) and
-    ``mask_required`` (bool). The JSON form is either a list of row objects or
+    ``mask_labels`` (``{name: value}`` or a list of values), ``class_names`` (list),
+    ``mask_required`` (bool) and ``resample_modalities`` (bool: modalities on different grids are
+    expected and resampled onto the first one's grid, so ``data check`` does not report them). The JSON form is either a list of row objects or
     ``{"cases": [...], <sidecar keys>}``; a JSON row may also give ``"images": {modality: path}``.
 ``nnunet``
     nnU-Net v2 raw: ``dataset.json`` with ``channel_names`` and ``file_ending``;
@@ -28,6 +29,9 @@ Four on-disk layouts are understood and auto-detected:
     BraTS case folders ``<root>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` or BraTS 2023+
     ``<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (mapped to flair, t1, t1ce, t2).
 
+``cellmap``, ``nsclc``, ``ctrate``, ``omniabnorm``
+    CellMap (Zarr), NSCLC-Radiogenomics (DICOM + SEG + clinical CSV), CT-RATE and OmniAbnorm-CT:
+    see :mod:`medfuse.data.datasets`.
 ``busbra``
     BUS-BRA (Zenodo 8231412): ``bus_data.csv`` (read BOM-safe, header names stripped) with ``ID``,
     ``Case`` (the patient), ``Pathology``, ``BIRADS``, ``Histology``, ``Device``, ``Side`` and ``BBOX``
@@ -54,11 +58,11 @@ import yaml
 
 from medfuse.errors import ConfigError, DataError
 
-LAYOUTS = ("manifest", "nnunet", "msd", "brats", "busbra")
+LAYOUTS = ("manifest", "nnunet", "msd", "brats", "busbra", "cellmap", "nsclc", "ctrate", "omniabnorm")
 SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 SIDECAR_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
-SIDECAR_KEYS = ("modalities", "mask_labels", "class_names", "mask_required")
+SIDECAR_KEYS = ("modalities", "mask_labels", "class_names", "mask_required", "resample_modalities")
 _SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",
     "val": "val", "valid": "val", "validation": "val",
@@ -72,7 +76,9 @@ BRATS_LABELS_2023 = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing
 _LOOKED_FOR = (
     "a manifest (.csv/.json file, or manifest.csv/manifest.json in the folder), a dataset.json of "
     "nnU-Net v2 (channel_names + file_ending) or MSD (training + modality), or BraTS case folders "
-    "(<case>/<case>_flair.nii.gz or <case>/<case>-t2f.nii.gz)"
+    "(<case>/<case>_flair.nii.gz or <case>/<case>-t2f.nii.gz), BUS-BRA (bus_data.csv), CellMap "
+    "(<ds>.zarr/recon-*/labels/groundtruth/crop*), NSCLC-Radiogenomics (clinical CSV with Case ID + patient "
+    "folders), CT-RATE (a reports CSV with VolumeName, Findings_EN) or OmniAbnorm-CT (a JSON of records)"
 )
 
 
@@ -109,12 +115,15 @@ class CaseTable:
 
     Attributes:
         root: folder the dataset lives in (relative paths were resolved against it).
-        layout: ``"manifest"``, ``"nnunet"``, ``"msd"`` or ``"brats"``.
+        layout: one of :data:`LAYOUTS`.
         modalities: modality names, in channel order.
         cases: the cases, in file order.
         mask_labels: declared mask values, name -> value (``None``: not declared).
         class_names: declared case-level classes (``None``: not declared).
         mask_required: every non-test case must have a non-empty mask.
+        resample_modalities: the dataset declares that its modalities sit on different grids by
+            design (e.g. DWI beside T2W) and are resampled onto the first one's grid when read;
+            ``data check`` then reports no ``grid`` problem between images (masks are still checked).
         patient_ids_given: the layout gave patient ids (else patient id = case id).
         source: the file describing the dataset (manifest, dataset.json) or the BraTS root.
         notes: remarks for the user (e.g. "split by case id").
@@ -127,6 +136,7 @@ class CaseTable:
     mask_labels: dict[str, int] | None = None
     class_names: list[str] | None = None
     mask_required: bool = False
+    resample_modalities: bool = False
     patient_ids_given: bool = False
     source: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -181,7 +191,12 @@ def load_cases(path: str | Path, layout: str = "auto", modalities: list[str] | N
     found, source = _detect(path, layout)
     loader = {"manifest": _load_manifest, "nnunet": _load_nnunet, "msd": _load_msd, "brats": _load_brats,
               "busbra": _load_busbra}
-    table = loader[found](source)
+    if found in loader:
+        table = loader[found](source)
+    else:
+        from medfuse.data.datasets import load
+
+        table = load(found, source)
     if check_ids:
         from medfuse.data.paths import check_case_id
 
@@ -230,6 +245,8 @@ def write_manifest(table: CaseTable, path: str | Path) -> Path:
         meta["class_names"] = list(table.class_names)
     if table.mask_required:
         meta["mask_required"] = True
+    if table.resample_modalities:
+        meta["resample_modalities"] = True
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps({"cases": rows, **meta}, indent=2))
         return path
@@ -252,7 +269,10 @@ def _detect(path: Path, layout: str) -> tuple[str, Path]:
         if path.suffix.lower() == ".csv":
             found = "manifest"
         elif path.suffix.lower() == ".json":
-            found = _json_kind(path) or "manifest"
+            from medfuse.data.datasets import omniabnorm_json
+
+            found = _json_kind(path) or ("omniabnorm" if layout in ("auto", "omniabnorm") and omniabnorm_json(path)
+                                         else "manifest")
         else:
             raise DataError(
                 path,
@@ -287,6 +307,9 @@ def _candidates(path: Path, layout: str) -> Iterator[tuple[str, Path]]:
         yield "brats", path
     if layout in ("auto", "busbra") and (path / BUSBRA_CSV).is_file():
         yield "busbra", path
+    from medfuse.data.datasets import candidates
+
+    yield from candidates(path, layout)
 
 
 def _json_kind(path: Path) -> str | None:
@@ -428,6 +451,7 @@ def _load_manifest(source: Path) -> CaseTable:
         mask_labels=meta.get("mask_labels"),
         class_names=meta.get("class_names"),
         mask_required=bool(meta.get("mask_required", False)),
+        resample_modalities=bool(meta.get("resample_modalities", False)),
         patient_ids_given=patient_ids_given,
         source=source,
     )
@@ -473,13 +497,14 @@ def _check_meta(where: Path, key: str, value: Any) -> Any:
         "modalities": isinstance(value, list) and value and all(isinstance(v, str) for v in value),
         "class_names": isinstance(value, list) and all(isinstance(v, str | int) for v in value),
         "mask_required": isinstance(value, bool),
+        "resample_modalities": isinstance(value, bool),
         "mask_labels": (isinstance(value, dict) and all(isinstance(v, int) for v in value.values()))
         or (isinstance(value, list) and all(isinstance(v, int) for v in value)),
     }[key]
     if not ok:
         hint = {
             "modalities": "a non-empty list of names", "class_names": "a list of class names",
-            "mask_required": "true or false", "mask_labels": "a mapping name: integer value, or a list of integers",
+            "mask_required": "true or false", "resample_modalities": "true or false", "mask_labels": "a mapping name: integer value, or a list of integers",
         }[key]  # fmt: skip
         raise DataError(f"{where} (key '{key}')", f"has an invalid value {value!r}", f"make it {hint}")
     if key == "mask_labels" and isinstance(value, list):

@@ -7,13 +7,14 @@ wins), fractional segments are thresholded at ``DicomOptions.seg_threshold`` (of
 fractional value), and slices the SEG has no frame for are background.
 
 The referenced series is the SEG's ``ReferencedSeriesSequence`` UID, searched in the SEG's folder
-and the folders below it (or given as ``reference=``/``data.dicom.reference``). Frames are placed
+and the folders below it, then beside it (the study folder of a TCIA download), or given as
+``reference=``/``data.dicom.reference`` (per case: :func:`read_label` with the case's image). Frames are placed
 with highdicom (``get_pixels_by_source_instance``); SEGs that highdicom cannot parse, such as the
 early 3D Slicer SEGs of NSCLC-Radiogenomics without per-frame ``SegmentIdentificationSequence``,
 go through a pydicom fallback that maps each frame by its ``ReferencedSOPInstanceUID`` and then by
 its position along the slice normal.
 
-RTSTRUCT is not read: convert it to SEG or NIfTI (e.g. with ``rt-utils`` or ``dcmrtstruct2nii``).
+RTSTRUCT is not read (:func:`medfuse.data.dicom.rtstruct_error`): convert it to SEG or NIfTI.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from medfuse.data.dicom import DicomError, DicomOptions, current_options, read_dicom, read_header, scan_folder
+from medfuse.data.dicom import (
+    DicomError,
+    DicomOptions,
+    current_options,
+    looks_like_dicom,
+    read_dicom,
+    read_header,
+    scan_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +52,33 @@ def referenced_series_uid(ds) -> str | None:
 
 
 def find_reference(seg_path: Path, series_uid: str) -> Path:
-    """A file of series ``series_uid`` in the SEG's folder or below it."""
-    folders = [seg_path.parent, *sorted(p for p in seg_path.parent.rglob("*") if p.is_dir())]
-    for folder in folders:
-        headers, _ = scan_folder(folder)
-        hits = [h for h in headers if h.series_uid == series_uid and h.is_image]
-        if hits:
-            return hits[0].path
-    raise DicomError(seg_path, f"references series {series_uid}, which is not in its folder or below it",
+    """A file of series ``series_uid``: in the SEG's folder or below it, else beside the SEG's folder.
+
+    The second place is the study folder of TCIA downloads (NSCLC-Radiogenomics), where the SEG and
+    its CT are sibling series folders. A quick pass reads one header per folder; a full pass reads
+    every header (folders holding several series).
+    """
+    below = [seg_path.parent, *sorted(p for p in seg_path.parent.rglob("*") if p.is_dir())]
+    study = seg_path.parent.parent
+    beside = [p for p in sorted(study.rglob("*")) if p.is_dir() and p not in below] \
+        if study != seg_path.parent else []
+    for folders in (below, beside):
+        for folder in folders:  # quick pass: the first DICOM file of each folder
+            first = next((f for f in sorted(folder.iterdir()) if f.is_file() and looks_like_dicom(f)), None)
+            if first is None:
+                continue
+            try:
+                h = read_header(first)
+            except DicomError:
+                continue
+            if h.series_uid == series_uid and h.is_image:
+                return h.path
+        for folder in folders:
+            headers, _ = scan_folder(folder)
+            hits = [h for h in headers if h.series_uid == series_uid and h.is_image]
+            if hits:
+                return hits[0].path
+    raise DicomError(seg_path, f"references series {series_uid}, which is not in its folder, below it or beside it",
                      "put the CT series beside the SEG or pass reference= (data.dicom.reference)")
 
 
@@ -183,3 +211,26 @@ def _with_pydicom(path: Path, ds, image, opts: DicomOptions) -> np.ndarray:
                              "re-export the SEG with a SegmentIdentificationSequence per frame")
         out[k][masks[f]] = np.maximum(out[k][masks[f]], seg_no)
     return out
+
+
+def is_seg_file(path: str | Path) -> bool:
+    """A DICOM file whose header says SEG (cheap: the header only)."""
+    p = Path(path)
+    if not p.is_file() or not looks_like_dicom(p):
+        return False
+    try:
+        return read_header(p).is_seg
+    except DicomError:
+        return False
+
+
+def read_label(path: str | Path, image: str | Path | None = None) -> Any:
+    """A case's label map: a DICOM SEG on the grid of the case's own ``image`` (when it is DICOM),
+    any other mask through :func:`medfuse.data.io.read_image`."""
+    from medfuse.data.io import read_image
+
+    if image is not None and is_seg_file(path):
+        ref = Path(image)
+        if ref.is_dir() or looks_like_dicom(ref):
+            return read_seg(path, reference=ref)
+    return read_image(path)

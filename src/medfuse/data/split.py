@@ -42,7 +42,8 @@ def check_no_patient_leak(cases: Iterable[Case]) -> list[str]:
 
 
 def assign_splits(
-    table: CaseTable, val: float = 0.15, test: float = 0.15, seed: int = 0, stratify: bool = True
+    table: CaseTable, val: float = 0.15, test: float = 0.15, seed: int = 0, stratify: bool = True,
+    fold: int | str | None = None,
 ) -> CaseTable:
     """Assign a split to every case that has none, keeping patients together.
 
@@ -57,6 +58,8 @@ def assign_splits(
         test: fraction of cases for testing.
         seed: seed of the shuffle; the same seed gives the same split.
         stratify: balance the case labels (majority label per patient) across splits.
+        fold: use an official fold file as the split (:func:`fold_split`): the cases of this fold
+            are the test split, ``test`` is ignored and the rest go to train/val by patient.
 
     Returns:
         A copy of ``table`` whose cases all have a split.
@@ -71,6 +74,12 @@ def assign_splits(
             f"val={val} and test={test} are not fractions that leave cases for training",
             "use 0 <= val, test and val + test < 1",
         )
+    if fold is not None:  # the fold's share of the cases is the test target, so val keeps its fraction
+        table = fold_split(table, fold)
+        test = sum(c.split == "test" for c in table.cases) / max(1, len(table.cases))
+        if val + test >= 1:
+            raise ConfigError("data.split.val", f"{val} leaves no training cases beside fold {fold} "
+                              f"({test:.0%} of the cases)", "lower data.split.val")
     for pid, splits in patient_splits(table.cases).items():
         if len(splits) > 1:
             raise DataError(table.source or table.root, leak_text(pid, splits), LEAK_FIX)
@@ -145,3 +154,52 @@ def _strata(table: CaseTable, groups: dict[str, list[int]]) -> dict[str, str]:
 def _norm(label: object) -> object:
     """1.0 and 1 are one class."""
     return int(label) if isinstance(label, float) and label.is_integer() else label
+
+
+FOLD_KEY = "fold"
+"""The :attr:`Case.extra` field holding a case's official fold (BUS-BRA: ``kFold`` of ``5-fold-cv.csv``)."""
+
+
+def _fold_name(value: object) -> str:
+    text = str(value).strip()
+    try:
+        return str(int(float(text)))
+    except ValueError:
+        return text
+
+
+def fold_split(table: CaseTable, fold: int | str) -> CaseTable:
+    """The cases of official fold ``fold`` become the test split; the others stay unassigned.
+
+    BUS-BRA's ``5-fold-cv.csv`` is a cross-validation partition grouped by patient: in round k the
+    authors test on fold k and train on the other four, so the chosen fold is the *test* split and
+    the validation cases (for model selection) are drawn from the other folds, by patient.
+
+    Raises:
+        ConfigError: the dataset has no fold field, or no case is in ``fold``.
+        DataError: a case has no fold, or one patient's cases sit in the chosen fold and another.
+    """
+    where = table.source or table.root
+    folds = [c.extra.get(FOLD_KEY) for c in table.cases]
+    if all(f in (None, "") for f in folds):
+        raise ConfigError("data.split.fold", f"the dataset at {where} has no official folds",
+                          "remove data.split.fold (BUS-BRA: put 5-fold-cv.csv beside bus_data.csv)")
+    missing = [c.case_id for c, f in zip(table.cases, folds, strict=True) if f in (None, "")]
+    if missing:
+        raise DataError(where, f"{len(missing)} case(s) have no official fold (e.g. {missing[0]})",
+                        "complete the fold file or remove data.split.fold")
+    names = sorted({_fold_name(f) for f in folds})
+    want = _fold_name(fold)
+    if want not in names:
+        raise ConfigError("data.split.fold", f"no case is in fold {fold!r} (folds: {', '.join(names)})",
+                          f"use one of {', '.join(names)}")
+    in_fold = {c.patient_id for c, f in zip(table.cases, folds, strict=True) if _fold_name(f) == want}
+    out_fold = {c.patient_id for c, f in zip(table.cases, folds, strict=True) if _fold_name(f) != want}
+    both = sorted(in_fold & out_fold)
+    if both:
+        raise DataError(where, f"patient '{both[0]}' has cases in fold {want} and in another fold "
+                        f"({len(both)} such patient(s)), so the fold split would leak", LEAK_FIX)
+    cases = [dataclasses.replace(c, split="test" if _fold_name(f) == want else None)
+             for c, f in zip(table.cases, folds, strict=True)]
+    notes = [*table.notes, f"split: official fold {want} is the test split; the other folds are train/val by patient"]
+    return dataclasses.replace(table, cases=cases, notes=notes)

@@ -24,6 +24,7 @@ import json
 import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ import monai.transforms as mt
 import numpy as np
 import torch
 from monai.data import Dataset, MetaTensor, PersistentDataset
+from monai.utils import convert_to_tensor
 
 from medfuse.config import IntensityConfig, TransformsConfig
 from medfuse.data.checks import dims_problem, mask_value_problem, nonfinite_problem
 from medfuse.data.io import read_image
 from medfuse.errors import ConfigError, DataError, MedfuseError
+from medfuse.fileio import atomic_open, claim
 
 # Two affines closer than this (mm, per entry) describe the same grid: NIfTI stores them as float32.
 _AFFINE_ATOL = 1e-4
@@ -570,11 +573,44 @@ class CachedDataset(_UserErrors, PersistentDataset):
     def _pre_transform(self, item_transformed: Any) -> Any:
         return _strip_meta(super()._pre_transform(item_transformed))
 
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        """MONAI's cache lookup (same file names), but rank-safe: an entry is written atomically in
+        the cache folder itself (MONAI writes it under the system temp folder and moves it, a copy
+        that a reader can catch half-written when the folders are on different file systems) by
+        one process (:func:`medfuse.fileio.claim`); an unreadable entry is recomputed."""
+        if self.cache_dir is None:
+            return super()._cachecheck(item_transformed)
+        key = self.hash_func(item_transformed).decode("utf-8") + self.transform_hash
+        hashfile = Path(self.cache_dir) / f"{key}.pt"
+        cached = _read_cached(hashfile)
+        if cached is not None:
+            return cached
+        with claim(hashfile) as mine:
+            if not mine:
+                cached = _read_cached(hashfile)
+                if cached is not None:
+                    return cached
+            item = self._pre_transform(deepcopy(item_transformed))  # keep the hashed item as it is
+            with atomic_open(hashfile, "wb") as f:
+                torch.save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), f)
+        return item
+
     def _post_transform(self, item_transformed: Any) -> Any:
         out = super()._post_transform(_restore_meta(item_transformed))
         if isinstance(out, dict) and isinstance(out.get("affine"), torch.Tensor):
             out["affine"] = out["affine"].numpy().astype(np.float64)  # the cache turned numpy into tensors
         return out
+
+
+def _read_cached(path: Path) -> Any:
+    """A cache entry loaded with ``weights_only=True``, or None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged entry is recomputed, not fatal
+        warnings.warn(f"transform cache entry {path} unreadable ({type(e).__name__}); recomputing it", stacklevel=2)
+        return None
 
 
 def _strip_meta(item: Any) -> Any:

@@ -11,7 +11,9 @@ or the tiny CPU encoder) goes through :class:`SlicewiseExtractor`:
 
 A frozen encoder gives the same features every epoch, so :meth:`SlicewiseExtractor.extract_cached`
 stores them on disk (safetensors, written atomically) under a sha256 key of the input, the encoder's
-weights and the preprocessing settings; later epochs never run the encoder.
+weights and the preprocessing settings; later epochs never run the encoder. Each entry has one
+writer across processes (:func:`medfuse.fileio.claim`): DDP ranks and loader workers that need
+the same case wait for it rather than encode it again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from medfuse.encoders.base import SliceEncoder
 from medfuse.encoders.weights import save_safetensors
 from medfuse.errors import ConfigError
+from medfuse.fileio import claim
 
 __all__ = ["SlicewiseExtractor", "tensor_sha256"]
 
@@ -285,19 +288,39 @@ class SlicewiseExtractor(nn.Module):
         key, desc = self.cache_key(case, key_parts, modality, window)
         path = self.cache_dir / key[:2] / f"{key}.safetensors"
         device = self._device(case.device)
-        if path.is_file():
-            try:
-                from safetensors.torch import load_file
+        feats = self._load(path, device)
+        if feats is not None:
+            return feats
+        # One writer per entry (fileio.claim): another DDP rank or loader worker that needs the
+        # same case meanwhile waits for the file instead of running the encoder again.
+        with claim(path) as mine:
+            if mine:
+                return self._compute_and_store(case, path, desc, device, modality, window)
+        feats = self._load(path, device)
+        if feats is not None:
+            return feats
+        return self._compute_and_store(case, path, desc, device, modality, window)  # its writer failed
 
-                feats = load_file(str(path))["features"]
-                self.stats["hits"] += 1
-                return feats.to(device=device, dtype=torch.float32)
-            except Exception as e:  # a damaged entry is recomputed, not fatal
-                log.warning("feature cache entry %s unreadable (%s); recomputing it", path, e)
+    def _load(self, path: Path, device: torch.device) -> torch.Tensor | None:
+        """The cached (D, C, h, w) features as float32 on ``device``, or None (absent or damaged)."""
+        if not path.is_file():
+            return None
+        try:
+            from safetensors.torch import load_file
+
+            feats = load_file(str(path))["features"]
+        except Exception as e:  # a damaged entry is recomputed, not fatal
+            log.warning("feature cache entry %s unreadable (%s); recomputing it", path, e)
+            return None
+        self.stats["hits"] += 1
+        return feats.to(device=device, dtype=torch.float32)
+
+    def _compute_and_store(self, case: torch.Tensor, path: Path, desc: dict[str, Any], device: torch.device,
+                           modality: str | None, window: tuple[float, float] | None) -> torch.Tensor:
         self.stats["misses"] += 1
         with torch.no_grad():
             feats = self.encode_slices(self.prepare(case, modality, window))  # (D, C, h, w)
         if self.cache_dtype is not None:
             feats = feats.to(self.cache_dtype)
-        save_safetensors({"features": feats}, path, metadata={"key": json.dumps(desc, default=str)})
+        save_safetensors({"features": feats}, path, metadata={"key": json.dumps(desc, default=str)})  # atomic
         return feats.to(device=device, dtype=torch.float32)

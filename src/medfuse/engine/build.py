@@ -6,6 +6,9 @@ registers the built-in ones); it never imports a family.
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,19 @@ def check_weights_format(path: str | Path) -> None:
                            "extension)", "convert it to safetensors, or give it the .pt extension it has")
 
 
+def check_postprocess(cfg: Config, supported: Collection[str]) -> None:
+    """Refuse an ``eval.postprocess`` option that the model's predictor and evaluator do not apply
+    (``supported``: :attr:`~medfuse.engine.predict.Predictor.postprocess_keys`), rather than ignore it.
+
+    Raises:
+        ConfigError: naming ``eval.postprocess.<key>``.
+    """
+    for key, value in cfg.eval.postprocess.model_dump().items():
+        if value and key not in supported:
+            raise ConfigError(f"eval.postprocess.{key}", f"model '{cfg.model.name}' has no such post-processing",
+                              "remove the key (it applies to nested-region models, e.g. incomplete_seg on BraTS)")
+
+
 def prepare_demo_data(cfg: Config) -> None:
     """Generate ``data.demo``'s phantom into ``data.root`` when the root does not exist yet."""
     if not cfg.data.demo or cfg.data.root is None or Path(cfg.data.root).exists():
@@ -116,7 +132,18 @@ def prepare_demo_data(cfg: Config) -> None:
     fam = FAMILIES.get(cfg.data.demo)
     if fam.make_demo is None:
         raise ConfigError("data.demo", f"family '{fam.name}' has no demo data", "remove data.demo")
-    fam.make_demo(Path(cfg.data.root), **cfg.data.demo_params)
+    # Several DDP ranks may get here at once: each writes a private copy and renames it into place;
+    # the first rename wins and the others drop theirs (the phantom depends only on its parameters).
+    root = Path(cfg.data.root)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    try:
+        fam.make_demo(tmp, **cfg.data.demo_params)
+        os.rename(tmp, root)
+    except OSError:
+        if not root.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_datamodule(cfg: Config, run_dir: Path | None = None):

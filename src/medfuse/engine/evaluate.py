@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from medfuse.config import Config
 from medfuse.data.paths import output_path
-from medfuse.engine.build import family_of, resolve
+from medfuse.engine.build import check_postprocess, family_of, resolve
 from medfuse.engine.checkpoint import find_checkpoint, load_model_weights
 from medfuse.engine.tasks import BaseTask
 from medfuse.engine.trainer import build_task, load_run
@@ -364,6 +364,7 @@ def _evaluate(run_dir: Path, split: str, n_boot: int | None, counterfactual: lis
 
     cfg, dm, task = load_trained(run_dir, overrides=check_eval_overrides(overrides))
     _, entry = family_of(cfg)
+    check_postprocess(cfg, entry.predictor.postprocess_keys)  # a family's evaluator applies its predictor's
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     evaluator: Evaluator = entry.evaluator(task, dm, cfg, run_dir, split, n_boot)
     report: dict[str, Any] = {"name": cfg.name, "family": cfg.family, "task": cfg.task, "split": split,

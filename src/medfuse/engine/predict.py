@@ -7,13 +7,18 @@ escapes it. Input cases pass the checks of ``medfuse data check`` (case ids, dup
 per-file rules while they are read); a 2D image given to a run trained on 3D volumes is refused. A family with its own inputs (text and boxes, any subset of
 modalities, volume + region mask) subclasses a generic predictor and names it in its
 :class:`~medfuse.registry.ModelEntry`.
+
+The same predictors run a portable model package (``medfuse export``, :mod:`medfuse.engine.package`),
+where there is no data set: a predictor class says what it reads from its run's data module
+(:meth:`Predictor.package_state`, a JSON-able dict written into the package) and how to rebuild that
+from the package (:meth:`Predictor.package_data`, on top of a :class:`PackagedData`).
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,17 +31,92 @@ from medfuse.engine.tasks import BaseTask
 from medfuse.errors import DataError
 
 
+class PackagedTable:
+    """The part of a case table a predictor reads: class names and mask labels."""
+
+    def __init__(self, class_names: list[str] | None, mask_labels: dict[str, int] | None):
+        self.class_names = list(class_names) if class_names else None
+        self.mask_labels = {str(k): int(v) for k, v in mask_labels.items()} if mask_labels else None
+
+
+class PackagedData:
+    """A data module's stand-in for a model package (no data set, no training cases).
+
+    It has what the generic predictors read from a run's data module, rebuilt from the package's
+    ``labels.json`` and ``preprocessing.json``; a family predictor adds its own attributes in
+    :meth:`Predictor.package_data`.
+
+    Attributes:
+        modalities: modality names in channel order.
+        mask_values: the label values a mask may hold (None: not declared).
+        table: class names and mask labels (:class:`PackagedTable`).
+        cases: always empty (a package carries no cases).
+        reference_shape: (C, D, H, W) of the run's first training image (the 2D/3D check), or None.
+    """
+
+    def __init__(self, modalities: list[str], mask_values: list[int] | None, table: PackagedTable,
+                 reference_shape: tuple[int, ...] | None = None):
+        self.modalities = list(modalities)
+        self.mask_values = [int(v) for v in mask_values] if mask_values is not None else None
+        self.table = table
+        self.cases: dict[str, list[Any]] = {}
+        self.reference_shape = tuple(int(s) for s in reference_shape) if reference_shape else None
+
+
 class Predictor:
     """Inputs -> cases -> batches -> files.
 
     Args:
         task: the trained task in eval mode.
-        dm: the run's data module (modalities, class names).
+        dm: the run's data module (modalities, class names), or the :class:`PackagedData` of a
+            model package (see :meth:`package_data`).
         cfg: the run's resolved config.
     """
 
+    postprocess_keys: ClassVar[tuple[str, ...]] = ()
+    """The ``eval.postprocess`` options this predictor (and its family's evaluator) applies; setting
+    another one is refused (:func:`~medfuse.engine.build.check_postprocess`)."""
+
     def __init__(self, task: BaseTask, dm: Any, cfg: Config):
         self.task, self.dm, self.cfg = task, dm, cfg
+
+    # -------------------------------------------------------------------------- model packages
+    @classmethod
+    def package_labels(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """The label and modality metadata of the run (the package's ``labels.json``, which
+        :class:`PackagedData` is rebuilt from): modalities in channel order, class names, mask
+        labels and the mask values a case may hold (and, optionally, ``output_labels``: the values
+        written label maps hold, when not ``mask_labels``). A family data module without
+        ``mask_values`` has its predictor override this."""
+        table = dm.table
+        return {"modalities": list(dm.modalities), "class_names": table.class_names, "mask_labels": table.mask_labels,
+                "mask_values": dm.mask_values}
+
+    @classmethod
+    def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """What this predictor reads from the run's data module beyond :class:`PackagedData`, as a
+        JSON-able dict (written to the package's ``predictor.json`` by ``medfuse export``).
+
+        The generic predictors need nothing more; a family predictor that reads family state
+        (regions, a feature builder's settings, ...) overrides this and :meth:`package_data`.
+        """
+        return {}
+
+    @classmethod
+    def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
+        """The object this predictor uses as ``self.dm`` when it runs a package: ``data`` (the
+        generic part) completed with ``state`` (what :meth:`package_state` wrote)."""
+        return data
+
+    @classmethod
+    def portable_config(cls, cfg: Config) -> Config:
+        """The run's config as a package runs it: paths that only the training machine needs are
+        dropped: ``model.weights`` (the package's weights replace the initial ones), ``data.cache_dir``
+        and every ``model.params`` key named ``*cache`` (disk caches). A family whose ``model.params``
+        name a weights file that its trained state dict covers overrides this to drop that key too."""
+        params = {k: (None if k.endswith("cache") else v) for k, v in cfg.model.params.items()}
+        model = cfg.model.model_copy(update={"weights": None, "params": params})
+        return cfg.model_copy(update={"model": model, "data": cfg.data.model_copy(update={"cache_dir": None})})
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """Inputs -> cases. Accepted: a folder of nnU-Net-style images (``<case>_<XXXX>.<ending>``,
@@ -95,17 +175,21 @@ class Predictor:
         """
         from medfuse.data.checks import dims_problem, raise_first
 
-        train = self.dm.cases.get("train") or []
-        ref_path = next((p for c in train for p in c.images.values() if p), None)
-        if ref_path is None or not Path(ref_path).exists():
+        ref_shape = self.reference_shape()
+        if ref_shape is None:
             return
-        ref_shape = image_shape(ref_path)
         for c in cases:
             for m, path in c.images.items():
                 if path and Path(path).exists():
                     raise_first([p for p in [dims_problem("the run's training images", ref_shape,
                                                           f"image '{m}'", image_shape(path), path, c.case_id)]
                                  if p is not None])
+
+    def reference_shape(self) -> tuple[int, ...] | None:
+        """(C, D, H, W) of the run's first training image (a package stores it), or None."""
+        if isinstance(self.dm, PackagedData):
+            return self.dm.reference_shape
+        return training_image_shape(self.dm)
 
     def batches(self, cases: list[Any]):
         """Cases -> transformed, collated batches on the task's device."""
@@ -214,7 +298,8 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
     """Run a trained model on new files with its family's predictor; return the output folder.
 
     Args:
-        run_dir: a trained run.
+        run_dir: a trained run, or a model package written by ``medfuse export`` (``model.zip``;
+            runs without the training data or the run folder).
         inputs: what the family's predictor takes (generic: one image per modality, or one
             manifest/dataset path).
         out: output folder.
@@ -222,11 +307,28 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...).
         progress: show a progress bar over cases.
     """
+    from medfuse.engine.build import check_postprocess
+    from medfuse.engine.package import is_package, load_package
+
     output_dir(out)  # a file, or a folder that cannot be written: refused before the model loads
-    cfg, dm, task = load_trained(run_dir, overrides=check_eval_overrides(overrides))
-    _, entry = family_of(cfg)
-    predictor: Predictor = entry.predictor(task, dm, cfg)
+    overrides = check_eval_overrides(overrides)
+    if is_package(run_dir):
+        predictor = load_package(run_dir, overrides)
+    else:
+        cfg, dm, task = load_trained(run_dir, overrides=overrides)
+        _, entry = family_of(cfg)
+        check_postprocess(cfg, entry.predictor.postprocess_keys)
+        predictor = entry.predictor(task, dm, cfg)
     return predictor.run(list(inputs), Path(out), modalities, progress=progress)
+
+
+def training_image_shape(dm: Any) -> tuple[int, ...] | None:
+    """(C, D, H, W) of the first image of a data module's first training case, or None."""
+    train = dm.cases.get("train") or []
+    ref_path = next((p for c in train for p in c.images.values() if p), None)
+    if ref_path is None or not Path(ref_path).exists():
+        return None
+    return image_shape(ref_path)
 
 
 def image_shape(path: str | Path) -> tuple[int, ...]:

@@ -14,6 +14,13 @@ attributes ``val_metrics`` and ``loss_terms``), so that ``train.monitor`` is che
 training starts; a family task that logs other names extends those attributes.
 
 The registry's :class:`~medfuse.registry.ModelEntry` names the task class of each model.
+
+Under DDP (docs/scaling.md) every logged number is the single-process one: the training terms and
+the per-batch validation numbers (``val/loss``, :meth:`BaseTask.log_val`) are sample-weighted means
+summed over the ranks once per epoch, and the epoch metrics are computed once, on rank 0, from the
+validation outputs of every rank (:func:`medfuse.dist.gather_eval_outputs`; the engine's validation
+sampler gives each case to exactly one rank), then logged with the same value on every rank, so
+that checkpoint selection sees the whole validation split.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse import dist
 from medfuse.config import Config, StageConfig, validate
-from medfuse.data.datamodule import derive_seed
+from medfuse.data.datamodule import CaseDataModule, derive_seed
 from medfuse.engine.build import build_model, family_of, model_params, resolve
 
 
@@ -122,6 +130,11 @@ class BaseTask(L.LightningModule):
         self.stage_cfg = StageConfig.model_validate(stage) if stage else None
         self.model = build_model(self.cfg, params=self.params)
         self._val_outputs: list[dict[str, Any]] = []
+        self._val_seen = 0  # validation samples this rank scored this epoch
+        self._val_sums: dict[str, torch.Tensor] = {}  # per-batch validation numbers (log_val), summed
+        self._val_counts: dict[str, int] = {}
+        self._train_sums: dict[str, torch.Tensor] = {}  # loss term -> sum over samples this epoch
+        self._train_counts: dict[str, int] = {}
         if self.stage_cfg is not None:
             apply_stage(self.model, self.stage_cfg)
             self.on_stage(self.stage_cfg)
@@ -160,25 +173,101 @@ class BaseTask(L.LightningModule):
         out = self.forward_batch(batch)
         losses = self.compute_loss(batch, out)
         bs = _batch_size(batch)
-        for k, v in losses.items():
-            self.log(f"train/{k}", v.detach(), on_step=False, on_epoch=True, batch_size=bs,
-                     prog_bar=(k == "loss"))
+        for k, v in losses.items():  # logged per epoch by on_train_epoch_end
+            self._train_sums[k] = self._train_sums.get(k, 0.0) + v.detach().double() * bs
+            self._train_counts[k] = self._train_counts.get(k, 0) + bs
         return losses["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        """Log ``train/<term>``: the epoch's sample-weighted mean of each loss term, over every rank.
+
+        Under DDP the terms are summed over the ranks in one all-reduce, in the fixed order of
+        ``("loss", *loss_terms)``: a term one rank never computed (e.g. a level without pairs in
+        its batches) cannot misalign the ranks. A term outside :attr:`loss_terms` is logged only in
+        a single process.
+        """
+        sums, counts = self._train_sums, self._train_counts
+        self._train_sums, self._train_counts = {}, {}
+        keys = list(dict.fromkeys(("loss", *self.loss_terms)))
+        if not dist.is_distributed():
+            keys += sorted(k for k in sums if k not in keys)
+        for k, v in self._reduce_means(sums, counts, keys).items():
+            self._log_global(f"train/{k}", v, prog_bar=(k == "loss"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.forward_batch(batch)
         losses = self.compute_loss(batch, out)
-        self.log("val/loss", losses["loss"].detach(), on_epoch=True, batch_size=_batch_size(batch))
+        self.log_val("val/loss", losses["loss"], _batch_size(batch))
         self._val_outputs.append(self.collect(batch, out))
 
+    def log_val(self, name: str, value: torch.Tensor | float, batch_size: int) -> None:
+        """A per-batch validation number (e.g. ``val/loss``, a batch mean), logged at the epoch's end
+        as its sample-weighted mean over the whole validation split (every rank's batches).
+
+        A family's ``validation_step`` logs through this, not ``self.log``: Lightning's
+        ``sync_dist`` averages the ranks' sample counts as integers, which truncates when the ranks
+        score different numbers of cases (5 cases on 2 ranks: 2.5 becomes 2).
+        """
+        v = torch.as_tensor(value).detach().double().reshape(())
+        self._val_sums[name] = self._val_sums.get(name, 0.0) + v * batch_size
+        self._val_counts[name] = self._val_counts.get(name, 0) + int(batch_size)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._val_seen += _batch_size(batch)
+
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
-            return
-        merged = merge_outputs(self._val_outputs)
+        """Epoch metrics over the whole validation split, the same on every rank.
+
+        Every rank's outputs are gathered (in the split's order) and :meth:`epoch_metrics` runs once,
+        on rank 0; its values go to every rank and are logged there, so checkpoint selection and
+        early stopping read the global value. In a single process: the rank's own outputs.
+        """
+        local = merge_outputs(self._val_outputs) if self._val_outputs else {}
+        seen = self._val_seen
         self._val_outputs.clear()
-        for k, v in self.epoch_metrics(merged).items():
-            if v is not None and math.isfinite(v):
-                self.log(f"val/{k}", float(v), prog_bar=(k == self.cfg.train.monitor.split("/")[-1]))
+        self._val_seen = 0
+        batch_means = self._reduce_means(self._val_sums, self._val_counts, sorted({
+            k for names in dist.all_gather_json(sorted(self._val_sums)) for k in names}))
+        self._val_sums, self._val_counts = {}, {}
+        merged = dist.gather_eval_outputs(local, seen)
+        values: dict[str, float] = {}
+        if merged and dist.rank() == 0:
+            values = {f"val/{k}": float(v) for k, v in self.epoch_metrics(merged).items()
+                      if v is not None and math.isfinite(v)}
+        values = dist.broadcast_json(values)
+        monitor = self.cfg.train.monitor
+        for k, v in {**batch_means, **values}.items():
+            self._log_global(k, v, prog_bar=(k == monitor))
+
+    def _reduce_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int],
+                      keys: list[str]) -> dict[str, float]:
+        """``sum / count`` of each key over every rank (one all-reduce; every rank passes the same keys)."""
+        if not keys:
+            return {}
+        zero = torch.zeros((), dtype=torch.float64)
+        stats = torch.stack([*(torch.as_tensor(sums.get(k, zero)).double().cpu() for k in keys),
+                             *(torch.tensor(float(counts.get(k, 0)), dtype=torch.float64) for k in keys)])
+        stats = dist.all_reduce_sum(stats.to(self.device)).cpu()
+        n = len(keys)
+        return {k: float(stats[i] / stats[n + i]) for i, k in enumerate(keys) if float(stats[n + i]) > 0}
+
+    def _log_global(self, name: str, value: float, prog_bar: bool = False) -> None:
+        """Log a value that is already the same on every rank, once per epoch. ``sync_dist`` with
+        ``max`` of identical values keeps it exact (and Lightning warns about an unsynced one)."""
+        self.log(name, value, on_step=False, on_epoch=True, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
+
+    def prepare_data(self) -> None:
+        """Under DDP, build the data module's training and validation datasets on local rank 0
+        first (Lightning runs this hook there while the other ranks wait): a dataset that extracts
+        and caches features when it is built (context_seg) then computes them once, and the other
+        ranks read the cache."""
+        trainer = self._trainer
+        dm = trainer.datamodule if trainer is not None else None
+        if trainer is None or trainer.world_size <= 1 or not isinstance(dm, CaseDataModule):
+            return
+        for split in ("train", "val"):
+            if dm.cases.get(split):
+                dm.dataset(split)
 
     def collect(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What to keep from a validation batch (as numpy) for the epoch metrics."""
@@ -375,8 +464,7 @@ class SegmentationTask(BaseTask):
 
     def validation_step(self, batch, batch_idx):
         out = self.infer(batch)
-        self.log("val/loss", self.compute_loss(batch, out)["loss"].detach(), on_epoch=True,
-                 batch_size=_batch_size(batch))
+        self.log_val("val/loss", self.compute_loss(batch, out)["loss"], _batch_size(batch))
         self._val_outputs.append(self.collect(batch, out))
 
     def collect(self, batch, out):

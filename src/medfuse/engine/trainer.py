@@ -15,14 +15,21 @@ before it touches the run directory; it then drops only the log rows of the epoc
 short, so ``metrics.csv`` holds every epoch once. Ctrl-C raises
 :class:`~medfuse.errors.Interrupted` (exit code 130) naming the last checkpoint and how to resume.
 
-Multi-GPU and multi-node use Lightning's DDP: set ``train.devices``, ``train.num_nodes`` and
-``train.strategy=ddp``. Under ``torchrun`` or SLURM (``srun``) Lightning reads the rank variables
-from the environment, so the same ``medfuse train`` command runs unchanged on every process.
+Multi-GPU and multi-node use Lightning's DDP (docs/scaling.md): set ``train.devices``,
+``train.num_nodes`` and ``train.strategy=ddp``. Under ``torchrun`` or SLURM (``srun``) Lightning
+reads the rank variables from the environment, so the same ``medfuse train`` command runs unchanged
+on every process. Training batches come from Lightning's distributed sampler (padded, so every rank
+runs the same steps); the validation loader is rebuilt with :class:`UnpaddedSampler`, so each
+validation case is scored once, on one rank, and the task gathers the outputs
+(:mod:`medfuse.engine.tasks`). ``train.sync_batchnorm`` turns BatchNorm layers into SyncBatchNorm.
+Only global rank 0 takes the run lock and writes the logs, the stage markers and the merged files.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import itertools
 import logging
 import os
 import shutil
@@ -37,8 +44,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
+from medfuse import dist
 from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
+from medfuse.data.datamodule import SeededSampler
 from medfuse.engine.build import (
     auto_model_args,
     build_datamodule,
@@ -54,7 +64,7 @@ from medfuse.engine.checkpoint import (
     load_model_weights,
 )
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import ConfigError, Interrupted, RunDirError
+from medfuse.errors import ConfigError, DataError, Interrupted, RunDirError
 from medfuse.fileio import atomic_open
 
 log = logging.getLogger("medfuse")
@@ -96,6 +106,82 @@ class HistoryCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = HistoryWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class UnpaddedSampler(DistributedSampler):
+    """Rank r of W takes the items r, r + W, r + 2W, ... of ``sampler``'s order: every validation
+    case once, on exactly one rank.
+
+    Lightning's ``DistributedSampler`` pads the split with repeated cases so that every rank runs
+    as many batches, which biases any metric computed over the split. Validation runs no
+    collective per batch (:func:`medfuse.dist.training_collectives`), so ranks may run one batch
+    more or less; DDP syncs buffers only in the first validation forward, which every rank runs
+    (the split must hold at least W cases).
+
+    Args:
+        sampler: the data module's validation sampler (e.g. :class:`SeededSampler`, unshuffled).
+        num_replicas: W, the number of processes.
+        rank: this process's rank.
+    """
+
+    def __init__(self, sampler: Sampler, num_replicas: int, rank: int):
+        n = len(sampler)  # type: ignore[arg-type]
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+        self.total_size = n
+        self.num_samples = len(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.rank, None, self.num_replicas)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if isinstance(self.sampler, SeededSampler):  # its per-sample seeds follow the epoch
+            self.sampler.set_epoch(epoch)
+
+
+def unpadded_loader(loader: Any) -> Any:
+    """``loader`` with an :class:`UnpaddedSampler` when this process is one of several (a plain
+    ``DataLoader`` with a sampler and a batch size; anything else is returned as is).
+
+    Raises:
+        DataError: the split has fewer cases than there are processes.
+    """
+    if not dist.is_distributed() or not isinstance(loader, DataLoader):
+        return loader
+    if isinstance(loader.sampler, DistributedSampler) or type(loader.batch_sampler) is not BatchSampler:
+        return loader
+    w = dist.world_size()
+    if len(loader.sampler) < w:  # type: ignore[arg-type]
+        raise DataError("validation split", f"has {len(loader.sampler)} cases, fewer than the {w} training "  # type: ignore[arg-type]
+                        "processes", "add validation cases or train on fewer devices")
+    nw = loader.num_workers
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=UnpaddedSampler(loader.sampler, w, dist.rank()), num_workers=nw,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      persistent_workers=loader.persistent_workers and nw > 0,
+                      prefetch_factor=loader.prefetch_factor if nw > 0 else None,
+                      multiprocessing_context=loader.multiprocessing_context if nw > 0 else None)
+
+
+def unpad_validation(dm: Any) -> None:
+    """Make ``dm.val_dataloader`` return :func:`unpadded_loader` of its loader (once per module).
+
+    Lightning leaves a loader whose sampler is already a ``DistributedSampler`` as it is, so the
+    validation split is not padded; the training loader keeps Lightning's sampler.
+    """
+    original = dm.val_dataloader
+    if isinstance(original, functools.partial):  # already wrapped
+        return
+    dm.val_dataloader = functools.partial(_unpadded_call, original)
+
+
+def _unpadded_call(original: Any) -> Any:
+    return unpadded_loader(original())
 
 
 def precision_for(cfg: Config) -> str:
@@ -153,7 +239,14 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=True,
+        sync_batchnorm=sync_batchnorm(cfg),
     )
+
+
+def sync_batchnorm(cfg: Config) -> bool:
+    """``train.sync_batchnorm``: BatchNorm statistics over the global batch under DDP (Lightning
+    converts every BatchNorm layer to ``torch.nn.SyncBatchNorm``; no effect in one process)."""
+    return cfg.train.sync_batchnorm
 
 
 def _stages(cfg: Config) -> list[StageConfig | None]:
@@ -219,6 +312,46 @@ def check_hardware(cfg: Config) -> None:
                           "give a process count (e.g. 1) or auto, or set train.accelerator=gpu on a GPU machine")
 
 
+def launched_processes() -> tuple[int, str] | None:
+    """``(world size, launcher)`` when ``torchrun`` or SLURM (``srun``) started several processes of
+    this command, else None (one process, or Lightning about to start its own)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID") and env.get("WORLD_SIZE", "").isdigit():
+        return int(env["WORLD_SIZE"]), "torchrun"
+    ntasks = env.get("SLURM_NTASKS", "")
+    if ntasks.isdigit() and env.get("SLURM_PROCID") is not None and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return int(ntasks), "srun"
+    return None
+
+
+def check_launch(cfg: Config) -> None:
+    """Under ``torchrun``/``srun`` the processes must be the config's ``train.devices`` x
+    ``train.num_nodes``; otherwise every process would train on its own in the same run directory.
+
+    Raises:
+        ConfigError: naming ``train.devices``, with the per-node count the launcher asks for.
+    """
+    launched = launched_processes()
+    if launched is None or launched[0] <= 1:
+        return
+    world, launcher = launched
+    t = cfg.train
+    text = str(t.devices).strip().strip(",")
+    if text.isdigit():
+        per_node = int(text)
+    elif text in ("auto", "-1"):
+        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        per_node = max(torch.cuda.device_count(), 1) if gpu else 1
+    else:
+        per_node = len(text.split(","))
+    if per_node * t.num_nodes != world:
+        want = max(world // t.num_nodes, 1)
+        raise ConfigError("train.devices", f"is {t.devices} on {t.num_nodes} node(s), {per_node * t.num_nodes} "
+                          f"process(es), but {launcher} started {world}",
+                          f"set train.devices={want} (processes per node) and train.num_nodes to the node count, "
+                          "with train.strategy=ddp")
+
+
 def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         only_stage: str | None = None) -> Path:
     """Train a config, stage by stage; return the run directory.
@@ -230,7 +363,8 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         only_stage: run just this stage, initialised from the previous stage's best checkpoint.
 
     Raises:
-        ConfigError: bad params, an unknown ``train.monitor``, or hardware the machine lacks
+        ConfigError: bad params, an unknown ``train.monitor``, hardware the machine lacks, or a
+            ``torchrun``/``srun`` process count other than ``train.devices`` x ``train.num_nodes``
             (all before anything is written).
         RunDirError: the run directory is in use by another process, is not writable, or holds
             checkpoints of a run that was not asked to resume.
@@ -245,6 +379,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
     data_params(cfg)
     check_monitor(cfg)
     check_hardware(cfg)
+    check_launch(cfg)
     run_dir = cfg.run_dir
     output_dir(run_dir, "run directory")
     with RunLock(run_dir, "train"):
@@ -255,12 +390,15 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, only_stage: str | None) -> Path:
+    from medfuse.engine.lock import is_rank_zero
+
     ckpt_root = checkpoint_dir(run_dir)
     if not resume and ckpt_root.exists() and any(ckpt_root.rglob("*.ckpt")) and only_stage is None:
         raise RunDirError(run_dir, "already holds checkpoints",
                           f"continue it with `medfuse train --resume {run_dir}` or set name=<new name>")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, run_dir)
+    unpad_validation(dm)
     stages = _stages(cfg)
     names = [s.name for s in stages if s is not None]
     if only_stage is not None and only_stage not in names:
@@ -306,17 +444,22 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
                 raise
         if trainer.interrupted:
             raise KeyboardInterrupt
-        done.write_text("ok\n")
+        if is_rank_zero():
+            with atomic_open(done, "w") as f:
+                f.write("ok\n")
         prev_best = ckdir / "best.ckpt"
     if not config_saved:
         save_config(cfg, run_dir / "config.yaml")
+    if not is_rank_zero():  # the logs and checkpoints are rank 0's; the other ranks are done
+        return run_dir
     if cfg.train.stages:
         merge_stage_logs(run_dir, [s.name for s in cfg.train.stages])
     if cfg.train.stages and prev_best is not None:
         final = checkpoint_dir(run_dir, cfg.train.stages[-1].name)
         for which in ("best", "last"):
             if (final / f"{which}.ckpt").exists():
-                shutil.copyfile(final / f"{which}.ckpt", ckpt_root / f"{which}.ckpt")
+                with (final / f"{which}.ckpt").open("rb") as src, atomic_open(ckpt_root / f"{which}.ckpt", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
     return run_dir
 
 
@@ -410,10 +553,7 @@ def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:
     if not rows:
         return None
     out = run_dir / "metrics.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv_atomic(out, fields, rows)
     return out
 
 

@@ -15,7 +15,8 @@ from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder import FAMILY
 from medfuse.families.ct_encoder.model import PRESETS, CTEncoderModel
 from medfuse.families.ct_encoder.params import CTEncoderParams, build_ct_encoder
-from medfuse.families.ct_encoder.task import CTEncoderTask, contrastive_loss
+from medfuse.families.ct_encoder.task import CTEncoderTask
+from medfuse.losses import multi_positive_info_nce as contrastive_loss
 from medfuse.layers.patch_embed import PatchEmbed3d
 from medfuse.registry import FAMILIES
 

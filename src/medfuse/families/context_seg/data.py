@@ -9,7 +9,10 @@ derived from the raw file (``derived``): the raw stream is then the central ``1 
 the file and the context the whole file block-averaged by ``context_scale``. Files are anything
 :func:`medfuse.data.io.read_image` reads (NIfTI, TIFF stacks, ...) or a path into a Zarr/N5
 container (``crop.zarr/recon-1/em/s0``; :func:`medfuse.data.containers.read_zarr`, extra
-``medfuse[zarr]``).
+``medfuse[zarr]``). A CellMap dataset (layout ``cellmap``) needs neither a context file nor a label
+file: each crop's raw box, the wider context box from a coarser scale level and the label map of
+``data.params.classes`` are read as regions of the Zarr volume
+(:func:`medfuse.data.containers.read_cellmap_crop`); the context is the same paired stream.
 
 Each stream goes slice by slice through a frozen 2D encoder (``tiny`` on CPU, ``dinov3`` from a
 local folder) via :class:`~medfuse.encoders.slicewise.SlicewiseExtractor`, optionally in all three
@@ -148,7 +151,9 @@ def _label_affine(raw_affine: np.ndarray, ratio: np.ndarray, crop_lo: np.ndarray
     return np.asarray(raw_affine, float) @ t
 
 
-def _file_state(path: str) -> list[Any]:
+def _file_state(path: str | None) -> list[Any]:
+    if path is None:
+        return [None, None, None]
     try:
         st = os.stat(path)
         return [path, st.st_size, st.st_mtime_ns]
@@ -176,11 +181,17 @@ class ContextSegDataModule(CaseDataModule):
     """Case table + splits of :class:`CaseDataModule`, with two-stream feature items (see module doc)."""
 
     def __init__(self, cfg, run_dir: Path | None = None):
+        from medfuse.data.datamodule import load_table
+
         self.params: ContextSegDataParams = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
-        super().__init__(cfg, run_dir)
+        table = load_table(cfg)
+        self.cellmap = table.layout == "cellmap"
+        if self.cellmap:
+            table = cellmap_table(table, self.params)
+        super().__init__(cfg, run_dir, table)
         p = self.params
         need = [p.raw] + ([p.context] if p.context_mode == "paired" else [])
-        missing = [m for m in need if m not in self.modalities]
+        missing = [m for m in need if m not in self.modalities] if not self.cellmap else []
         if missing:
             raise ConfigError(f"data.params.{'raw' if missing[0] == p.raw else 'context'}",
                               f"modality '{missing[0]}' is not in the dataset (it has {self.modalities})",
@@ -239,16 +250,24 @@ class ContextSegDataModule(CaseDataModule):
         """
         p = self.params
         where = f"case {case.case_id}"
-        raw_path = case.images.get(p.raw)
+        raw_path = case.images.get("raw" if self.cellmap else p.raw)
         if not raw_path:
             raise DataError(where, f"has no '{p.raw}' image", "give every case a raw volume")
-        raw_vol = read_volume(raw_path)
+        cm = None  # the CellMap crop
+        if self.cellmap:  # regions of the EM volume only: the crop box and a coarser, wider context box
+            from medfuse.data.containers import read_cellmap_crop
+
+            cm = read_cellmap_crop(raw_path, str(case.mask), p.classes or [], p.raw_resolution, p.label_resolution,
+                                     p.context_resolution, p.context_extent)
+            raw_vol = cm.raw
+        else:
+            raw_vol = read_volume(raw_path)
         raw = self._finite(raw_vol.array[0].astype(np.float32), raw_path)
-        if p.context_mode == "paired":
-            ctx_path = case.images.get(p.context)
+        if cm is not None or p.context_mode == "paired":
+            ctx_path = str(raw_path) if cm is not None else case.images.get(p.context)
             if not ctx_path:
                 raise DataError(where, f"has no '{p.context}' image", "give every case a context volume")
-            ctx_vol = read_volume(ctx_path)
+            ctx_vol = cm.context if cm is not None else read_volume(ctx_path)
             ctx = self._finite(ctx_vol.array[0].astype(np.float32), ctx_path)
             scale = (np.asarray(ctx_vol.spacing) / np.asarray(raw_vol.spacing) if p.context_scale == "auto"
                      else _triple(p.context_scale))
@@ -271,20 +290,20 @@ class ContextSegDataModule(CaseDataModule):
             label = np.zeros([max(1, round(s * f)) for s, f in zip(full_shape, self._predict_scale(), strict=True)],
                              np.uint8)
         else:
-            label = read_volume(case.mask).array[0]
+            label = cm.label.array[0] if cm is not None else read_volume(case.mask).array[0]
         if label.dtype.kind not in "iu":
             if not np.all(np.mod(label, 1) == 0):
                 raise DataError(str(case.mask), "label volume is not integer-valued", "store integer class labels")
             label = label.astype(np.int64)
         crop_lo = np.zeros(3)
-        if p.context_mode == "derived":  # the label covers the whole file: keep its centre, like the raw
+        if cm is None and p.context_mode == "derived":  # the label covers the whole file: keep its centre, like the raw
             ratio = _label_shape(label, full_shape, p.label_scale, str(case.mask or where))
             cl = [max(1, round(s * f)) for s, f in zip(label.shape, fraction, strict=True)]
             lo = [(s - c) // 2 for s, c in zip(label.shape, cl, strict=True)]
             label = label[lo[0]:lo[0] + cl[0], lo[1]:lo[1] + cl[1], lo[2]:lo[2] + cl[2]]
             crop_lo = np.asarray(lo) / ratio
         ratio = np.asarray(label.shape) / np.asarray(raw.shape)
-        if p.context_mode == "paired":
+        if cm is not None or p.context_mode == "paired":
             ratio = _label_shape(label, raw.shape, p.label_scale, str(case.mask or where))
         if label.min() < 0 or label.max() >= self.num_classes:
             raise DataError(str(case.mask or where), f"label values {int(label.min())}..{int(label.max())} outside 0.."
@@ -336,6 +355,29 @@ class ContextSegDataModule(CaseDataModule):
         if split not in self._datasets:
             self._datasets[split] = ContextSegDataset(self.prepare_split(split), self.params, train=(split == "train"))
         return self._datasets[split]
+
+
+def cellmap_table(table, p: ContextSegDataParams):
+    """A CellMap case table for training: the chosen classes as mask labels; crops that do not annotate
+    every chosen class left out (``missing_classes: skip``, with a warning) or kept."""
+    import dataclasses
+
+    if not p.classes:
+        raise ConfigError("data.params.classes", "no classes chosen for the CellMap label map",
+                          "set data.params.classes, e.g. [mito, er, nuc] (value k = the k-th class)")
+    keep, dropped = [], []
+    for c in table.cases:
+        have = set(str(c.extra.get("classes") or "").split(";"))
+        (keep if p.missing_classes == "background" or set(p.classes) <= have else dropped).append(c)
+    if dropped:
+        log.warning("%d CellMap crop(s) do not annotate every class of data.params.classes and are left out "
+                    "(e.g. %s); set data.params.missing_classes=background to keep them", len(dropped),
+                    dropped[0].case_id)
+    if not keep:
+        raise DataError(table.root, f"no crop annotates all of {p.classes}",
+                        "choose classes the crops annotate, or set data.params.missing_classes=background")
+    labels = {"background": 0, **{name: k for k, name in enumerate(p.classes, start=1)}}
+    return dataclasses.replace(table, cases=keep, mask_labels=labels)
 
 
 def _shape(src: dict[str, torch.Tensor] | Path, key: str) -> tuple[int, ...]:

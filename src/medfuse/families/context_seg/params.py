@@ -88,6 +88,21 @@ class ContextSegDataParams(Params):
     foreground_ratio: float = Field(0.7, ge=0.0, le=1.0, description="fraction of patch centres on labelled voxels")
     samples_per_case: int = Field(4, ge=1, description="training patches per case per epoch")
     flip: bool = Field(True, description="random flips of training patches (both streams and labels alike)")
+    classes: list[str] | None = Field(
+        None, description="CellMap (layout cellmap): the classes of the label map, value k = classes[k - 1] "
+                          "(e.g. [mito, er, nuc]); required there")
+    raw_resolution: float | tuple[float, float, float] | None = Field(
+        None, description="CellMap: target raw voxel size in nm (d, h, w); the coarsest level not coarser is read "
+                          "(None: s0)")
+    label_resolution: float | tuple[float, float, float] | None = Field(
+        None, description="CellMap: label voxel size in nm (None: the raw level's; finer labels give label_scale > 1)")
+    context_resolution: float | tuple[float, float, float] | None = Field(
+        None, description="CellMap: target context voxel size in nm (None: raw voxel size x context_extent)")
+    context_extent: float = Field(4.0, ge=1.0, description="CellMap: context box / crop box per axis, centred on the "
+                                  "crop (read from the coarser level; padded with edge values outside the volume)")
+    missing_classes: Literal["skip", "background"] = Field(
+        "skip", description="CellMap: a crop that does not annotate every chosen class is left out (skip), or its "
+                            "unannotated classes count as background")
 
     @field_validator("context_scale")
     @classmethod

@@ -1,23 +1,49 @@
-"""``medfuse predict RUN RAW [CONTEXT]`` for the context_seg family: one case per call."""
+"""``medfuse predict RUN RAW [CONTEXT]`` for the context_seg family: one case per call, written on the
+raw input's own grid."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 
+from medfuse.config import Config, validate_params
+from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
-from medfuse.engine.predict import SegmentationPredictor
-from medfuse.errors import DataError
+from medfuse.engine.predict import PackagedData, SegmentationPredictor
+from medfuse.errors import DataError, WeightsError
+from medfuse.families.context_seg.data import ContextSegDataModule, read_volume
+from medfuse.families.context_seg.params import ContextSegDataParams
 
 
 class ContextSegPredictor(SegmentationPredictor):
-    """RAW (and CONTEXT in ``context_mode: paired``) -> ``<case_id>.nii.gz`` on the training label grid.
+    """RAW (and CONTEXT in ``context_mode: paired``) -> ``<case_id>.nii.gz`` with exactly the raw
+    file's shape and affine.
 
-    The inputs go through the run's data pipeline (frozen encoder, resampling onto the label grid,
-    the training cases' ``label_scale``); the label map is written with the label grid's affine.
+    The inputs go through the run's data pipeline (frozen encoder, resampling onto the label grid:
+    the raw grid scaled by the training cases' ``label_scale``, and in ``context_mode: derived``
+    only the centre of the file). The network's class probabilities on that grid are moved back
+    onto the raw file's grid (an exact index mapping when the label grid is the raw grid, MONAI
+    ``ResampleToMatch`` otherwise; voxels outside the label grid, e.g. around a derived crop, are
+    background) and the label map is their argmax. With ``eval.save_probabilities`` also
+    ``<case_id>_probs.nii.gz`` (K channels, same grid).
+
+    A model package records the class count, the training ``label_scale`` and the frozen encoder's
+    weights id (a package whose encoder builds other weights on this machine is refused).
     """
+
+    @classmethod
+    def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        return {"num_classes": int(dm.num_classes),
+                "label_scale": [float(v) for v in dm._predict_scale()],  # the training cases' factor
+                "encoder_weights_id": str(dm.builder.weights_id)}
+
+    @classmethod
+    def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
+        return PackagedContextData(data, cfg, state)
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         from medfuse.data.layouts import Case
@@ -38,9 +64,63 @@ class ContextSegPredictor(SegmentationPredictor):
         return [Case(case_id=name, patient_id=name, images=images)]
 
     def batches(self, cases: list[Any]):
-        """One case per batch: its two feature streams stacked, as the data module's items."""
+        """One case per batch: its two feature streams stacked, as the data module's items, plus
+        the raw file's grid (``orig_affine`` (1, 4, 4), ``orig_shape`` (1, 3) = (D, H, W))."""
         for case in cases:
             feats = self.dm.compute(case, require_label=False)
+            raw = read_volume(case.images[self.dm.params.raw])  # the input grid the output is written on
             image = torch.cat([feats["raw"].float(), feats["context"].float()])[None]  # (1, C_raw + C_ctx, D, H, W)
-            yield to_device({"image": image, "affine": feats["affine"][None], "case_id": [case.case_id]},
-                            self.task.device)
+            yield to_device({"image": image, "affine": feats["affine"][None], "case_id": [case.case_id],
+                             "orig_affine": torch.as_tensor(np.asarray(raw.affine, np.float64))[None],
+                             "orig_shape": torch.as_tensor(raw.array.shape[1:])[None]}, self.task.device)
+
+    def write(self, batch, out, out_dir):
+        from medfuse.data.io import write_nifti
+        from medfuse.engine.inference import to_input_grid
+
+        logits = out["logits"]  # (B, K, D, H, W) on the label grid
+        for j, cid in enumerate(batch["case_id"]):
+            prob = logits[j].float().softmax(0).cpu()  # (K, D, H, W)
+            affine = np.asarray(batch["affine"][j].cpu(), np.float64)
+            dst = np.asarray(batch["orig_affine"][j].cpu(), np.float64)
+            shape = [int(v) for v in batch["orig_shape"][j].tolist()]
+            prob = to_input_grid(prob, affine, dst, shape, mode="bilinear")  # (K, D0, H0, W0), 0 outside
+            write_nifti(prob.argmax(0)[None].numpy().astype(np.uint8), output_path(out_dir, f"{cid}.nii.gz"),
+                        affine=dst)
+            if self.cfg.eval.save_probabilities:
+                write_nifti(prob.numpy().astype(np.float32), output_path(out_dir, f"{cid}_probs.nii.gz"), affine=dst)
+
+
+class PackagedContextData(ContextSegDataModule):
+    """The feature side of a context_seg data module, rebuilt from a model package: :meth:`compute`
+    on new cases with the run's ``data.params`` and training ``label_scale``; no case table, no
+    feature cache. The frozen encoder is built as in training (``data.params.encoder``,
+    ``encoder_params``, ``encoder_seed``) and must give the weights the run used.
+
+    It sets the attributes :meth:`ContextSegDataModule.compute` reads instead of reading a case
+    table (``tests/families/context_seg/test_context_seg_predict.py`` runs a package end to end, so
+    a new attribute of the data module shows up there)."""
+
+    def __init__(self, data: PackagedData, cfg: Config, state: dict[str, Any]):
+        L.LightningDataModule.__init__(self)  # no case table: the package holds what compute() needs
+        self.cfg, self.run_dir = cfg, None
+        self.params = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
+        self.modalities, self.mask_values, self.table = data.modalities, data.mask_values, data.table
+        self.cases: dict[str, list[Any]] = {}
+        self.cellmap = False  # predict reads RAW [CONTEXT] files, never CellMap crops (which need annotations)
+        self.num_classes = int(state["num_classes"])
+        self.label_scale = np.asarray(state["label_scale"], dtype=np.float64)
+        self.weights_id = state.get("encoder_weights_id")
+        self._builder = None
+        self.cache_root = None
+        self._memory = {}
+        self._datasets = {}
+
+    @property
+    def builder(self):
+        b = super().builder
+        if self.weights_id is not None and b.weights_id != self.weights_id:
+            raise WeightsError(f"data.params.encoder ({self.params.encoder})",
+                               f"builds weights {b.weights_id} here, but the package was trained on features of "
+                               f"{self.weights_id}", "give the same encoder weights (encoder_params) as in training")
+        return b

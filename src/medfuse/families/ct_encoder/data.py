@@ -107,6 +107,19 @@ def _optional(root: Path, p: CTEncoderDataParams, key: str) -> Path | None:
     return path
 
 
+def _cot_paths(root: Path, p: CTEncoderDataParams) -> list[Path]:
+    """The chain-of-thought files: ``data.params.cot`` (one name or a list, e.g. CT-RATE-Thinking's
+    ``[vqa.jsonl, report.jsonl]``); a missing default file is no error."""
+    if isinstance(p.cot, list):
+        paths = [root / str(v) for v in p.cot]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(path, "not found", f"fix data.params.cot or place the file under {root}")
+        return paths
+    path = _optional(root, p, "cot")
+    return [path] if path is not None else []
+
+
 # ------------------------------------------------------------------------------------- regions
 
 
@@ -206,21 +219,77 @@ def cot_step_lesions(record: dict[str, Any]) -> list[int]:
     return [int(s.get("lesion") or 0) for s in ordered if str(s.get("text") or "").strip()]
 
 
+_VOLUME_KEYS = ("volumename", "VolumeName", "volume_name", "case_id", "volume", "image", "image_path", "img",
+                "video", "id")
+_THINK_KEYS = ("think", "thinking", "reasoning", "thought", "thoughts", "cot", "rationale")
+_ANSWER_KEYS = ("answer", "response", "output", "report", "final_answer")
+_THINK_TAG = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return _text(value.get("text") or value.get("value") or "")
+    return "" if value is None else str(value).strip()
+
+
+def thinking_text(record: dict[str, Any]) -> str:
+    """The reasoning and answer of one CT-RATE-style thinking record, as plain text.
+
+    Reads ``think``/``thinking``/``reasoning``/... and ``answer``/``response``/... fields, a
+    ``<think>...</think>`` block inside the answer, or LLaVA-style ``conversations`` (the ``gpt``
+    turns). CT-RATE-Thinking's field names are unverified, hence the list.
+    """
+    parts = [_text(record[k]) for k in _THINK_KEYS if k in record]
+    answers = [_text(record[k]) for k in _ANSWER_KEYS if k in record]
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and str(turn.get("from", turn.get("role", ""))).lower() in ("gpt", "assistant"):
+            answers.append(_text(turn.get("value", turn.get("content", ""))))
+    for a in answers:
+        parts += [m.strip() for m in _THINK_TAG.findall(a)]
+        parts.append(_THINK_TAG.sub(" ", a).strip())
+    return " ".join(p for p in parts if p)
+
+
+def _volume_key(record: dict[str, Any]) -> str | None:
+    for k in _VOLUME_KEYS:
+        value = record.get(k)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, str) and value.strip():
+            return _stem(value.strip())
+    return None
+
+
 def _read_cot(path: Path) -> dict[str, dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    """Chain-of-thought records by volume: the seed's schema (``cot_reasoning``) as is; CT-RATE-style
+    thinking records (JSON lines, several per volume: VQA pairs, report narratives) merged per volume
+    into one ``answer`` text whose sentences become the steps."""
     try:
-        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines() if
-                                                                 line.strip()]
+        text = path.read_text(encoding="utf-8-sig")
+        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines()
+                                                                 if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot be read ({e})", "save it as UTF-8 JSON") from e
     except json.JSONDecodeError as e:
         raise DataError(path, f"is not valid JSON ({e})", "write a JSON list of records (or JSON lines)") from e
     records = data.get("records", data) if isinstance(data, dict) else data
+    if isinstance(records, dict):  # keyed by volume
+        records = [{"volumename": k, **v} for k, v in records.items() if isinstance(v, dict)]
     if not isinstance(records, list):
         raise DataError(path, "must hold a list of chain-of-thought records", "see the seed's CoT schema")
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for r in records:
-        key = r.get("volumename") or r.get("case_id") or r.get("volume") if isinstance(r, dict) else None
-        if key:
-            out[_stem(key)] = r
+        key = _volume_key(r) if isinstance(r, dict) else None
+        if not key:
+            continue
+        if isinstance(r.get("cot_reasoning"), list):
+            out.setdefault(key, r)
+            continue
+        merged = out.setdefault(key, {"answer": ""})
+        if "cot_reasoning" not in merged:
+            merged["answer"] = f"{merged['answer']} {thinking_text(r)}".strip()
     return out
 
 
@@ -261,8 +330,13 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     labels_path = _optional(root, p, "labels")
     label_rows = {_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
     abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
-    cot_path = _optional(root, p, "cot")
-    cot = _read_cot(cot_path) if cot_path else {}
+    cot: dict[str, dict[str, Any]] = {}
+    for cot_path in _cot_paths(root, p):
+        for key, rec in _read_cot(cot_path).items():
+            if key in cot and "answer" in cot[key] and "answer" in rec:
+                cot[key]["answer"] = f"{cot[key]['answer']} {rec['answer']}".strip()
+            else:
+                cot.setdefault(key, rec)
 
     cases, missing, seen_scans = [], [], set()
     for i, r in enumerate(reports, start=2):
@@ -314,7 +388,74 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     return table, vocab, abnormalities
 
 
+def read_omniabnorm(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, RegionVocab, list[str]]:
+    """OmniAbnorm-CT records as ct_encoder cases: each sample is a thin slab (centre slice + context
+    slices), finding group k is region k (its mask on the centre slice, also its lesion label), and
+    each finding's description is its region text and one CoT step anchored in that region."""
+    from medfuse.data.datasets import load_omniabnorm, omniabnorm_json
+
+    root = Path(root).absolute()
+    source = root / p.records if p.records else omniabnorm_json(root)
+    if source is None or not source.is_file():
+        raise DataError(source or root, "no OmniAbnorm-CT records JSON found",
+                        "set data.params.records to the JSON of records (sample id -> image, mask, abnormality)")
+    table = load_omniabnorm(source)
+    names = p.region_names or {k: f"finding {k}" for k in range(1, p.max_findings + 1)}
+    vocab = RegionVocab(names if isinstance(names, dict) else dict(enumerate(names, start=1)), p.region_groups)
+    for c in table.cases:
+        groups = list(c.extra.get("findings") or [])[: p.max_findings]
+        texts = [g["description"] or g["label"] or f"finding {k}" for k, g in enumerate(groups, start=1)]
+        c.extra = {"findings": c.text or "", "region_text": [[k, t] for k, t in enumerate(texts, start=1)],
+                   "steps": [[t, [k]] for k, t in enumerate(texts, start=1)],
+                   "step_lesions": list(range(1, len(texts) + 1)), "labels": [], "hu": None,
+                   "lesion": "omniabnorm" if groups else None,
+                   "omni": {"image": c.images["ct"], "mask": c.mask, "context": list(c.extra.get("context") or []),
+                            "groups": [list(g["ids"]) for g in groups]}}
+        c.mask = None
+    return table, vocab, []
+
+
+def read_dataset(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, RegionVocab, list[str]]:
+    """:func:`read_ctrate` or :func:`read_omniabnorm`, as ``data.params.source`` says."""
+    return read_omniabnorm(root, p) if p.source == "omniabnorm" else read_ctrate(root, p)
+
+
 # ------------------------------------------------------------------------------------- transforms
+
+
+class OmniAbnormLoadd(mt.MapTransform):
+    """Load an OmniAbnorm-CT sample in place of :class:`~medfuse.data.transforms.LoadCased`: the slab
+    (grey, (1, W, H, D) in MONAI's file order) and its region mask ((1 or 2, W, H, D): finding k = k on
+    the centre slice, 0 elsewhere; the second channel is the same map as lesion labels)."""
+
+    def __init__(self, lesions: bool = False):
+        super().__init__("image")
+        self.lesions = lesions
+
+    def __call__(self, data):
+        from monai.data import MetaTensor
+
+        from medfuse.data.datasets import omni_region_map
+        from medfuse.data.io import read_slice_folder
+
+        d = dict(data)
+        rec = d.pop("omni")
+        d.pop("lesion", None)
+        vol = read_slice_folder(rec["image"], rec.get("context") or None)
+        img = vol.array.astype(np.float32).mean(axis=0, keepdims=True)  # (1, D, H, W); RGB JPEGs -> grey
+        lab = np.zeros(img.shape, np.int32)
+        lab[0, vol.meta["centre"]] = omni_region_map(rec.get("mask"), rec.get("groups") or [], img.shape[-2:],
+                                                     str(d.get("case_id", "?")))
+        affine = torch.as_tensor(vol.affine)
+        d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(img.transpose(0, 3, 2, 1))), affine=affine,
+                                meta={"filename_or_obj": rec["image"]})
+        chans = [lab, lab] if self.lesions else [lab]
+        d["mask"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(np.concatenate(chans).transpose(0, 3, 2, 1))),
+                               affine=affine.clone(), meta={"filename_or_obj": str(rec.get("mask"))})
+        d["present"] = torch.ones(1)
+        d["orig_affine"] = affine.to(torch.float64).clone()
+        d["orig_shape"] = torch.tensor(img.shape[1:], dtype=torch.long)
+        return d
 
 
 class Hounsfieldd(mt.MapTransform):
@@ -397,11 +538,12 @@ def ct_transforms(cfg: Config, train: bool, lesions: bool = False):
     from medfuse.data.transforms import MedfuseCompose, build_transforms
 
     base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True)
-    steps = [base.transforms[0], Hounsfieldd(), *base.transforms[1:]]
+    omni = validate_params(CTEncoderDataParams, cfg.data.params, "data.params").source == "omniabnorm"
+    steps = [OmniAbnormLoadd(lesions) if omni else base.transforms[0], Hounsfieldd(), *base.transforms[1:]]
     if lesions:
-        steps = [steps[0], steps[1], AttachLesiond(), *steps[2:], SplitLesiond()]
+        steps = [steps[0], steps[1], *([] if omni else [AttachLesiond()]), *steps[2:], SplitLesiond()]
     chain = MedfuseCompose(steps)
-    chain.fingerprint = base.fingerprint + "|hu-once" + ("|lesions" if lesions else "")
+    chain.fingerprint = base.fingerprint + "|hu-once" + ("|lesions" if lesions else "") + ("|omni" if omni else "")
     return chain
 
 
@@ -418,6 +560,8 @@ def case_item(case: Case) -> dict[str, Any]:
     item["step_lesions"] = list(case.extra.get("step_lesions") or [])
     if case.extra.get("lesion"):
         item["lesion"] = str(case.extra["lesion"])
+    if case.extra.get("omni"):
+        item["omni"] = dict(case.extra["omni"])
     item.pop("label", None)
     return item
 
@@ -435,8 +579,8 @@ class CTEncoderDataModule(CaseDataModule):
         L.LightningDataModule.__init__(self)
         self.cfg, self.run_dir = cfg, run_dir
         self.params = check_params(cfg)
-        root = data_root(cfg, "a CT-RATE-style folder")
-        self.table, self.vocab, self.abnormalities = read_ctrate(root, self.params)
+        root = data_root(cfg, "a CT-RATE-style folder or OmniAbnorm-CT records")
+        self.table, self.vocab, self.abnormalities = read_dataset(root, self.params)
         n_regions = cfg.model.params.get("num_regions")
         if n_regions is not None and int(n_regions) != len(self.vocab.names):
             raise ConfigError("model.params.num_regions", f"is {n_regions} but the dataset names "
@@ -496,7 +640,7 @@ def predict_cases(inputs: list[str], p: CTEncoderDataParams) -> list[Case]:
     """``medfuse predict``'s inputs as cases: ``VOLUME MASK`` (HU conversion as configured; ``hu:
     metadata`` needs a folder) or one CT-RATE-style folder (all its volumes)."""
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
-        return read_ctrate(inputs[0], p)[0].cases
+        return read_dataset(inputs[0], p)[0].cases
     if len(inputs) == 2:
         for path in inputs:
             if not Path(path).exists():

@@ -89,14 +89,24 @@ class CTEncoderParams(Params):
 
 
 class CTEncoderDataParams(Params):
-    """The CT-RATE-style folder: file names relative to ``data.root``, region names, HU conversion."""
+    """The CT-RATE-style folder (or OmniAbnorm-CT records): file names relative to ``data.root``, region
+    names, HU conversion."""
+
+    source: Literal["ctrate", "omniabnorm"] = Field(
+        "ctrate", description="ctrate: volumes + reports CSV + region masks; omniabnorm: OmniAbnorm-CT records (a "
+                              "centre slice and its context slices as a thin slab, finding k's mask = region k)")
+    records: str | None = Field(None, description="omniabnorm: the records JSON (None: the JSON of records in the root)")
+    max_findings: int = Field(8, ge=1, description="omniabnorm: finding groups per sample kept as regions 1..R "
+                              "(= model.params.num_regions)")
 
     reports: str = Field("reports.csv", description="reports CSV (VolumeName, Findings_EN, Impressions_EN)")
     masks: str = Field("masks", description="folder of region-ID masks, one per volume of the same name")
     regions: str | None = Field("regions.json", description="JSON with region_names and region_groups")
     metadata: str | None = Field("metadata.csv", description="CSV with RescaleSlope/RescaleIntercept per volume")
     labels: str | None = Field("labels.csv", description="CSV with one 0/1 column per abnormality (zero-shot AUROC)")
-    cot: str | None = Field("cot.json", description="chain-of-thought records (JSON list or JSON lines)")
+    cot: str | list[str] | None = Field(
+        "cot.json", description="chain-of-thought records: the seed's JSON, or CT-RATE-style thinking JSON lines "
+                                "(one name or a list, e.g. [vqa.jsonl, report.jsonl]; merged per volume)")
     region_names: dict[int, str] | list[str] | None = Field(
         None, description="region id -> name (or names in id order); default: from the regions JSON")
     region_groups: dict[str, list[int]] | None = Field(

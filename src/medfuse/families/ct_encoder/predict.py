@@ -4,12 +4,15 @@ for a model with a report generator, one generated report per volume (``<case_id
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from medfuse.config import Config
 from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
-from medfuse.engine.predict import Predictor
+from medfuse.engine.predict import PackagedData, Predictor
 
 
 class CTEncoderPredictor(Predictor):
@@ -25,6 +28,20 @@ class CTEncoderPredictor(Predictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reports: list[tuple[str, str]] = []
+
+    @classmethod
+    def package_labels(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """One CT channel; lesion masks are region inputs, not labels (the data module declares no mask values)."""
+        return {"modalities": list(dm.modalities), "class_names": None, "mask_labels": None, "mask_values": None}
+
+    @classmethod
+    def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
+        """The run's ``data.params`` (HU conversion, file names of a dataset folder), from the config:
+        the scratch report tokenizer travels in the weights (``vocab_table``)."""
+        from medfuse.families.ct_encoder.data import check_params
+
+        data.params = check_params(cfg)
+        return data
 
     def cases(self, inputs, modalities):
         from medfuse.families.ct_encoder.data import predict_cases

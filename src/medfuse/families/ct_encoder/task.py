@@ -7,36 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from medfuse.dist import global_count
 from medfuse.engine.tasks import Batch, ContrastiveTask
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.generation import target_text
 from medfuse.families.ct_encoder.params import LEVELS
+from medfuse.losses import multi_positive_info_nce
 
 DEFAULT_LOSS_WEIGHTS = {"global": 1.0, "region": 1.0, "step": 1.0, "seg": 0.0, "gen": 1.0, "anchor": 0.0}
 """``gen`` counts only when ``model.params.gen_decoder`` names a decoder."""
-
-
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, texts: list[str], scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE where identical strings are all positives of each other.
-
-    Args:
-        img: (M, E) visual embeddings.
-        txt: (M, E) text embeddings; row i describes row i of ``img``.
-        texts: the M strings (equal strings, e.g. "Heart: normal size.", are not negatives).
-        scale: 1 / temperature.
-
-    Returns:
-        Scalar: mean of the image->text and text->image soft cross-entropies.
-    """
-    ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-    tid = torch.tensor([ids[t] for t in texts], device=img.device)
-    pos = (tid[:, None] == tid[None, :]).to(img.dtype)  # (M, M), symmetric
-    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
-    target = pos / pos.sum(1, keepdim=True)
-    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
 
 
 class CTEncoderTask(ContrastiveTask):
@@ -241,8 +222,8 @@ class CTEncoderTask(ContrastiveTask):
                 if 1 <= int(rid) <= n_regions and bool(present[b, int(rid) - 1]):
                     idx.append((b, int(rid) - 1))
                     texts.append(str(text))
-        if not idx:
-            return out["region_emb"].new_zeros(0, out["region_emb"].shape[-1]), []
+        if not idx:  # zero rows, still on the graph (a DDP rank without pairs scores none)
+            return out["region_emb"].flatten(0, 1)[:0], []
         bi, ri = torch.tensor(idx, device=present.device).unbind(1)
         return out["region_emb"][bi, ri], texts
 
@@ -277,12 +258,15 @@ class CTEncoderTask(ContrastiveTask):
         w = self.loss_weights
         model = self.model
         texts = [str(t) for t in batch["text"]]
-        losses = {"global": contrastive_loss(out["image_emb"], out["text_emb"], texts, model.temps["global"].scale)}
+        losses = {"global": multi_positive_info_nce(out["image_emb"], out["text_emb"], texts,
+                                                    model.temps["global"].scale)}
         for level, pairs in (("region", self.region_pairs), ("step", self.step_pairs)):
             if w.get(level, 0.0) > 0:
                 img, txt = pairs(batch, out)
-                if len(txt) > 1:
-                    losses[level] = contrastive_loss(img, model.embed_text(txt), txt, model.temps[level].scale)
+                # pairs over every rank under DDP, so that all ranks take the same branch
+                if global_count(len(txt)) > 1:
+                    emb = model.embed_text(txt) if txt else out["text_emb"][:0]
+                    losses[level] = multi_positive_info_nce(img, emb, txt, model.temps[level].scale)
         if model.seg_head is not None and w.get("seg", 0.0) > 0:
             logp = model.seg_head(out["patch"]).log_softmax(-1)  # (B, N, R + 1)
             losses["seg"] = -(out["ctx"].fractions * logp).sum(-1).mean()

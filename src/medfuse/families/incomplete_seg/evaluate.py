@@ -7,6 +7,9 @@ from each case's own modality set (the complete combination when it has all moda
 generic segmentation outputs: NIfTI predictions, overlays and canonical-label metrics.
 
 :class:`IncompleteSegPredictor` segments a case from whichever modalities it has.
+
+Both apply the optional small-ET post-processing (:func:`suppress_small_et`,
+``eval.postprocess.min_et_voxels``, off by default) to every prediction before it is scored or written.
 """
 
 from __future__ import annotations
@@ -44,6 +47,31 @@ def _nanmean(x: np.ndarray, axis) -> np.ndarray:
 def _num(entry: dict[str, Any], digits: int) -> str:
     v = entry.get("value")
     return f"{v:.{digits}f}" if v is not None and np.isfinite(v) else "n/a"
+
+
+def suppress_small_et(q: torch.Tensor, min_voxels: int, shapes: torch.Tensor | None = None) -> torch.Tensor:
+    """Small-ET post-processing: nested region probabilities (B, R, *S) with the innermost region
+    (enhancing tumour, ET) emptied in every case whose predicted ET (``q > 0.5``) has fewer than
+    ``min_voxels`` voxels; its voxels then fall to the region around it (TC without ET = necrosis,
+    NCR), as in the BraTS 2020 winning nnU-Net (Isensee et al. 2021, "nnU-Net for Brain Tumor
+    Segmentation", BraTS 2020 proceedings, LNCS 12659).
+
+    ``eval.postprocess.min_et_voxels`` (0 = off) sets ``min_voxels``; voxels are counted on the
+    network's output grid, within each case's own ``shapes`` (B, 3) when the batch padded cases of
+    different sizes. Returns a new tensor (``q`` itself when nothing changes).
+    """
+    if min_voxels <= 0 or q.shape[1] < 2:
+        return q
+    out = q
+    for b in range(q.shape[0]):
+        et = q[b, -1]
+        if shapes is not None:
+            d, h, w = (int(v) for v in shapes[b].tolist())
+            et = et[..., :d, :h, :w]
+        if int((et > 0.5).sum()) < min_voxels:
+            out = q.clone() if out is q else out
+            out[b, -1] = 0.0
+    return out
 
 
 class IncompleteSegEvaluator(SegmentationEvaluator):
@@ -88,11 +116,13 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
         own = (self.cmask[:, None, :] == (present[None] > 0.5).float()).all(-1)  # (C, B)
         regions: dict[int, torch.Tensor] = {}
         main: torch.Tensor | None = None
+        min_et = self.cfg.eval.postprocess.min_et_voxels
         for c in range(len(self.combos)):
             if not bool(available[c].any()):
                 continue
             mask = self.cmask[c].expand(b, -1).to(image.device)  # (B, M)
             q = self.task.predict_regions(batch, mask)  # (B, R, *S)
+            q = suppress_small_et(q, min_et, batch.get("spatial_shape"))  # off unless eval.postprocess asks
             regions[c] = (q > 0.5).cpu()
             if bool(own[c].any()):
                 main = torch.zeros_like(q) if main is None else main

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medfuse.config import Config
 from medfuse.data.paths import output_path
-from medfuse.engine.predict import Predictor
+from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.families.incomplete_seg.data import (
     canonical_to_raw,
     resolve_predict_inputs,
 )
+from medfuse.families.incomplete_seg.evaluate import suppress_small_et
 
 
 class IncompleteSegPredictor(Predictor):
@@ -22,8 +25,35 @@ class IncompleteSegPredictor(Predictor):
     modalities read from the names or given by ``--modalities``) or one case folder. Writes, on
     each input's own grid (shape and affine), ``<case>.nii.gz`` (raw label values when the regions
     allow it, else canonical labels), ``<case>_regions.nii.gz`` (R probabilities, with
-    ``eval.save_probabilities``) and a row of ``predictions.csv``.
+    ``eval.save_probabilities``) and a row of ``predictions.csv``. With
+    ``eval.postprocess.min_et_voxels`` a small predicted ET is relabelled first
+    (:func:`~medfuse.families.incomplete_seg.evaluate.suppress_small_et`).
+
+    A model package records the regions (``raw_regions``, outer to inner, and their names), which
+    the data module otherwise reads from the data set's labels.
     """
+
+    postprocess_keys = ("min_et_voxels",)
+
+    @classmethod
+    def package_labels(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """The generic record (canonical labels 0..R) plus ``output_labels``: the values the written
+        label maps hold (the data set's own, e.g. BraTS 0/1/2/4, when the regions allow it)."""
+        out = super().package_labels(dm, cfg)
+        if canonical_to_raw(dm.raw_regions) is not None and dm.raw_mask_labels:
+            out["output_labels"] = {str(k): int(v) for k, v in dm.raw_mask_labels.items()}
+        return out
+
+    @classmethod
+    def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        return {"raw_regions": {k: [int(v) for v in vals] for k, vals in dm.raw_regions.items()},
+                "region_names": list(dm.region_names)}
+
+    @classmethod
+    def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
+        data.raw_regions = {str(k): [int(v) for v in vals] for k, vals in state["raw_regions"].items()}
+        data.region_names = [str(n) for n in state["region_names"]]
+        return data
 
     def cases(self, inputs, modalities):
         from medfuse.data.inputs import channel_of, dataset_test_folder, is_image_folder
@@ -48,7 +78,8 @@ class IncompleteSegPredictor(Predictor):
 
         mods = list(self.dm.modalities)
         raw = canonical_to_raw(self.dm.raw_regions)
-        q_all = out["regions"].float().cpu()  # (B, R, *S)
+        q_all = suppress_small_et(out["regions"].float().cpu(), self.cfg.eval.postprocess.min_et_voxels,
+                                  batch.get("spatial_shape"))  # (B, R, *S)
         csv_path = output_path(out_dir, "predictions.csv")
         if not csv_path.exists():
             csv_path.write_text("case_id,modalities,prediction\n")

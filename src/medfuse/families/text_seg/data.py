@@ -8,6 +8,10 @@ attribute columns that ``data.params.text_template`` turns into text (e.g.
 outwards in training) or, with ``box_source: csv``, from a ``box`` column (``"x0 y0 x1 y1"``) or
 ``box_x0 .. box_y1`` columns in original pixels (x = column, y = row, inclusive extents).
 
+NSCLC-Radiogenomics (layout ``nsclc``, :mod:`medfuse.data.datasets`): each patient's CT series
+and DICOM SEG become one record per slice through the tumour (:func:`tumour_slice_records`), with
+the clinical CSV's fields (``histology``, ``t_stage``, ...) for the template.
+
 Splits are by patient (:func:`medfuse.data.split.assign_splits`); ``split_by: image`` is refused
 when patient ids exist, since BUS-BRA-like data hold several images per patient and a per-image
 split leaks patients into the test set (the peer's flaw).
@@ -21,6 +25,7 @@ rendering; :meth:`TextSegDataModule.loader` applies it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 from pathlib import Path
@@ -105,6 +110,24 @@ def records_from_cases(cases: list, modality: str, need_mask: bool = True) -> li
     return out
 
 
+def tumour_slice_records(cases: list, modality: str) -> list[Record]:
+    """NSCLC-Radiogenomics style volumes -> one :class:`Record` per slice through the tumour.
+
+    Each case is a CT series with a DICOM SEG (layout ``nsclc``); the SEG is read once on the CT's
+    grid and every slice holding tumour becomes a record ``<case>_z<slice>`` (2.5D with
+    ``data.params.two_and_half_d``). A patient's slices share the patient's split.
+    """
+    out = []
+    for rec in records_from_cases(cases, modality):
+        labels = _volume(rec.mask, rec.image)[0]  # (D, H, W) on the CT grid
+        slices = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+        if slices.size == 0:
+            raise DataError(rec.mask, f"the SEG of case {rec.case_id} marks no tumour voxel",
+                            "check the segmentation, or leave the patient out")
+        out += [dataclasses.replace(rec, case_id=f"{rec.case_id}_z{int(k):03d}", slice_index=int(k)) for k in slices]
+    return out
+
+
 def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
@@ -174,13 +197,28 @@ def _cyclic_permutation(n: int, seed: int) -> list[int]:
 # pixels
 
 
-def read_plane(path: str, slice_index: int | None, two_and_half_d: bool, case_id: str) -> np.ndarray:
-    """One image plane as (C, H, W) float32: C = 1 grey, 3 RGB or 3 consecutive slices (2.5D)."""
+@functools.lru_cache(maxsize=4)
+def _volume(path: str, reference: str | None = None) -> np.ndarray:
+    """A volume's (C, D, H, W) voxels, kept for the next records of the same case (a CT series is read
+    once for all its slices). A DICOM SEG mask is placed on ``reference``'s grid (the case's CT)."""
+    from medfuse.data.seg import read_label
+
+    arr = read_label(path, reference).array
+    arr.setflags(write=False)
+    return arr
+
+
+def read_plane(path: str, slice_index: int | None, two_and_half_d: bool, case_id: str,
+               reference: str | None = None) -> np.ndarray:
+    """One image plane as (C, H, W) float32: C = 1 grey, 3 RGB or 3 consecutive slices (2.5D).
+
+    ``reference``: the case's image, for a DICOM SEG given as ``path`` (its label map on that grid).
+    """
     from medfuse.data.io import image_suffix, read_image
 
-    if image_suffix(path) == ".dcm":
+    if image_suffix(path) == ".dcm" and reference is None:
         return _read_dicom_file(path)
-    arr = read_image(path).array  # (C, D, H, W)
+    arr = _volume(path, reference) if slice_index is not None else read_image(path).array  # (C, D, H, W)
     if arr.shape[1] == 1:
         plane = arr[:, 0]
         return np.repeat(plane, 3, axis=0) if two_and_half_d and plane.shape[0] == 1 else plane.astype(np.float32)
@@ -208,7 +246,7 @@ def _read_dicom_file(path: str) -> np.ndarray:
 
 def read_mask(rec: Record, value: int | None, shape: tuple[int, int]) -> np.ndarray:
     """The target mask of a record as a bool (H, W) array on the image grid."""
-    plane = read_plane(rec.mask, rec.slice_index, False, rec.case_id)[0]
+    plane = read_plane(rec.mask, rec.slice_index, False, rec.case_id, reference=rec.image)[0]
     if plane.shape != shape:
         raise DataError(rec.mask, f"mask is {plane.shape[0]}x{plane.shape[1]} but the image is {shape[0]}x{shape[1]}",
                         "give masks on the image grid")
@@ -319,7 +357,8 @@ class TextSegDataModule(CaseDataModule):
             raise ConfigError("data.params.modality", f"'{mod}' is not a modality of the manifest",
                               f"use one of: {', '.join(self.modalities)}")
         self.modality = mod
-        self.records = {s: records_from_cases(cases, mod) for s, cases in self.cases.items()}
+        to_records = tumour_slice_records if self.table.layout == "nsclc" else records_from_cases
+        self.records = {s: to_records(cases, mod) if cases else [] for s, cases in self.cases.items()}
         self._by_id = {s: {r.case_id: r for r in recs} for s, recs in self.records.items()}
         self._pixels: dict[str, dict[int, dict[str, Any]]] = {}
 

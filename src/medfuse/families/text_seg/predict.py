@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfuse.config import Config, validate_params
 from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
-from medfuse.engine.predict import Predictor
+from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.errors import DataError
+from medfuse.families.text_seg.params import TextSegDataParams
 
 
 class TextSegPredictor(Predictor):
@@ -23,6 +25,17 @@ class TextSegPredictor(Predictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[list[Any]] = []
+
+    @classmethod
+    def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """The image column the run was trained on (``data.params.modality`` or the manifest's first)."""
+        return {"modality": str(dm.modality)}
+
+    @classmethod
+    def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
+        data.modality = str(state["modality"])
+        data.params = validate_params(TextSegDataParams, cfg.data.params, "data.params")
+        return data
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """One manifest CSV -> the records to predict (no masks needed)."""

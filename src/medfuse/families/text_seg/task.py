@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medfuse.engine.tasks import BaseTask, Batch
+from medfuse.losses import multi_positive_info_nce
 
 
 class TextSegBatch(Batch, total=False):
@@ -46,26 +47,6 @@ class TextSegOutput(TypedDict, total=False):
     image_emb: torch.Tensor
     text_emb: torch.Tensor
     gate: torch.Tensor
-
-
-def multi_positive_info_nce(a: torch.Tensor, b: torch.Tensor, groups: list[str], scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE where rows with the same group (equal text) are all positives.
-
-    Args:
-        a: (B, E) image embeddings; b: (B, E) text embeddings (both normalised here).
-        groups: B keys; equal keys are positives of each other.
-        scale: 1 / temperature.
-
-    Returns:
-        Scalar loss (soft-target cross-entropy both ways).
-    """
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = scale * a @ b.t()  # (B, B)
-    ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    g = torch.tensor([ids[k] for k in groups], device=a.device)
-    same = (g[:, None] == g[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
 def binary_dice(logits: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,216 @@
+"""CellMap: a Zarr v2 replica written with the real zarr library (OME-NGFF multiscales in nm), the
+ROI reader (never the whole raw array), data check with planted faults, and one CPU epoch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+from medfuse.data.checks import check_dataset  # noqa: E402
+from medfuse.data.containers import choose_level, multiscale_levels, open_node, read_cellmap_crop  # noqa: E402
+from medfuse.data.layouts import load_cases  # noqa: E402
+from medfuse.errors import DataError  # noqa: E402
+
+CONFIG = Path(__file__).parents[3] / "src" / "medfuse" / "configs" / "context_seg_cellmap.yaml"
+RAW_NM = 8.0  # raw s0 voxel size; s1 16, s2 32, s3 64 (averaging: each level shifts by half a source voxel)
+LABEL_NM = 4.0  # crops annotated at 4 nm, finer than the raw
+
+
+def _group(path: Path):
+    return zarr.open_group(str(path), mode="a", **({"zarr_format": 2} if zarr.__version__[0] >= "3" else {}))
+
+
+def _array(group, name: str, shape, dtype, chunks, fill=0):
+    if hasattr(group, "create_array"):  # zarr 3
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill)
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill)  # zarr 2
+
+
+def _multiscales(group, scales: list[float], translations: list[np.ndarray]) -> None:
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "name": "", "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": f"s{i}", "coordinateTransformations": [
+            {"type": "scale", "scale": [s] * 3}, {"type": "translation", "translation": [float(v) for v in t]}]}
+            for i, (s, t) in enumerate(zip(scales, translations, strict=True))],
+    }]
+
+
+def write_raw(container: Path, shape0: tuple[int, int, int], levels: int = 4, write=None, chunks=16) -> Path:
+    """The EM multiscales group; ``write(level, array)`` fills each level (None: leave it empty)."""
+    em = _group(container / "recon-1" / "em" / "fibsem-uint8")
+    scales = [RAW_NM * 2 ** i for i in range(levels)]
+    t0 = np.zeros(3)
+    translations = [t0 + (s - RAW_NM) / 2 for s in scales]  # averaging-downscaled: half a source voxel per level
+    for i in range(levels):
+        arr = _array(em, f"s{i}", tuple(max(1, n >> i) for n in shape0), "uint8", (chunks,) * 3)
+        if write is not None:
+            write(i, arr)
+    _multiscales(em, scales, translations)
+    return container / "recon-1" / "em" / "fibsem-uint8"
+
+
+def write_crop(container: Path, name: str, lo_vox: int, size: int, classes: dict[str, np.ndarray]) -> Path:
+    """A crop whose box starts at raw s0 voxel ``lo_vox`` (per axis); one 4 nm array per class."""
+    crop = container / "recon-1" / "labels" / "groundtruth" / name
+    edge = -RAW_NM / 2 + lo_vox * RAW_NM  # world corner of the box
+    for cls, arr in classes.items():
+        g = _group(crop / cls)
+        a = _array(g, "s0", arr.shape, arr.dtype, (16, 16, 16))
+        a[...] = arr
+        _multiscales(g, [LABEL_NM], [np.full(3, edge + LABEL_NM / 2)])
+    return crop
+
+
+def _texture(shape, rng) -> np.ndarray:
+    return rng.integers(90, 110, size=shape).astype(np.uint8)
+
+
+def make_cellmap(root: Path, datasets: int = 3, crops: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """``root/<ds>/<ds>.zarr`` per dataset: a 64^3 raw at 8 nm (4 levels) and crops of ``size``^3 at 4 nm
+    with 'mito' (dark balls, instance ids) and 'er' (bright sheets, 0/1)."""
+    rng = np.random.default_rng(seed)
+    for d in range(datasets):
+        ds = f"jrc_test-{d + 1}"
+        container = root / ds / f"{ds}.zarr"
+        _group(container)
+        raw0 = _texture((64, 64, 64), rng)
+        lab_mito = np.zeros((128, 128, 128), np.uint16)  # on the 4 nm grid of the whole raw
+        lab_er = np.zeros((128, 128, 128), np.uint8)
+        zz, yy, xx = np.meshgrid(*[np.arange(128)] * 3, indexing="ij")
+        for k in range(6):
+            c = rng.integers(16, 112, 3)
+            ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < 10 ** 2
+            lab_mito[ball] = k + 1
+        lab_er[((np.abs(yy - 30 - 2 * d) < 3) | (np.abs(yy - 80 - 2 * d) < 3)) & (lab_mito == 0)] = 1  # one per crop
+        raw_fine = np.repeat(np.repeat(np.repeat(raw0, 2, 0), 2, 1), 2, 2).astype(np.int16)
+        raw_fine[lab_mito > 0] -= 60
+        raw_fine[lab_er > 0] += 80
+        raw0 = raw_fine.reshape(64, 2, 64, 2, 64, 2).mean((1, 3, 5)).astype(np.uint8)
+
+        def fill(level, arr, raw0=raw0):
+            f = 2 ** level
+            arr[...] = raw0.reshape(64 // f, f, 64 // f, f, 64 // f, f).mean((1, 3, 5)).astype(np.uint8)
+
+        write_raw(container, (64, 64, 64), write=fill)
+        for c in range(crops):
+            lo = 8 + 24 * c  # raw voxel where the crop starts (both crops lie inside the raw)
+            sl = (slice(2 * lo, 2 * lo + size),) * 3
+            write_crop(container, f"crop{c + 1}", lo, size, {"mito": lab_mito[sl].copy(), "er": lab_er[sl].copy()})
+    return root
+
+
+@pytest.fixture
+def replica(tmp_path):
+    return make_cellmap(tmp_path / "cellmap")
+
+
+def test_layout_is_detected_with_one_case_per_crop_and_the_dataset_as_patient(replica):
+    table = load_cases(replica)
+    assert table.layout == "cellmap" and table.modalities == ["raw"] and len(table) == 6
+    c = table.cases[0]
+    assert c.case_id == "jrc_test-1_crop1" and c.patient_id == "jrc_test-1"
+    assert c.images["raw"].endswith("jrc_test-1.zarr/recon-1/em/fibsem-uint8")
+    assert c.extra["classes"] == "er;mito" and c.mask.endswith("groundtruth/crop1")
+    assert check_dataset(replica) == []
+
+
+def test_levels_and_crop_mapping_follow_the_translations(replica):
+    raw = replica / "jrc_test-1" / "jrc_test-1.zarr" / "recon-1" / "em" / "fibsem-uint8"
+    levels = multiscale_levels(open_node(raw), raw)
+    assert [lv.path for lv in levels] == ["s0", "s1", "s2", "s3"]
+    np.testing.assert_allclose(levels[1].translation, [4, 4, 4])  # half an s0 voxel
+    assert choose_level(levels, 20).path == "s1" and choose_level(levels, 2).path == "s0"
+    crop = raw.parents[1] / "labels" / "groundtruth" / "crop2"
+    out = read_cellmap_crop(raw, crop, ["mito", "er"], raw_resolution=8, context_resolution=32, context_extent=4)
+    assert out.raw.meta["voxels"] == [[32, 32, 32], [48, 48, 48]]  # (edge - raw edge) / 8 nm
+    s0 = np.asarray(open_node(raw)["s0"][32:48, 32:48, 32:48])
+    np.testing.assert_array_equal(out.raw.array[0], s0)
+    assert out.label.shape == (1, 16, 16, 16) and set(np.unique(out.label.array)) == {0, 1, 2}
+    np.testing.assert_allclose(out.raw.affine, out.label.affine)  # label grid = raw grid at 8 nm
+    np.testing.assert_allclose(out.context.spacing, [32e-6] * 3)
+    assert out.context.shape == (1, 16, 16, 16)  # 4x the crop box at 4x coarser voxels
+    # dark mito in the raw where the label says mito: the crop lands on the right raw voxels
+    assert out.raw.array[0][out.label.array[0] == 1].mean() < out.raw.array[0][out.label.array[0] == 0].mean() - 20
+    fine = read_cellmap_crop(raw, crop, ["mito", "er"], raw_resolution=8, label_resolution=4)
+    assert fine.label.shape == (1, 32, 32, 32)  # label_scale 2: the 4 nm annotation as stored
+    ann = np.asarray(open_node(crop / "mito")["s0"][...]) > 0
+    np.testing.assert_array_equal(fine.label.array[0] == 1, ann & (fine.label.array[0] != 2))
+
+
+def test_only_the_region_is_read_from_a_raw_volume_too_large_to_load(tmp_path):
+    container = tmp_path / "big" / "big.zarr"
+    _group(container)
+    n = 2 ** 17  # 2^51 voxels at s0 (2 PiB): reading the whole array would fail
+    write_raw(container, (n, n, n), levels=4, chunks=64)
+    lab = np.zeros((32, 32, 32), np.uint8)
+    lab[8:20, 8:20, 8:20] = 1
+    write_crop(container, "crop7", 5000, 32, {"er": lab})
+    em = container / "recon-1" / "em" / "fibsem-uint8"
+    _group(em)["s0"][4992:5056, 4992:5056, 4992:5056] = 7  # one chunk holds the crop
+    out = read_cellmap_crop(em, container / "recon-1" / "labels" / "groundtruth" / "crop7", ["er"],
+                            raw_resolution=8, context_resolution=64)
+    assert out.raw.shape == (1, 16, 16, 16) and np.all(out.raw.array == 7)
+    assert out.label.array.sum() == 6 ** 3 and out.context.shape == (1, 8, 8, 8)
+    assert check_dataset(tmp_path / "big") == []  # the check reads headers and crops only
+
+
+def test_planted_faults_are_caught_one_line_each(replica):
+    gt = "recon-1/labels/groundtruth"
+    shutil.rmtree(replica / "jrc_test-1" / "jrc_test-1.zarr" / gt / "crop1" / "er" / "s0")  # a class array lost
+    _group(replica / "jrc_test-2" / "jrc_test-2.zarr" / gt / "crop1" / "er")["s0"][0, 0, 0] = 3  # semantic, not 0/1
+    g = _group(replica / "jrc_test-3" / "jrc_test-3.zarr" / gt / "crop2" / "mito")
+    ms = g.attrs["multiscales"]
+    ms[0]["datasets"][0]["coordinateTransformations"][1]["translation"] = [9000.0, 0.0, 0.0]  # outside the raw
+    g.attrs["multiscales"] = ms
+    problems = check_dataset(replica)
+    rules = {(p.case_id, p.rule) for p in problems}
+    assert rules == {("jrc_test-1_crop1", "unreadable"), ("jrc_test-2_crop1", "label"),
+                     ("jrc_test-3_crop2", "geometry")}
+    assert all("\n" not in p.line() and p.path in p.line() for p in problems)
+
+
+@pytest.mark.skipif(zarr.__version__[0] < "3", reason="zarr 2 reads N5")
+def test_n5_under_zarr_3_is_one_line_with_the_install_hint(tmp_path):
+    (tmp_path / "jrc_x.n5" / "em").mkdir(parents=True)
+    with pytest.raises(DataError, match="zarr 3 dropped N5") as err:
+        open_node(tmp_path / "jrc_x.n5" / "em")
+    assert "zarr>=2.16,<3" in err.value.one_line()
+
+
+def test_data_check_cli_exit_2_on_a_fault(replica):
+    from typer.testing import CliRunner
+
+    from medfuse.cli import app
+
+    res = CliRunner().invoke(app, ["data", "check", str(replica)])
+    assert res.exit_code == 0 and "layout cellmap" in res.output
+    shutil.rmtree(replica / "jrc_test-1" / "jrc_test-1.zarr" / "recon-1" / "labels" / "groundtruth" / "crop2"
+                  / "mito" / "s0")
+    res = CliRunner().invoke(app, ["data", "check", str(replica)])
+    assert res.exit_code == 2 and "jrc_test-1_crop2" in res.output
+
+
+def test_config_trains_one_cpu_epoch(tmp_path):
+    from medfuse.config import load_config
+    from medfuse.engine.trainer import fit
+
+    root = make_cellmap(tmp_path / "cellmap", datasets=4, crops=1)
+    cfg = load_config(CONFIG, [
+        f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "data.batch_size=2",
+        "data.num_workers=0", "data.params.classes=[mito, er]", "data.params.encoder_params={out_channels: 8, hidden: [8, 8]}",
+        "data.params.raw_input_size=32", "data.params.context_input_size=32", "data.params.patch_size=[8,8,8]",
+        "data.params.samples_per_case=1", "data.params.tri_planar=false", "model.params.feature_channels=8",
+        "model.params.base=4", "model.params.levels=2", "model.params.reduction=1", "eval.roi_size=[8,8,8]",
+        "data.split.val=0.25", "data.split.test=0.25", "train.accelerator=cpu"])
+    run = fit(cfg)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert rows and any(r.get("val/loss") not in (None, "") for r in rows)
+    splits = {r["case_id"]: r for r in csv.DictReader((run / "splits.csv").open())}
+    assert len(splits) == 4 and json.dumps(sorted({r["split"] for r in splits.values()})) == '["test", "train", "val"]'

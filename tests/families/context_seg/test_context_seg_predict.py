@@ -1,0 +1,161 @@
+"""context_seg predict writes on the raw input's own grid (LPS, oblique, odd sizes, a coarser label
+grid), and runs from a model package without the data or the run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfuse.data.io import write_nifti
+
+ENC = {"out_channels": 4, "hidden": [4, 4]}
+
+
+def _pair(rng, shape):
+    """A raw volume with a bright cube (label 1) and its context (twice the field of view at 2x voxels)."""
+    raw = rng.normal(1.0, 0.05, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    sl = tuple(slice(s // 4, s // 2) for s in shape)
+    raw[sl] += 1.0
+    lab[sl] = 1
+    ctx = rng.normal(1.0, 0.05, shape).astype(np.float32)
+    return raw, lab, ctx
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from medfuse.config import load_config
+    from medfuse.engine.trainer import fit
+
+    tmp = tmp_path_factory.mktemp("ctx_pred")
+    root = tmp / "d"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        raw, lab, ctx = _pair(rng, (16, 16, 16))
+        for name, arr, sp in (("raw", raw, 1.0), ("lab", lab, 1.0), ("ctx", ctx, 2.0)):
+            write_nifti(arr[None], root / f"c{i}_{name}.nii.gz", affine=np.diag([sp, sp, sp, 1.0]))
+        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_raw": f"c{i}_raw.nii.gz",
+                     "image_context": f"c{i}_ctx.nii.gz", "mask": f"c{i}_lab.nii.gz"})
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (root / "dataset.json").write_text(json.dumps({"mask_labels": {"background": 0, "bright": 1}}))
+    cfg = load_config(base={
+        "name": "ctx", "family": "context_seg", "output_dir": str(tmp / "runs"),
+        "data": {"root": str(root), "batch_size": 2, "split": {"val": 0.34, "test": 0.0, "seed": 0},
+                 "params": {"encoder_params": ENC, "raw_input_size": 64, "patch_size": [8, 8, 8],
+                            "samples_per_case": 1}},
+        "model": {"name": "context_seg", "params": {"feature_channels": 4, "base": 4, "levels": 2}},
+        "train": {"max_epochs": 1, "monitor": "val/dice", "mode": "max", "progress_bar": False,
+                  "accelerator": "cpu"},
+        "eval": {"n_boot": 10, "overlays": 0},
+    })
+    return tmp, root, fit(cfg)
+
+
+def _oblique(shape, lps: bool):
+    """A 20-degree in-plane rotation, anisotropic voxels, and (``lps``) the first two axes flipped."""
+    a = np.deg2rad(20.0)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    aff = rot @ np.diag([0.9, 1.1, 1.3, 1.0])
+    aff[:3, 3] = [-7.0, 12.0, 3.5]
+    if lps:
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[0, 3], flip[1, 3] = shape[2] - 1, shape[1] - 1  # file axes (i, j) = (W, H)
+        aff = aff @ flip
+    return aff
+
+
+def _label_scale(monkeypatch, scale):
+    """Predict as if the run had been trained on labels at ``scale`` times the raw resolution."""
+    import medfuse.engine.evaluate as ev
+
+    real = ev.load_trained
+
+    def patched(*args, **kwargs):
+        cfg, dm, task = real(*args, **kwargs)
+        dm.label_scale = np.array([scale] * 3)
+        return cfg, dm, task
+
+    monkeypatch.setattr(ev, "load_trained", patched)
+
+
+@pytest.mark.parametrize(("lps", "scale"), [(True, 1.0), (False, 1.0), (True, 0.5), (False, 0.7)])
+def test_prediction_has_the_raw_inputs_shape_and_affine(run, tmp_path, monkeypatch, lps, scale):
+    from medfuse.engine.predict import predict
+
+    _, _, run_dir = run
+    if scale != 1.0:  # features and logits on a coarser grid than the raw file's
+        _label_scale(monkeypatch, scale)
+    rng = np.random.default_rng(1)
+    shape = (15, 13, 11)  # (D, H, W), odd and unlike the training size
+    raw, lab, ctx = _pair(rng, shape)
+    aff = _oblique(shape, lps)
+    raw_path = write_nifti(raw[None], tmp_path / "new_0000.nii.gz", affine=aff)
+    ctx_path = write_nifti(ctx[None], tmp_path / "new_0001.nii.gz", affine=aff @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    out = predict(run_dir, [str(raw_path), str(ctx_path)], tmp_path / "out", overrides=["eval.save_probabilities=true"])
+    img = nib.load(str(out / "new.nii.gz"))
+    src = nib.load(str(raw_path))
+    assert img.shape == src.shape == (11, 13, 15)  # file order (i, j, k)
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+    probs = nib.load(str(out / "new_probs.nii.gz"))
+    assert probs.shape == (11, 13, 15, 2)
+    p = np.asarray(probs.dataobj)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), p.argmax(-1))
+
+
+def test_a_coarser_label_grid_is_resampled_onto_the_raw_grid(run, tmp_path, monkeypatch):
+    """Trained on labels at half the raw resolution: the features and logits live on a grid of
+    8^3 voxels of 2 mm; the written map is back on the 16^3 raw grid of 1 mm."""
+    from medfuse.engine.predict import predict
+
+    _, root, run_dir = run
+    _label_scale(monkeypatch, 0.5)
+    out = predict(run_dir, [str(root / "c0_raw.nii.gz"), str(root / "c0_ctx.nii.gz")], tmp_path / "o",
+                  overrides=["eval.save_probabilities=true"])
+    img = nib.load(str(out / "c0_raw.nii.gz"))
+    assert img.shape == (16, 16, 16)
+    np.testing.assert_allclose(img.affine, np.diag([1.0, 1.0, 1.0, 1.0]))
+    p = np.asarray(nib.load(str(out / "c0_raw_probs.nii.gz")).dataobj)
+    assert p.shape == (16, 16, 16, 2)
+    # each 2x2x2 block of raw voxels shares one label voxel: inside the grid the probabilities vary smoothly
+    assert np.abs(np.diff(p[2:-2, 2:-2, 2:-2, 1], axis=0)).max() < 0.5
+
+
+def test_package_round_trip(run, tmp_path, monkeypatch):
+    import zipfile
+
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+
+    tmp, root, run_dir = run
+    inputs = [str(root / "c1_raw.nii.gz"), str(root / "c1_ctx.nii.gz")]
+    own = predict(run_dir, inputs, tmp_path / "own")
+    pkg = export(run_dir, tmp_path / "ctx.zip")
+    with zipfile.ZipFile(pkg) as zf:
+        state = json.loads(zf.read("predictor.json"))
+    assert state["num_classes"] == 2 and state["label_scale"] == [1.0, 1.0, 1.0] and state["encoder_weights_id"]
+    copies = tmp_path / "inputs"
+    copies.mkdir()
+    new = [shutil.copy(p, copies) for p in inputs]
+    away = tmp_path / "away"
+    shutil.move(str(tmp), away)  # the run and the training data
+    try:
+        monkeypatch.chdir(tmp_path)
+        out = predict(str(pkg), new, "pk")
+    finally:
+        shutil.move(str(away), tmp)
+    a, b = nib.load(str(own / "c1_raw.nii.gz")), nib.load(str(tmp_path / out / "c1_raw.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert (own / "c1_raw.nii.gz").read_bytes() == (tmp_path / out / "c1_raw.nii.gz").read_bytes()

@@ -1,0 +1,61 @@
+"""ct_encoder through a model package: embeddings and generated reports from ``model.zip`` equal the
+run's own (the scratch report tokenizer and the tied GPT-2 weights travel in the safetensors)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from medfuse.config import validate
+from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
+
+SMALL = dict(num_regions=9, patch_size=(2, 8, 8), img_size=(8, 32, 32), fpn_levels=3, mask_hidden=4, embed_dim=16)
+GEN = dict(gen_decoder="scratch", gen_width=32, gen_depth=1, gen_heads=2, gen_queries=4, gen_vocab_size=128,
+           gen_max_length=24)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from medfuse.engine.trainer import fit
+
+    tmp = tmp_path_factory.mktemp("ct_pkg")
+    root = tmp / "data"
+    make_ct_encoder_demo(root, n_patients=8, seed=0, shape=(8, 32, 32))
+    cfg = validate({
+        "name": "ct", "output_dir": str(tmp / "runs"),
+        "data": {"root": str(root), "batch_size": 4, "split": {"val": 0.25, "test": 0.25},
+                 "transforms": {"spatial_size": [8, 32, 32],
+                                "intensity": {"ct": {"kind": "ct_window", "level": -300, "width": 1400}}},
+                 "params": {"hu": "metadata"}},
+        "model": {"name": "ct_encoder", "params": {**SMALL, **GEN}},
+        "train": {"max_epochs": 1, "monitor": "val/mean_recall", "mode": "max", "progress_bar": False,
+                  "accelerator": "cpu"},
+        "eval": {"n_boot": 10},
+    })
+    return tmp, root, fit(cfg)
+
+
+def test_package_gives_the_runs_embeddings_and_reports(run, tmp_path, monkeypatch):
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+
+    tmp, root, run_dir = run
+    own = predict(run_dir, [str(root)], tmp_path / "own")
+    pkg = export(run_dir, tmp_path / "ct.zip")
+    inputs = tmp_path / "inputs"
+    shutil.copytree(root, inputs)
+    away = tmp_path / "away"
+    shutil.move(str(tmp), away)  # the run and the training data
+    try:
+        monkeypatch.chdir(tmp_path)
+        out = tmp_path / predict(str(pkg), [str(inputs)], "pk")
+    finally:
+        shutil.move(str(away), tmp)
+    files = sorted(p.name for p in own.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(own / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert (own / "reports.csv").read_text() == (out / "reports.csv").read_text()

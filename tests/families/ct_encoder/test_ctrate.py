@@ -1,0 +1,146 @@
+"""CT-RATE: a replica of the release's tree (v2 volumes in HU, v1 stored values + metadata), region
+masks, CT-RATE-Thinking JSON lines as CoT; data check with planted faults; one CPU epoch per config."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfuse.data.checks import check_dataset
+from medfuse.data.layouts import load_cases
+
+CONFIGS = Path(__file__).parents[3] / "src" / "medfuse" / "configs"
+SHAPE = (8, 32, 32)  # (D, H, W)
+AFFINE = np.diag([0.75, 0.75, 1.5, 1.0])
+REGIONS = {"1": "right lung", "2": "left lung", "3": "heart", "4": "liver"}
+LABELS = ["Lung nodule", "Cardiomegaly"]
+
+
+def _nifti(arr: np.ndarray, path: Path, affine=AFFINE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), affine), str(path))  # (D,H,W) -> (i,j,k)
+
+
+def make_ctrate(root: Path, n_patients: int = 10, v1: bool = False, seed: int = 0) -> Path:
+    """``root`` = CT-RATE's dataset/ folder: train/train_N/train_N_a/train_N_a_{1,2}.nii.gz, reports, metadata,
+    labels, masks/, regions.json, vqa.jsonl and report.jsonl (CT-RATE-Thinking style)."""
+    rng = np.random.default_rng(seed)
+    reports, meta, labels, vqa, rep = [], [], [], [], []
+    for i in range(1, n_patients + 1):
+        side = ("right", "left")[i % 2]
+        heart = i % 3 == 0
+        hu = np.full(SHAPE, -1024, np.int16)
+        region = np.zeros(SHAPE, np.uint8)
+        region[1:7, 4:28, 2:15], region[1:7, 4:28, 17:30] = 1, 2  # right lung (low x), left lung
+        hu[region > 0] = -850
+        region[3:6, 12:20, 12:20] = 3
+        hu[region == 3] = 40
+        region[6:8, 20:30, 4:14] = 4
+        hu[region == 4] = 60
+        z, y = rng.integers(2, 6), rng.integers(8, 24)
+        hu[z, y:y + 3, (5 if side == "right" else 21):(8 if side == "right" else 24)] = 30  # the nodule
+        hu += rng.integers(-15, 15, SHAPE).astype(np.int16)
+        stored = (hu + 1024).astype(np.int16) if v1 else hu
+        for rec in (1, 2):  # two reconstructions of one scan: the first is kept
+            name = f"train_{i}_a_{rec}"
+            _nifti(stored, root / "train" / f"train_{i}" / f"train_{i}_a" / f"{name}.nii.gz")
+            _nifti(region, root / "masks" / f"{name}.nii.gz")
+            findings = f"A nodule in the {side} lung. " + ("The heart is enlarged." if heart else "Normal heart size.")
+            reports.append({"VolumeName": f"{name}.nii.gz", "ClinicalInformation_EN": "", "Technique_EN": "",
+                            "Findings_EN": findings, "Impressions_EN": f"{side.title()} lung nodule"
+                            + (" and cardiomegaly." if heart else ".")})
+            meta.append({"VolumeName": f"{name}.nii.gz", "RescaleSlope": "1", "RescaleIntercept": "-1024",
+                         "XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5"})
+            labels.append({"VolumeName": f"{name}.nii.gz", LABELS[0]: "1", LABELS[1]: str(int(heart))})
+        vqa.append({"volume_name": f"train_{i}_a_1.nii.gz", "question": "Where is the nodule?",
+                    "think": f"The findings place a nodule in the {side} lung.", "answer": f"In the {side} lung."})
+        rep.append({"volume_name": f"train_{i}_a_1.nii.gz",
+                    "response": f"<think>First the lungs: a nodule sits in the {side} lung.</think> "
+                                f"{side.title()} lung nodule."})
+    for sub, name, rows in (("radiology_text_reports", "train_reports.csv", reports),
+                            ("metadata", "train_metadata.csv", meta),
+                            ("multi_abnormality_labels", "train_predicted_labels.csv", labels)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        with (root / sub / name).open("w", newline="", encoding="utf-8-sig") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    (root / "regions.json").write_text(json.dumps({"region_names": REGIONS,
+                                                   "region_groups": {"lungs": [1, 2]}}))
+    (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa) + "\n")
+    (root / "report.jsonl").write_text("\n".join(json.dumps(r) for r in rep) + "\n")
+    return root
+
+
+TINY = ["train.max_epochs=1", "data.batch_size=4", "data.num_workers=0", "data.transforms.spacing=null",
+        "data.transforms.spatial_size=[8,32,32]", "model.params.preset=tiny", "model.params.num_regions=4",
+        "model.params.patch_size=[2,8,8]", "model.params.img_size=[8,32,32]", "model.params.mask_hidden=4",
+        "model.params.embed_dim=16", "data.split.val=0.2", "data.split.test=0.2", "train.accelerator=cpu"]
+
+
+def test_layout_and_check_pass_on_the_replica(tmp_path):
+    root = make_ctrate(tmp_path / "dataset")
+    table = load_cases(root)
+    assert table.layout == "ctrate" and len(table) == 20 and table.patient_ids_given
+    c = next(c for c in table.cases if c.case_id == "train_3_a_1")
+    assert c.patient_id == "train_3" and c.mask.endswith("masks/train_3_a_1.nii.gz") and c.text.startswith("Left")
+    assert check_dataset(root, max_cases=4) == []
+
+
+def test_planted_faults_are_caught(tmp_path):
+    root = make_ctrate(tmp_path / "dataset", n_patients=4)
+    vol = root / "train" / "train_1" / "train_1_a" / "train_1_a_1.nii.gz"
+    arr = nib.load(str(vol)).get_fdata().transpose(2, 1, 0)
+    _nifti((arr - 1024).astype(np.int16), vol)  # a v2 volume rescaled a second time
+    (root / "train" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    _nifti(np.zeros(SHAPE, np.uint8), root / "masks" / "train_3_a_1.nii.gz", affine=np.diag([1.0, 1.0, 1.5, 1.0]))
+    rules = {(p.case_id, p.rule) for p in check_dataset(root)}
+    assert {("train_1_a_1", "hu"), ("train_2_a_1", "unreadable"), ("train_3_a_1", "grid")} <= rules
+    assert not any(cid.startswith("train_4") for cid, _ in rules)
+
+
+def test_thinking_jsonl_records_become_cot_steps(tmp_path):
+    from medfuse.families.ct_encoder.data import read_ctrate
+    from medfuse.families.ct_encoder.params import CTEncoderDataParams
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    p = CTEncoderDataParams(reports="radiology_text_reports/train_reports.csv", metadata=None, labels=None,
+                            cot=["vqa.jsonl", "report.jsonl"])
+    table, vocab, _ = read_ctrate(root, p)
+    steps = {c.case_id: c.extra["steps"] for c in table.cases}["train_1_a_1"]
+    texts = [t for t, _ in steps]
+    assert "The findings place a nodule in the left lung." in texts  # vqa think
+    assert "First the lungs: a nodule sits in the left lung." in texts  # report <think> block
+    ids = dict((t, i) for t, i in steps)
+    assert ids["In the left lung."] == [2] and ids["First the lungs: a nodule sits in the left lung."] == [1, 2]
+
+
+@pytest.mark.parametrize("config, v1", [("ct_encoder_ctrate.yaml", False), ("ct_encoder_ctrate_v1.yaml", True)])
+def test_config_trains_one_cpu_epoch(tmp_path, config, v1):
+    from medfuse.config import load_config
+    from medfuse.engine.trainer import fit
+
+    root = make_ctrate(tmp_path / "dataset", v1=v1)
+    cfg = load_config(CONFIGS / config, [f"data.root={root}", f"output_dir={tmp_path / 'runs'}", *TINY])
+    run = fit(cfg)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r.get("val/mean_recall") not in (None, "") for r in rows)
+    splits = list(csv.DictReader((run / "splits.csv").open()))
+    assert len(splits) == 10  # first reconstruction per scan, split by patient
+
+
+def test_v2_volumes_under_the_v1_config_are_refused(tmp_path):
+    from medfuse.config import load_config
+    from medfuse.engine.build import build_datamodule
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=5, v1=False)
+    cfg = load_config(CONFIGS / "ct_encoder_ctrate_v1.yaml", [f"data.root={root}", *TINY])
+    dm = build_datamodule(cfg)
+    with pytest.raises(DataError, match="far below air"):
+        dm.dataset("train")[0]

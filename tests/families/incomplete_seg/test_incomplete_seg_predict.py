@@ -1,0 +1,124 @@
+"""incomplete_seg predict through a model package (regions travel in the package), and the optional
+small-ET post-processing applied alike by ``predict`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+TINY = {"widths": [4, 8], "aspp_dilations": [1, 2], "ssim_window": 3, "channels_last": False}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from medfuse.config import validate
+    from medfuse.engine.trainer import fit
+    from medfuse.families.incomplete_seg.demo import make_incomplete_seg_demo
+
+    tmp = tmp_path_factory.mktemp("inc_pkg")
+    root = make_incomplete_seg_demo(tmp / "data", n_patients=8, shape=(16, 16, 16))
+    cfg = validate({
+        "name": "inc", "output_dir": str(tmp / "runs"),
+        "data": {"root": str(root), "layout": "brats", "batch_size": 2, "eval_batch_size": 1,
+                 "split": {"val": 0.25, "test": 0.25, "seed": 0},
+                 "transforms": {"intensity": {"*": {"kind": "percentile", "nonzero": True}}}},
+        "model": {"name": "incomplete_seg", "params": {**TINY, "val_combos_per_case": 2}},
+        "train": {"max_epochs": 1, "monitor": "val/loss", "mode": "min", "progress_bar": False,
+                  "accelerator": "cpu"},
+        "eval": {"n_boot": 10, "overlays": 0},
+    })
+    run_dir = fit(cfg)
+    # a new case with two of the four modalities (FLAIR, T1ce), in its own folder
+    case = next(p for p in sorted(root.iterdir()) if p.is_dir())
+    new = tmp / "NewCase"
+    new.mkdir()
+    for m in ("flair", "t1ce"):
+        shutil.copy(next(case.glob(f"*_{m}.nii.gz")), new / f"NewCase_{m}.nii.gz")
+    return tmp, root, run_dir, new
+
+
+def _label(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_package_predicts_like_the_run_without_data_or_run(run, tmp_path, monkeypatch):
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+
+    tmp, root, run_dir, new = run
+    own = predict(run_dir, [str(new)], tmp_path / "own")
+    pkg = export(run_dir, tmp_path / "inc.zip")
+    with zipfile.ZipFile(pkg) as zf:
+        state = json.loads(zf.read("predictor.json"))
+        labels = json.loads(zf.read("labels.json"))
+        card = zf.read("model_card.md").decode()
+    assert labels["mask_labels"] == {"background": 0, "WT not TC": 1, "TC not ET": 2, "ET": 3}  # canonical
+    assert set(labels["output_labels"].values()) == {0, 1, 2, 4}  # what the written files hold
+    assert json.dumps(labels["output_labels"]) in card
+    assert state["raw_regions"] == {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+    assert list(state["raw_regions"]) == state["region_names"] == ["WT", "TC", "ET"]
+    away = tmp_path / "away"
+    away.mkdir()
+    shutil.move(str(run_dir), away / "run")
+    shutil.move(str(root), away / "data")
+    try:
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        out = predict(str(pkg), [str(new)], "preds")
+    finally:
+        shutil.move(str(away / "run"), run_dir)
+        shutil.move(str(away / "data"), root)
+    a, b = own / "NewCase.nii.gz", cwd / out / "NewCase.nii.gz"
+    np.testing.assert_array_equal(_label(a), _label(b))
+    np.testing.assert_array_equal(nib.load(str(a)).affine, nib.load(str(b)).affine)
+    assert a.read_bytes() == b.read_bytes()
+    assert (own / "predictions.csv").read_text() == (cwd / out / "predictions.csv").read_text() \
+        == "case_id,modalities,prediction\nNewCase,flair+t1ce,NewCase.nii.gz\n"
+    assert set(np.unique(_label(b))) <= {0, 1, 2, 4}  # raw BraTS label values
+
+
+@pytest.fixture
+def small_et(monkeypatch):
+    """The task predicts a fixed nested WT > TC > ET with an ET of 3 voxels (whatever the weights)."""
+    from medfuse.families.incomplete_seg.task import IncompleteSegTask
+
+    def fake(self, batch, present=None):
+        b, _, *s = batch["image"].shape
+        q = torch.zeros(b, 3, *s, device=batch["image"].device)
+        q[:, 0, 2:10, 2:10, 2:10] = 0.9  # WT
+        q[:, 1, 4:8, 4:8, 4:8] = 0.8  # TC
+        q[:, 2, 5, 5, 5:8] = 0.7  # ET: 3 voxels
+        return q
+
+    monkeypatch.setattr(IncompleteSegTask, "predict_regions", fake)
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 4])
+def test_predict_relabels_a_small_et_as_necrosis(run, small_et, tmp_path, threshold):
+    from medfuse.engine.predict import predict
+
+    _, _, run_dir, new = run
+    out = predict(run_dir, [str(new)], tmp_path / "p", overrides=[f"eval.postprocess.min_et_voxels={threshold}"])
+    lab = _label(out / "NewCase.nii.gz")
+    assert int((lab > 0).sum()) == 8 ** 3 and int((lab == 1).sum() + (lab == 4).sum()) == 4 ** 3
+    assert int((lab == 4).sum()) == (0 if threshold > 3 else 3)  # ET kept unless fewer voxels than asked
+
+
+def test_evaluate_applies_the_same_postprocessing(run, small_et):
+    from medfuse.engine.evaluate import evaluate
+
+    _, _, run_dir, _ = run
+    found = {}
+    for threshold in (0, 10):
+        evaluate(run_dir, n_boot=5, overrides=[f"eval.postprocess.min_et_voxels={threshold}"])
+        files = sorted((run_dir / "predictions" / "test").glob("*.nii.gz"))
+        found[threshold] = [int((_label(f) == 3).sum()) for f in files]  # canonical label 3 = ET
+    assert found[0] and all(n == 3 for n in found[0])
+    assert all(n == 0 for n in found[10])

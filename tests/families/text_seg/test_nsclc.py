@@ -1,0 +1,166 @@
+"""NSCLC-Radiogenomics: a TCIA-style replica (CT series from pydicom's real CT_small.dcm, highdicom SEGs
+without per-frame segment identification as early 3D Slicer wrote them, the clinical CSV with a
+stray space in "Histology "), data check with planted faults, tumour-slice records and one CPU epoch."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+hd = pytest.importorskip("highdicom")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.sr.codedict import codes  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from medfuse.data.checks import check_dataset  # noqa: E402
+from medfuse.data.layouts import load_cases  # noqa: E402
+
+CONFIG = Path(__file__).parents[3] / "src" / "medfuse" / "configs" / "text_seg_nsclc.yaml"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+CSV_NAME = "NSCLCR01Radiogenomic_DATA_LABELS_2018-05-22_1500-shifted.csv"
+
+
+def write_ct(folder: Path, n: int, step: float = 3.0, skip: int | None = None, truncate: int | None = None,
+             seed: int = 0) -> list[Path]:
+    """Copies of CT_small.dcm stacked along its normal: one CT series (z = k * step)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(str(CT_SMALL))
+    iop = np.asarray([float(v) for v in base.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    origin = np.asarray([float(v) for v in base.ImagePositionPatient])
+    uid, rng, paths = generate_uid(), np.random.default_rng(seed), []
+    for k in range(n):
+        if k == skip:
+            continue
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SeriesDescription, ds.InstanceNumber = uid, "CT chest", k + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin + k * step * normal]
+        noise = rng.integers(-20, 20, base.pixel_array.shape)
+        ds.PixelData = (base.pixel_array.astype(np.int32) + noise).astype(base.pixel_array.dtype).tobytes()
+        p = folder / f"1-{k + 1:02d}.dcm"
+        ds.save_as(str(p), enforce_file_format=True)
+        paths.append(p)
+    if truncate is not None:
+        data = paths[truncate].read_bytes()
+        paths[truncate].write_bytes(data[: len(data) - 4000])
+    return paths
+
+
+def write_slicer_seg(ct: list[Path], labels: np.ndarray, out: Path, early_slicer: bool = True) -> Path:
+    """A highdicom SEG of ``labels`` (D, H, W: 0 = background, k = segment k); ``early_slicer`` drops the
+    per-frame SegmentIdentificationSequence as NSCLC-Radiogenomics' 3D Slicer SEGs lack it."""
+    sources = [pydicom.dcmread(str(p)) for p in ct]
+    n = int(labels.max())
+    segs = [hd.seg.SegmentDescription(
+        segment_number=k, segment_label=f"tumour {k}", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for k in range(1, n + 1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.stack([labels == k for k in range(1, n + 1)], -1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segs,
+        series_instance_uid=hd.UID(), series_number=1000, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="3D Slicer", manufacturer_model_name="test", software_versions="0", device_serial_number="1")
+    if early_slicer and n == 1:
+        for item in [*seg.PerFrameFunctionalGroupsSequence, *seg.SharedFunctionalGroupsSequence]:
+            if "SegmentIdentificationSequence" in item:
+                del item.SegmentIdentificationSequence
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(str(out))
+    return out
+
+
+PATIENTS = [("R01-001", "Adenocarcinoma", "T1a"), ("R01-002", "Squamous cell carcinoma", "T2a"),
+            ("R01-003", "Adenocarcinoma", "T2b"), ("AMC-001", "Squamous cell carcinoma", "T3"),
+            ("AMC-002", "Adenocarcinoma", "T1b"), ("R01-004", "NSCLC NOS (not otherwise specified)", "T4"),
+            ("R01-005", "Adenocarcinoma", "Tis")]
+
+
+def make_nsclc(root: Path, n_slices: int = 6, gap_patient: str | None = None, trunc_patient: str | None = None,
+               two_segments: str | None = None) -> Path:
+    """``root/<patient>/<study>/<series>/1-NN.dcm`` per patient (R01-005 has no SEG) and the clinical CSV."""
+    for i, (pid, _, _) in enumerate(PATIENTS):
+        study = root / "NSCLC Radiogenomics" / pid / "06-07-1990-NA-CT CHEST-12345"
+        ct = write_ct(study / f"3.000000-CT-{i}", n_slices, skip=2 if pid == gap_patient else None,
+                      truncate=1 if pid == trunc_patient else None, seed=i)
+        if pid == "R01-005":
+            continue  # no tumour segmentation: left out
+        labels = np.zeros((len(ct), 128, 128), np.uint8)
+        labels[1:4, 40 + 4 * i:70 + 4 * i, 50:85] = 1
+        if pid == two_segments:
+            labels[2, 60:70, 60:70] = 2
+        seg_ct = [p for p in ct if p.stat().st_size > 10000]
+        write_slicer_seg(seg_ct if len(seg_ct) == len(ct) else ct, labels, study /
+                         f"1000.000000-3D Slicer segmentation result-{i}" / "1-1.dcm")
+    with (root / CSV_NAME).open("w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f)
+        w.writerow(["Case ID", "Patient affiliation", "Age at Histological Diagnosis", "Gender", "Histology ",
+                    "Pathological T stage", "Pathological N stage", "Pathological M stage"])
+        for pid, hist, t in PATIENTS:
+            w.writerow([pid, "Stanford" if pid.startswith("R01") else "VA", "68", "Male", hist, t, "N0", "M0"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    return make_nsclc(tmp_path_factory.mktemp("nsclc"))
+
+
+def test_layout_pairs_each_seg_with_its_ct_and_reads_the_csv(replica):
+    table = load_cases(replica)
+    assert table.layout == "nsclc" and table.modalities == ["ct"] and table.mask_required
+    assert [c.case_id for c in table.cases] == [p for p, _, _ in PATIENTS if p != "R01-005"]
+    c = table.cases[1]
+    assert c.patient_id == "R01-002" and c.extra["histology"] == "Squamous cell carcinoma"
+    assert c.extra["t_stage"] == "T2a" and c.extra["n_stage"] == "N0"
+    assert "3.000000-CT-1" in c.images["ct"] and c.mask.endswith("1-1.dcm")
+    assert any("1 without a SEG" in n for n in table.notes)
+    assert check_dataset(replica) == []
+
+
+def test_tumour_slices_become_records_on_the_ct_grid(replica):
+    from medfuse.families.text_seg.data import read_mask, read_plane, tumour_slice_records
+
+    table = load_cases(replica)
+    recs = tumour_slice_records(table.cases[:2], "ct")
+    assert [r.case_id for r in recs] == [f"{p}_z{k:03d}" for p in ("R01-001", "R01-002") for k in (1, 2, 3)]
+    plane = read_plane(recs[0].image, recs[0].slice_index, True, recs[0].case_id)
+    assert plane.shape == (3, 128, 128) and plane.min() < -500  # 2.5D in HU
+    mask = read_mask(recs[0], None, (128, 128))
+    assert mask.sum() == 30 * 35 and mask[40:70, 50:85].all()
+    from medfuse.data.seg import read_label
+
+    assert read_label(recs[0].mask, recs[0].image).meta["reader"] == "pydicom"  # the early-Slicer fallback
+
+
+def test_planted_faults_are_caught(tmp_path):
+    root = make_nsclc(tmp_path / "nsclc", gap_patient="R01-002", trunc_patient="AMC-001", two_segments="R01-003")
+    problems = check_dataset(root)
+    rules = {(p.case_id, p.rule) for p in problems}
+    assert ("R01-002", "dicom") in rules and ("AMC-001", "dicom") in rules and ("R01-003", "label") in rules
+    assert not any(p.case_id in ("R01-001", "AMC-002", "R01-004") for p in problems)
+    line = next(p.line() for p in problems if p.case_id == "R01-002")
+    assert "missing 1 slice" in line and "\n" not in line
+
+
+def test_config_trains_one_cpu_epoch(replica, tmp_path):
+    from medfuse.config import load_config
+    from medfuse.engine.trainer import fit
+
+    cfg = load_config(CONFIG, [
+        f"data.root={replica}", f"output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "data.batch_size=4",
+        "data.num_workers=0", "data.params.image_size=64", "data.params.mask_size=64", "model.params.image_size=64",
+        "model.params.tiny_dim=32", "model.params.token_dim=16", "data.split.val=0.2", "data.split.test=0.2",
+        "train.accelerator=cpu"])
+    run = fit(cfg)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    dice = [float(r["val/dice"]) for r in rows if r.get("val/dice") not in (None, "")]
+    assert dice and 0.0 <= dice[-1] <= 1.0
+    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
+    assert set(splits) == {p for p, _, _ in PATIENTS if p != "R01-005"}  # split by patient
