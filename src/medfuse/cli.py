@@ -34,12 +34,15 @@ def demo(
     out: Annotated[Path, typer.Option(help="output folder (data + runs)")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="tiny data and few epochs (smoke test)")] = False,
     main_only: Annotated[bool, typer.Option(help="train only the full model, not the ablation variants")] = False,
+    seeds: Annotated[str | None, typer.Option(
+        help="run the key comparison once per train seed, e.g. 0,1,2; writes OUT/seeds.md")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="config overrides key=value")] = None,
 ) -> None:
     """Generate a family's demo data, train every ablation variant, evaluate on the test split, report."""
-    from medfuse.engine.demo import run_demo
+    from medfuse.engine.demo import parse_seeds, run_demo
 
-    run_demo(family, out, quick=quick, overrides=overrides or [], console=console, main_only=main_only)
+    run_demo(family, out, quick=quick, overrides=overrides or [], console=console, main_only=main_only,
+             seeds=parse_seeds(seeds) if seeds is not None else None)
 
 
 @data_app.command("make-demo")
@@ -106,7 +109,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test | val | train")] = "test",
     n_boot: Annotated[int | None, typer.Option(help="bootstrap resamples (default from config)")] = None,
     counterfactual: Annotated[list[str] | None, typer.Option(
-        help="FIELD=shuffle|VALUE: rerun with wrong text and report the metric drop (repeatable)")] = None,
+        help="FIELD=shuffle|wrong|VALUE[,FIELD=...]: rerun with wrong text and report the metric drop (repeatable)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="eval.* overrides like eval.tta=true")] = None,
 ) -> None:
     """Evaluate a run's best checkpoint with bootstrap CIs and write report.json/report.html."""
@@ -117,7 +120,7 @@ def evaluate(
         raise MedfuseError("--split", f"unknown split '{split}'", "use test, val or train")
     for spec in counterfactual or []:
         if "=" not in spec:
-            raise MedfuseError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE",
+            raise MedfuseError("--counterfactual", f"'{spec}' is not FIELD=shuffle|wrong|VALUE[,FIELD=...]",
                                "e.g. --counterfactual margin=shuffle")
     report = _evaluate(run_dir, split=split, n_boot=n_boot, counterfactual=counterfactual, overrides=overrides)
     console.print(metrics_table(report.get("metrics", {}), ci=float(report.get("ci", 0.95))))
@@ -164,7 +167,7 @@ def models(
 ) -> None:
     """List the families, their models, encoders and text encoders; with NAME, every parameter of it."""
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Column, Table
 
     import medfuse.encoders  # noqa: F401  (registers the encoders)
     import medfuse.text  # noqa: F401  (registers the text encoders)
@@ -190,7 +193,9 @@ def models(
     if fam.data_params is not None:
         sections.append((f"data.params of family {fam.name}", fam.data_params))
     for title, model in sections:
-        table = Table("key", "type", "default", "description", title=title)
+        # keys never wrap or shorten: the description column gives way on a narrow terminal
+        key_col = Column("key", no_wrap=True, min_width=max(map(len, model.model_fields), default=3))
+        table = Table(key_col, "type", "default", "description", title=title)
         for key, field in model.model_fields.items():
             default = repr(field.get_default(call_default_factory=True))
             table.add_row(key, escape(_type_name(field.annotation)), escape(default), escape(field.description or ""))

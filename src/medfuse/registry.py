@@ -118,6 +118,8 @@ class Family:
         make_demo: ``make_demo(out, **demo_params) -> Path`` writes the family's demo phantom.
         demo_ablations: ``(variant name, config overrides)`` pairs run by ``medfuse demo``; the first
             is the full model.
+        demo_compare: ``demo_compare(rows) -> {name: {"markdown": str, ...}}``, paired comparisons of
+            the demo's trained variants added to its report (None: the ablation table only).
     """
 
     name: str
@@ -127,6 +129,7 @@ class Family:
     datamodule: Callable[..., Any] | None = None
     make_demo: Callable[..., Path] | None = None
     demo_ablations: tuple[tuple[str, tuple[str, ...]], ...] = (("full", ()),)
+    demo_compare: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
 
     @property
     def demo_config(self) -> Path:

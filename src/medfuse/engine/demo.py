@@ -4,10 +4,26 @@ A demo generates its family's procedural data (whose task needs the family's key
 each ablation variant of the family's demo config with the same split and seed, selects each on
 validation, evaluates the selected checkpoints once on the test split, and writes one report with
 the ablation table.
+
+**Evaluation-only variants.** A variant whose overrides hold ``demo.weights_from=<variant name>``
+is not trained: its run directory gets its own config (the variant's overrides) and a checkpoint
+made of the named, earlier variant's trained weights (every weight of the new model must be found
+there; weights the new model lacks, e.g. an adapter it does not have, are left out). The text_seg
+demo uses this for its wrong-text rows (the same model, other text) and for MedSAM as it is (the
+same image side and decoder, no adapter). ``demo.*`` overrides belong to the harness; the config
+never sees them.
+
+**Seeds.** ``run_demo(family, out, seeds=[0, 1, 2])`` runs the family's key comparison
+(:data:`KEY_COMPARISONS`: a headline metric and the variants that form the comparison) once per
+``train.seed``, with the phantom and the split fixed, and writes ``<out>/seeds.md`` and
+``<out>/seeds.json``: per variant the mean ± sd over seeds and each seed's value with its
+bootstrap CI.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +32,22 @@ from rich.console import Console
 
 from medfuse.config import load_config
 from medfuse.engine.build import demo_family
+from medfuse.errors import ConfigError
+
+HARNESS_KEYS = ("demo.weights_from",)
+"""Overrides read by the harness, never by the config."""
+
+KEY_COMPARISONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "staging": ("balanced_accuracy", ("BGAMF (T2W + DWI)", "concat (T2W + DWI)", "sum (T2W + DWI, no gate)",
+                                      "gate only (no alignment, no per-modality Bi-Mamba)")),
+    "incomplete_seg": ("dice_incomplete", ("UniMRSeg, 3 stages", "UNet + modality dropout")),
+    "text_seg": ("dice", ("hierarchical fusion", "single-level gated fusion", "no text (box only)")),
+    "ct_encoder": ("image_to_text/R@5", ("full: slice + region attention (log)", "region attention off")),
+    "context_seg": ("mean_iou", ("attention fusion", "concat (seed's old way)")),
+}
+"""Per family: the headline test metric and the demo variants (names in ``Family.demo_ablations``)
+whose comparison carries the family's claim. A family not listed compares its first two variants
+on the first metric of its report."""
 
 
 def ablations(family: str) -> list[tuple[str, list[str]]]:
@@ -23,14 +55,160 @@ def ablations(family: str) -> list[tuple[str, list[str]]]:
     return [(name, list(over)) for name, over in demo_family(family).demo_ablations]
 
 
+def key_comparison(family: str) -> tuple[str | None, list[str]]:
+    """(headline metric or None = the report's first, variant names) of a family's key comparison."""
+    names = [n for n, _ in ablations(family)]
+    metric, variants = KEY_COMPARISONS.get(family, (None, tuple(names[:2])))
+    unknown = [v for v in variants if v not in names]
+    if unknown:  # a renamed variant: a bug in this table, caught by tests
+        raise ValueError(f"{family}: key comparison names unknown demo variants {unknown}; variants: {names}")
+    return metric, list(variants)
+
+
+def split_harness(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate the harness's ``demo.*`` overrides from the config's.
+
+    Raises:
+        ConfigError: an unknown ``demo.*`` key.
+    """
+    config, harness = [], {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip().startswith("demo."):
+            if key.strip() not in HARNESS_KEYS:
+                raise ConfigError(key.strip(), "unknown demo harness option", f"use one of: {', '.join(HARNESS_KEYS)}")
+            harness[key.strip()] = value.strip()
+        else:
+            config.append(o)
+    return config, harness
+
+
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
-def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[str] | None = None,
-             console: Console | None = None, main_only: bool = False) -> dict[str, Any]:
-    """Run a family's demo end to end; return the combined report."""
+def _trained(run_dir: Path) -> bool:
+    """A finished training: ``best.ckpt`` and the ``done`` marker of the run (or of every stage)."""
+    ck = run_dir / "checkpoints"
+    if not (ck / "best.ckpt").exists():
+        return False
+    stage_dirs = [d for d in ck.iterdir() if d.is_dir()]
+    return (ck / "done").exists() or (bool(stage_dirs) and all((d / "done").exists() for d in stage_dirs))
+
+
+def reuse_weights(cfg: Any, source_run: Path) -> Path:
+    """Make ``cfg.run_dir`` an evaluation-only run holding ``source_run``'s trained weights.
+
+    The run gets ``config.yaml`` (``cfg``), the source's ``splits.csv`` and ``checkpoints/best.ckpt``
+    with the weights of ``cfg``'s model taken from the source's best checkpoint (the source's extra
+    weights are left out).
+
+    Raises:
+        ConfigError: the source lacks weights the model needs, or has them in another shape.
+    """
+    from medfuse.config import save_config
+    from medfuse.engine.build import build_datamodule, resolve
+    from medfuse.engine.checkpoint import atomic_torch_save, find_checkpoint, read_checkpoint
+    from medfuse.engine.trainer import build_task
+
+    cfg = resolve(cfg)
+    run_dir = cfg.run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    if (source_run / "splits.csv").exists():
+        shutil.copyfile(source_run / "splits.csv", run_dir / "splits.csv")
+    src_path = find_checkpoint(source_run, "best")
+    src = read_checkpoint(src_path)["state_dict"]
+    dm = build_datamodule(cfg, run_dir)
+    stages = cfg.train.stages
+    task = build_task(cfg, dm, stages[-1] if stages else None)
+    own = task.state_dict()
+    missing = [k for k in own if k not in src]
+    shapes = [k for k in own if k in src and tuple(src[k].shape) != tuple(own[k].shape)]
+    if missing or shapes:
+        bad = (missing or shapes)[:3]
+        raise ConfigError("demo.weights_from", f"{src_path} lacks {len(missing)} weights of this variant's model "
+                          f"and has {len(shapes)} in another shape (e.g. {', '.join(bad)})",
+                          "take the weights from a variant with the same network")
+    state = {k: src[k] for k in own}
+    atomic_torch_save({"state_dict": state, "epoch": 0, "global_step": 0, "weights_from": str(src_path)},
+                      run_dir / "checkpoints" / "best.ckpt")
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "checkpoints" / "done").write_text("evaluation only: weights from " + str(src_path) + "\n")
+    return run_dir
+
+
+def _run_variants(family: str, cfg_path: Path, base: list[str], variants: list[tuple[int, str, list[str]]],
+                  slug: str, console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train (or reuse) and evaluate ``(index, name, overrides)`` variants; rows and reports by name."""
     from medfuse.engine.evaluate import evaluate
     from medfuse.engine.trainer import fit
+
+    rows: list[dict[str, Any]] = []
+    reports: dict[str, Any] = {}
+    runs: dict[str, Path] = {}
+    for i, vname, extra in variants:
+        config_over, harness = split_harness(extra)
+        cfg = load_config(cfg_path, [*base, f"name={slug.format(i=i)}", *config_over])
+        run_dir = cfg.run_dir
+        source = harness.get("demo.weights_from")
+        if source is not None:
+            if source not in runs:
+                raise ConfigError("demo.weights_from", f"variant '{vname}' takes its weights from '{source}', "
+                                  "which is not an earlier variant of this demo", "name an earlier variant")
+            console.print(f"[bold]demo {family}[/]: variant '{vname}' (no training: weights of '{source}') -> {run_dir}")
+            reuse_weights(cfg, runs[source])
+        else:
+            console.print(f"[bold]demo {family}[/]: training variant '{vname}' -> {run_dir}")
+            if _trained(run_dir):
+                console.print("  (already trained; reusing it)")
+            else:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                fit(cfg)
+        runs[vname] = run_dir
+        rep = evaluate(run_dir, split="test")
+        reports[vname] = rep
+        row = {"name": vname, "run": str(run_dir), "n": rep.get("n")}
+        if source is not None:
+            row["weights_from"] = source
+        for k, v in rep.get("metrics", {}).items():
+            if isinstance(v, dict) and "value" in v:
+                row[k] = v
+        rows.append(row)
+    return rows, reports
+
+
+def _with_sources(family: str, names: list[str]) -> list[tuple[int, str, list[str]]]:
+    """The variants called ``names`` plus the earlier variants they take weights from, in demo order."""
+    allv = ablations(family)
+    keep = set(names)
+    for name, over in reversed(allv):
+        if name in keep:
+            src = split_harness(over)[1].get("demo.weights_from")
+            if src is not None:
+                keep.add(src)
+    return [(i, n, o) for i, (n, o) in enumerate(allv) if n in keep]
+
+
+def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[str] | None = None,
+             console: Console | None = None, main_only: bool = False,
+             seeds: list[int] | None = None) -> dict[str, Any]:
+    """Run a family's demo end to end; return the combined report.
+
+    Args:
+        family: the family.
+        out: output folder (data, cache and runs).
+        quick: tiny data and few epochs (smoke test).
+        overrides: config overrides for every variant.
+        console: where tables go.
+        main_only: only the full model.
+        seeds: run only the key comparison (:func:`key_comparison`), once per ``train.seed`` in
+            ``seeds``, and write ``<out>/seeds.md`` and ``<out>/seeds.json`` (see
+            :func:`run_seeds`); the return value is then the seeds summary.
+    """
+    if seeds is not None:
+        return run_seeds(family, out, seeds, quick=quick, overrides=overrides, console=console)
     from medfuse.reports import format_ci, write_report
 
     console = console or Console()
@@ -38,43 +216,30 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     cfg_path = demo_family(family).demo_config
     base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
             *(QUICK if quick else []), *(overrides or [])]
-    variants = ablations(family)
+    variants = [(i, n, o) for i, (n, o) in enumerate(ablations(family))]
     if main_only:
         variants = variants[:1]
-    rows: list[dict[str, Any]] = []
-    reports: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for i, (vname, extra) in enumerate(variants):
-        slug = f"{family}_{i}"
-        cfg = load_config(cfg_path, [*base, f"name={slug}", *extra])
-        console.print(f"[bold]demo {family}[/]: training variant '{vname}' -> {cfg.run_dir}")
-        run_dir = cfg.run_dir
-        if (run_dir / "checkpoints" / "best.ckpt").exists() and (run_dir / "checkpoints" / "done").exists():
-            console.print("  (already trained; reusing it)")
-        else:
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            fit(cfg)
-        rep = evaluate(run_dir, split="test")
-        reports[vname] = rep
-        row = {"name": vname, "run": str(run_dir), "n": rep.get("n")}
-        for k, v in rep.get("metrics", {}).items():
-            if isinstance(v, dict) and "value" in v:
-                row[k] = v
-        rows.append(row)
+    rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}", console)
     main_run = Path(rows[0]["run"])
-    combined = dict(reports[variants[0][0]])
+    combined = dict(reports[variants[0][1]])
     combined["ablation"] = rows
+    compare = demo_family(family).demo_compare
+    if compare is not None and not main_only:  # paired per-case comparisons of the trained variants
+        combined["paired"] = compare([r for r in rows if "weights_from" not in r])
+        for c in combined["paired"].values():
+            console.print(c["markdown"])
     combined["notes"] = [f"demo wall time {time.perf_counter() - t0:.0f} s",
                          "each variant selected on validation; test evaluated once per variant"]
+    if any("weights_from" in r for r in rows):
+        combined["notes"].append("variants with weights_from are not trained: they evaluate another "
+                                 "variant's weights under their own config")
     plots = {p.stem: p for p in sorted((main_run / "plots").glob("*.png"))}
     write_report(main_run, combined, plots)
     from rich.markup import escape
     from rich.table import Table
 
-    keys = [k for k in rows[0] if k not in ("name", "run", "n")]
+    keys = [k for k in rows[0] if k not in ("name", "run", "n", "weights_from")]
     title = f"{family} demo: test split, {100 * float(combined.get('ci', 0.95)):g}% bootstrap CI"
     if len(keys) <= 3:
         table = Table("variant", "n", *[escape(k) for k in keys], title=title)
@@ -88,3 +253,116 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     console.print(table)
     console.print(f"report: {main_run / 'report.html'}")
     return combined
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (the CLI's ``--seeds``).
+
+    Raises:
+        ConfigError: not a comma-separated list of distinct non-negative integers.
+    """
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigError("--seeds", f"'{text}' is not a list of distinct seeds", "e.g. --seeds 0,1,2")
+    return [int(p) for p in parts]
+
+
+def seeds_summary(family: str, metric: str, seeds: list[int], per_seed: dict[int, list[dict[str, Any]]],
+                  command: str) -> dict[str, Any]:
+    """The seeds table as a dict: per variant, each seed's metric entry, the mean and sd over seeds,
+    and the mean and sd of the per-seed difference to the first variant.
+
+    Args:
+        family: the family.
+        metric: the metric key in each row.
+        seeds: the seeds, in order.
+        per_seed: seed -> rows of :func:`_run_variants` (same variant order for every seed).
+        command: the command that reproduces it.
+    """
+    import numpy as np
+
+    names = [r["name"] for r in per_seed[seeds[0]]]
+    variants = []
+    first = np.array([per_seed[s][0].get(metric, {}).get("value", np.nan) for s in seeds], dtype=np.float64)
+    for j, name in enumerate(names):
+        entries = {str(s): per_seed[s][j].get(metric) for s in seeds}
+        vals = np.array([e["value"] if e and e.get("value") is not None else np.nan for e in entries.values()],
+                        dtype=np.float64)
+        diff = vals - first
+        variants.append({"name": name, "per_seed": entries, "mean": float(np.nanmean(vals)),
+                         "sd": float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else None,
+                         "diff_to_first_mean": float(np.nanmean(diff)) if j else None,
+                         "diff_to_first_sd": float(np.nanstd(diff, ddof=1)) if j and np.isfinite(diff).sum() > 1 else None,
+                         "runs": {str(s): per_seed[s][j]["run"] for s in seeds}})
+    return {"family": family, "metric": metric, "split": "test", "seeds": list(seeds), "varies": "train.seed",
+            "fixed": "the phantom (data.demo_params) and the split (data.split.seed)", "variants": variants,
+            "command": command}
+
+
+def seeds_markdown(summary: dict[str, Any], ci: float = 0.95) -> str:
+    """``seeds.md``: one row per variant, mean ± sd over seeds, then each seed's value [CI]."""
+    from medfuse.reports import format_ci
+
+    seeds = summary["seeds"]
+    first = summary["variants"][0]["name"]
+    lines = [f"# {summary['family']}: key comparison over {len(seeds)} seeds", "",
+             f"Test-split `{summary['metric']}`; each seed's value with its {100 * ci:g}% bootstrap CI over cases; "
+             f"mean ± sd (sample sd) over seeds. Varies: `{summary['varies']}`; fixed: {summary['fixed']}.",
+             f"Reproduce: `{summary['command']}`", "",
+             f"| variant | mean ± sd | diff. to {first} (mean ± sd) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|" + "---|" * len(seeds)]
+
+    def pm(m: float | None, s: float | None) -> str:
+        if m is None:
+            return "-"
+        return f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+    for v in summary["variants"]:
+        cells = [format_ci(v["per_seed"][str(s)], paren_n=True) if v["per_seed"][str(s)] else "-" for s in seeds]
+        lines.append(f"| {v['name']} | {pm(v['mean'], v['sd'])} | {pm(v['diff_to_first_mean'], v['diff_to_first_sd'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = False,
+              overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
+    """The family's key comparison once per ``train.seed``; writes ``<out>/seeds.md`` and ``seeds.json``.
+
+    Runs are ``<out>/<family>_<variant index>_seed<seed>`` (a finished run is reused); the phantom
+    (``<out>/data``) and the split are the same for every seed. Returns the summary
+    (:func:`seeds_summary`).
+    """
+    from medfuse.fileio import atomic_open
+
+    if not seeds:
+        raise ConfigError("--seeds", "no seed given", "e.g. --seeds 0,1,2")
+    console = console or Console()
+    out = Path(out)
+    cfg_path = demo_family(family).demo_config
+    metric, names = key_comparison(family)
+    variants = _with_sources(family, names)
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    ci = 0.95
+    t0 = time.perf_counter()
+    for s in seeds:
+        base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
+                *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
+        rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}_seed{s}", console)
+        per_seed[s] = [r for r in rows if r["name"] in names]
+        if metric is None:
+            metric = next(k for k in per_seed[s][0] if k not in ("name", "run", "n", "weights_from"))
+        ci = float(next(iter(reports.values())).get("ci", ci))
+    extra = " ".join(overrides or [])
+    command = (f"medfuse demo {family} --seeds {','.join(map(str, seeds))} --out {out}"
+               + (" --quick" if quick else "") + (f" {extra}" if extra else ""))
+    summary = seeds_summary(family, metric, list(seeds), per_seed, command)
+    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    md = seeds_markdown(summary, ci)
+    with atomic_open(out / "seeds.md", "w", encoding="utf-8") as f:
+        f.write(md)
+    with atomic_open(out / "seeds.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
+    console.print(md)
+    console.print(f"seeds table: {out / 'seeds.md'}")
+    return summary

@@ -330,10 +330,14 @@ def plot_heatmap(
     return _save(fig, out_png)
 
 
-def plot_gate_overlay(image: Any, gate: Any, out_png: str | Path, n_slices: int = 4, title: str = "") -> Path:
+def plot_gate_overlay(image: Any, gate: Any, out_png: str | Path, n_slices: int = 4, title: str = "",
+                      center: float | None = None) -> Path:
     """A continuous per-position map (e.g. the BGAMF gate, (D, h, w) in [0, 1]) over image slices.
 
     The map is upsampled (nearest) to the image grid; slices are evenly spaced through the volume.
+    By default the colour scale is fixed at [0, 1]. With ``center`` it is diverging and centred
+    there (e.g. the case's mean gate), spanning the largest deviation from it in the map, so that
+    a gate that varies by a few hundredths around 0.49 is still visible; the range is printed.
 
     Args:
         image: volume (D, H, W).
@@ -341,6 +345,7 @@ def plot_gate_overlay(image: Any, gate: Any, out_png: str | Path, n_slices: int 
         out_png: output file.
         n_slices: number of slices shown.
         title: figure title.
+        center: centre of a diverging colour scale (None: the fixed [0, 1] scale).
     """
     img = np.asarray(image, dtype=np.float64)
     g = np.asarray(gate, dtype=np.float64)
@@ -348,21 +353,34 @@ def plot_gate_overlay(image: Any, gate: Any, out_png: str | Path, n_slices: int 
         raise ValueError(f"image (D, H, W) and gate (D, h, w) must share D; got {img.shape}, {g.shape}")
     lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
     img = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    if center is None:
+        vmin, vmax, label = 0.0, 1.0, "gate"
+    else:
+        half = float(np.nanmax(np.abs(g - center))) if g.size else 0.0
+        half = max(half, 1e-4)  # a constant map still gets a (tiny) scale
+        vmin, vmax = center - half, center + half
+        label = "gate"
+        note = (f"diverging scale centred at {center:.3f}, colours {vmin:.3f} to {vmax:.3f}; "
+                f"values {np.nanmin(g):.3f} to {np.nanmax(g):.3f}")
     depth = img.shape[0]
     n = max(1, min(n_slices, depth))
     slices = np.linspace(0, depth - 1, n).round().astype(int).tolist()
-    fig = _figure(2.6 * n, 2.9)
+    fig = _figure(2.6 * n, 3.1)
     axes = fig.subplots(1, n, squeeze=False)[0]
     extent = (0, img.shape[2], img.shape[1], 0)
     im = None
     for ax, z in zip(axes, slices, strict=True):
         ax.imshow(img[z], cmap="gray", extent=extent)
-        im = ax.imshow(g[z], cmap="coolwarm", vmin=0.0, vmax=1.0, alpha=0.45, extent=extent,
-                       interpolation="nearest")
-        ax.set_title(f"z={z} mean={g[z].mean():.2f}", fontsize=8)
+        im = ax.imshow(g[z], cmap="coolwarm", vmin=vmin, vmax=vmax, alpha=0.55 if center is not None else 0.45,
+                       extent=extent, interpolation="nearest")
+        ax.set_title(f"z={z} mean={g[z].mean():.3f}" if center is not None else f"z={z} mean={g[z].mean():.2f}",
+                     fontsize=8)
         ax.axis("off")
     if im is not None:
-        fig.colorbar(im, ax=list(axes), shrink=0.8, label="gate")
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label=label)
+    if center is not None:
+        title = f"{title}\n" if title else ""
+        title += note
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     return _save(fig, out_png)

@@ -16,8 +16,8 @@ from medfuse.families.ct_encoder import FAMILY
 from medfuse.families.ct_encoder.model import PRESETS, CTEncoderModel
 from medfuse.families.ct_encoder.params import CTEncoderParams, build_ct_encoder
 from medfuse.families.ct_encoder.task import CTEncoderTask
-from medfuse.losses import multi_positive_info_nce as contrastive_loss
 from medfuse.layers.patch_embed import PatchEmbed3d
+from medfuse.losses import multi_positive_info_nce as contrastive_loss
 from medfuse.registry import FAMILIES
 
 SMALL = dict(num_regions=4, patch_size=(2, 8, 8), img_size=(8, 32, 32), fpn_levels=3, mask_hidden=4, embed_dim=16)

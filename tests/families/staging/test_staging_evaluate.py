@@ -32,6 +32,11 @@ def test_evaluate_infers_test_split_once_with_gate_maps(run, count_forwards):
     assert 1 <= len(maps) <= 3
     for m in maps.values():
         assert (run / m["png"]).is_file() and 0.0 < m["mean_gate"] < 1.0
+        assert m["min_gate"] <= m["mean_gate"] <= m["max_gate"] and m["sd_gate"] >= 0
+    spread = rep["gate_spread"]  # every test case's gate, from the same single pass
+    assert spread["n_cases"] == n and spread["n_tokens"] == n * 8 * 2 * 2  # D = 8, token_pool = 2
+    assert spread["p05"] <= spread["mean"] <= spread["p95"] and spread["mean_channel_sd"] >= 0
+    assert spread["t2w_favoured"]["fraction"] + spread["dwi_favoured"]["fraction"] <= 1.0
 
 
 def test_predict_writes_probabilities(run, tmp_path):

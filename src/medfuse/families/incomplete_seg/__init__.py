@@ -11,6 +11,7 @@ masking, the data module, predict inputs), ``demo.py`` (the brain-tumour phantom
 
 from __future__ import annotations
 
+from medfuse.families.incomplete_seg.compare import demo_comparison
 from medfuse.families.incomplete_seg.data import IncompleteSegDataModule
 from medfuse.families.incomplete_seg.demo import make_incomplete_seg_demo
 from medfuse.families.incomplete_seg.evaluate import IncompleteSegEvaluator
@@ -42,4 +43,5 @@ FAMILY = Family(
         ("UNet + modality dropout", ("train.stages=[]", "model.params.modality_dropout=0.5",
                                      "model.params.adapters=false")),
     ),
+    demo_compare=demo_comparison,
 )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from medfuse.engine.evaluate import SegmentationEvaluator, spacing_of
+from medfuse.families.incomplete_seg.compare import COMBINATIONS_FILE, save_combination_dice
 from medfuse.families.incomplete_seg.data import (
     combination_mask,
     combination_name,
@@ -161,6 +162,8 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
         n_boot, seed, split, regions, names = self.n_boot, self.seed, self.split, self.regions, self.names
         nc, nr = len(self.combos), self.num_regions
         dice, hd = np.stack(self.dice_rows), np.stack(self.hd_rows)  # (N, C, R)
+        # per case and combination, for paired comparisons between runs (compare.demo_comparison)
+        save_combination_dice(self.out_path("predictions", split, COMBINATIONS_FILE), self.case_ids, names, regions, dice)
         full, inc = [nc - 1], list(range(nc - 1))
         metrics = {"dice_all_combinations": _ci(_nanmean(dice, (1, 2)), n_boot, seed),
                    "dice_incomplete": _ci(_nanmean(dice[:, inc], (1, 2)), n_boot, seed),

@@ -13,7 +13,11 @@ Stages (``train.stages``; the stage's ``losses`` keys say what it does, :func:`s
    is frozen; a :class:`~medfuse.layers.reverse_attention.ReverseAttentionAdapter` wraps every
    level. The complete input is the teacher (segmentation loss to the ground truth); each
    incomplete combination is a student with Dice to the teacher's detached probabilities and L1 to
-   its detached level features (weight 0.2 in the peer). Coverage: step ``s`` uses the
+   its detached level features (weight 0.2 in the peer). The optional ``student_seg`` weight
+   (0 when absent: the seed's students learn from the teacher only) adds the segmentation loss of
+   every student to the ground truth, the supervision a modality-dropout network gets; without it
+   a student whose input cannot reach the teacher's confidence (T1 alone on the demo phantom)
+   stays below 0.5 on the inner regions and predicts none of them. Coverage: step ``s`` uses the
    combinations ``(s * k + j) mod (2^M - 2)``, ``j < k`` (``combos_per_step = k``; default all), so
    any ``ceil((2^M - 2) / k)`` consecutive steps, and hence every epoch with at least that many
    steps, visit all ``2^M - 2`` incomplete combinations exactly once per round.
@@ -50,7 +54,7 @@ from medfuse.families.incomplete_seg.data import (
 from medfuse.losses.ntxent import multilevel_nt_xent
 from medfuse.losses.reconstruction import ReconstructionLoss
 
-LOSS_NAMES = ("seg", "recon", "ntxent", "consistency", "feature")
+LOSS_NAMES = ("seg", "recon", "ntxent", "consistency", "feature", "student_seg")
 VAL_CHUNK = 8
 """(case, combination) pairs per forward in validation (bounds the memory)."""
 
@@ -66,7 +70,7 @@ def stage_kind(losses: dict[str, float] | None) -> str:
         return "reconstruct"
     if "ntxent" in losses:
         return "contrast"
-    if "consistency" in losses or "feature" in losses:
+    if "consistency" in losses or "feature" in losses or "student_seg" in losses:
         return "adapt"
     return "segment"
 
@@ -93,7 +97,7 @@ class IncompleteSegTask(SegmentationTask):
     ROI and combinations) come from the typed ``self.params``; the network from ``self.model``.
     """
 
-    loss_terms = ("recon_l1", "recon_ssim", "seg", "ntxent", "consistency", "feature")
+    loss_terms = ("recon_l1", "recon_ssim", "seg", "ntxent", "consistency", "feature", "student_seg")
 
     stage_mode: str = "segment"
     """What the current stage does: ``segment`` | ``reconstruct`` | ``contrast`` | ``adapt``."""
@@ -171,6 +175,25 @@ class IncompleteSegTask(SegmentationTask):
             ce = F.cross_entropy(logits.float(), mask[:, 0].long().to(logits.device))
         return dice + ce
 
+    def seg_loss_per_case(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`seg_loss_of` per case: logits (N, R or R+1, *S), mask (N, 1, *S) -> (N,).
+
+        Dice is per case and region (averaged over regions), the cross-entropy term per case
+        averaged over voxels, so the mean over N equals :meth:`seg_loss_of` (up to rounding).
+        """
+        from monai.losses import DiceLoss
+
+        net = self.model
+        q = net.region_probs(logits)
+        target = region_targets(mask, net.num_regions, q.device)
+        dice = DiceLoss(include_background=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
+        per = dice(q, target).flatten(1).mean(1)  # (N,)
+        if net.output == "regions":
+            ce = F.binary_cross_entropy(q.clamp(1e-6, 1 - 1e-6), target, reduction="none").flatten(1).mean(1)
+        else:
+            ce = F.cross_entropy(logits.float(), mask[:, 0].long().to(logits.device), reduction="none").flatten(1).mean(1)
+        return per + ce
+
     def compute_loss(self, batch: Batch, out: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The stage's weighted losses (``stage.losses``); for :meth:`validate_batch`'s output the
         validation criterion."""
@@ -212,7 +235,13 @@ class IncompleteSegTask(SegmentationTask):
             ((f[b:] - f[:b].detach().repeat(k, 1, 1, 1, 1)).abs().flatten(1).mean(1) * wt).sum() / denom
             for f in out["feats"]]).mean()
         loss = w.get("seg", 1.0) * seg + w.get("consistency", 1.0) * cons + w.get("feature", 0.2) * feat
-        return {"loss": loss, "seg": seg.detach(), "consistency": cons.detach(), "feature": feat.detach()}
+        out_losses = {"seg": seg.detach(), "consistency": cons.detach(), "feature": feat.detach()}
+        if w.get("student_seg", 0.0):
+            # the students' own segmentation loss to the ground truth, over the same weighted students
+            stud = (self.seg_loss_per_case(logits[b:], mask.repeat(k, 1, 1, 1, 1)) * wt).sum() / denom
+            loss = loss + w["student_seg"] * stud
+            out_losses["student_seg"] = stud.detach()
+        return {"loss": loss, **out_losses}
 
     # ------------------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -265,7 +294,7 @@ class IncompleteSegTask(SegmentationTask):
     def validation_step(self, batch, batch_idx):
         out = self.validate_batch(batch)
         loss = self.compute_loss(batch, out)["loss"]
-        self.log("val/loss", loss.detach(), on_epoch=True, batch_size=int(batch["image"].shape[0]))
+        self.log_val("val/loss", loss, int(batch["image"].shape[0]))
         if "val_dice" in out:
             self._val_outputs.append({"dice": out["val_dice"].double().cpu().numpy()})
 

@@ -22,9 +22,15 @@ FAMILY = Family(
                    help="MedSAM2-Mamba T-staging (T2W + DWI): MemoryBlock + BGAMF + Bi-Mamba"),
     ),
     make_demo=make_staging_demo,
+    # ``sum`` is BGAMF's blend with the gate fixed at 0.5 (and no alignment, no per-modality Mamba);
+    # ``gate only`` is BGAMF's learned gate without the alignment and per-modality Mamba. Together
+    # they show what the gate and the two mixers each add.
     demo_ablations=(
         ("BGAMF (T2W + DWI)", ()),
         ("concat (T2W + DWI)", ("model.params.fusion=concat",)),
+        ("sum (T2W + DWI, no gate)", ("model.params.fusion=sum",)),
+        ("gate only (no alignment, no per-modality Bi-Mamba)", ("model.params.bgamf_align=false",
+                                                               "model.params.bgamf_mamba=false")),
         ("T2W only", ("model.params.fusion=t2w_only",)),
         ("DWI only", ("model.params.fusion=dwi_only",)),
     ),

@@ -2,7 +2,8 @@
 
 Cross-attention alignment in both directions, a Bi-Mamba per modality, and the per-position,
 per-channel gate of :class:`~medfuse.layers.fusion.GatedFusion`
-(``f = g * h_t2w + (1 - g) * h_dwi``).
+(``f = g * h_t2w + (1 - g) * h_dwi``), optionally with a temperature
+(:class:`TemperedGatedFusion`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,30 @@ class AlignCrossAttention(nn.Module):
         return x + out
 
 
+class TemperedGatedFusion(GatedFusion):
+    """:class:`GatedFusion` with a temperature: ``g = sigmoid(Linear([a; b]) / temperature)``.
+
+    A temperature below 1 scales the gate's logits and their gradients up, so the gate can move
+    away from 0.5 within a short training run; the parameters (``gate.weight``, ``gate.bias``) are
+    those of :class:`GatedFusion`, so checkpoints are interchangeable.
+
+    Args:
+        dim: channels C of both inputs.
+        temperature: divides the gate logits (> 0).
+    """
+
+    def __init__(self, dim: int, temperature: float = 1.0):
+        super().__init__(dim)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a, b: (B, L, C) -> (fused (B, L, C), gate (B, L, C) in (0, 1))."""
+        g = torch.sigmoid(self.gate(torch.cat([a, b], dim=-1)) / self.temperature)
+        return g * a + (1 - g) * b, g
+
+
 class BGAMF(nn.Module):
     """Bidirectional Gated & Alignment-aware Mamba Fusion of two token sequences.
 
@@ -61,10 +86,12 @@ class BGAMF(nn.Module):
         align: use the alignment cross-attention (False: the component ablation).
         branch_mamba: use the per-modality Bi-Mamba (False: the component ablation).
         init_scale: factor on the initial output projections of the alignment and Mamba branches.
+        gate_temperature: temperature of the gate's sigmoid (1: the seed's gate, :class:`GatedFusion`).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, bidirectional: bool = True, align_mode: str = "auto",
-                 d_state: int = 16, align: bool = True, branch_mamba: bool = True, init_scale: float = 0.1):
+                 d_state: int = 16, align: bool = True, branch_mamba: bool = True, init_scale: float = 0.1,
+                 gate_temperature: float = 1.0):
         super().__init__()
         from medfuse.ssm import BiMamba
 
@@ -73,7 +100,7 @@ class BGAMF(nn.Module):
         self.norm_a, self.norm_b = (nn.LayerNorm(dim), nn.LayerNorm(dim)) if branch_mamba else (None, None)
         self.mamba_a = BiMamba(dim, d_state=d_state, bidirectional=bidirectional) if branch_mamba else None
         self.mamba_b = BiMamba(dim, d_state=d_state, bidirectional=bidirectional) if branch_mamba else None
-        self.fuse = GatedFusion(dim)
+        self.fuse = GatedFusion(dim) if gate_temperature == 1.0 else TemperedGatedFusion(dim, gate_temperature)
         # Near-identity start of the residual branches (alignment, per-modality Mamba): at init the
         # block is close to the gated blend of its inputs, which trains like concatenation, and the
         # branches grow from there. At full scale, the untrained cross-attention adds a near-uniform

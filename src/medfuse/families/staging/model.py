@@ -12,7 +12,8 @@ Pipeline (seed sections in brackets):
 5. A post-fusion Bi-Mamba, global average pooling and a linear head [Classification Prediction].
 
 Ablations are config switches: ``fusion: bgamf | concat | sum | t2w_only | dwi_only``,
-``memory_block: true | false``, ``mamba: bi | uni``.
+``memory_block: true | false``, ``mamba: bi | uni``, ``bgamf_align``, ``bgamf_mamba`` (``false`` for both:
+the gate alone), ``bgamf_gate_temperature``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class StagingModel(nn.Module):
         memory_block: use the MemoryBlock.
         memory_mode: MemoryBlock attention ``auto`` | ``full`` | ``factorized``.
         num_prototypes: K learnable prototypes of the memory.
-        fusion: one of ``bgamf``, ``concat``, ``sum``, ``t2w_only``, ``dwi_only``.
+        fusion: one of ``bgamf``, ``concat``, ``sum``, ``t2w_only``, ``dwi_only``. ``sum`` is the
+            average of the two projected streams: BGAMF's blend with the gate fixed at 0.5 and
+            no alignment or per-modality Mamba.
         mamba: ``bi`` or ``uni``.
         align_mode: BGAMF cross-attention ``auto`` | ``full`` | ``slice``.
         num_heads: attention heads.
@@ -63,6 +66,7 @@ class StagingModel(nn.Module):
         bgamf_mamba: BGAMF's per-modality Bi-Mamba on (False: component ablation).
         bgamf_init_scale: initial scale of the outputs of BGAMF's alignment and per-modality Mamba
             branches (near-identity start).
+        bgamf_gate_temperature: temperature of BGAMF's gate sigmoid (1: the seed's gate).
         feature_cache: folder of the disk feature cache, used when the encoder is frozen: epochs
             after the first read each case's slice features instead of running the encoder (the
             engine fills it with ``<data.cache_dir>/features``). Ignored for a trainable encoder.
@@ -75,7 +79,7 @@ class StagingModel(nn.Module):
                  fusion: str = "bgamf", mamba: str = "bi", align_mode: str = "auto", num_heads: int = 4,
                  d_state: int = 16, dropout: float = 0.1, pool: str = "avg",
                  bgamf_align: bool = True, bgamf_mamba: bool = True, bgamf_init_scale: float = 0.1,
-                 feature_cache: str | None = None):
+                 bgamf_gate_temperature: float = 1.0, feature_cache: str | None = None):
         super().__init__()
         from medfuse.encoders.base import build_encoder
         from medfuse.encoders.slicewise import SlicewiseExtractor
@@ -115,7 +119,7 @@ class StagingModel(nn.Module):
         if fusion == "bgamf":
             self.bgamf = BGAMF(dim, num_heads=num_heads, bidirectional=bidirectional, align_mode=align_mode,
                                d_state=d_state, align=bgamf_align, branch_mamba=bgamf_mamba,
-                               init_scale=bgamf_init_scale)
+                               init_scale=bgamf_init_scale, gate_temperature=bgamf_gate_temperature)
         elif fusion == "concat":
             self.concat = nn.Linear(2 * dim, dim)
         self.post_norm = nn.LayerNorm(dim)
@@ -157,8 +161,10 @@ class StagingModel(nn.Module):
             image: (B, 2, D, H, W) with channels (T2W, DWI).
 
         Returns:
-            logits (B, K) and intermediates: ``gate`` (B, D, h, w), BGAMF's gate averaged over
-            channels (1 = trusted T2W, 0 = DWI), present only with ``fusion: bgamf``.
+            logits (B, K) and intermediates, present only with ``fusion: bgamf``: ``gate``
+            (B, D, h, w), BGAMF's gate averaged over channels (1 = trusted T2W, 0 = DWI), and
+            ``gate_channel_sd`` (B, D, h, w), its standard deviation over the C channels (a gate
+            that is 0.5 on average may still route channel by channel).
         """
         seqs, grid = [], None
         for i, m in enumerate(self.branches):
@@ -169,11 +175,13 @@ class StagingModel(nn.Module):
         if self.fusion == "bgamf":
             f, gate = self.bgamf(seqs[0], seqs[1], grid)  # gate (B, L, C)
             d, h, w = grid
-            inter["gate"] = rearrange(gate.detach().mean(-1), "b (d h w) -> b d h w", d=d, h=h, w=w)
+            g = gate.detach()
+            inter["gate"] = rearrange(g.mean(-1), "b (d h w) -> b d h w", d=d, h=h, w=w)
+            inter["gate_channel_sd"] = rearrange(g.std(-1, correction=0), "b (d h w) -> b d h w", d=d, h=h, w=w)
         elif self.fusion == "concat":
             f = self.concat(torch.cat(seqs, dim=-1))
         elif self.fusion == "sum":
-            f = seqs[0] + seqs[1]
+            f = 0.5 * (seqs[0] + seqs[1])  # the gated blend with g = 0.5 everywhere
         else:
             f = seqs[0]
         f = f + self.post(self.post_norm(f))  # (B, L, C)

@@ -24,7 +24,8 @@ class StagingParams(Params):
     memory_block: bool = Field(True, description="use the MemoryBlock")
     memory_mode: Literal["auto", "full", "factorized"] = Field("auto", description="MemoryBlock attention")
     num_prototypes: int = Field(16, ge=1, description="learnable prototypes of the memory")
-    fusion: Literal["bgamf", "concat", "sum", "t2w_only", "dwi_only"] = Field("bgamf", description="modality fusion")
+    fusion: Literal["bgamf", "concat", "sum", "t2w_only", "dwi_only"] = Field(
+        "bgamf", description="modality fusion (sum: the average of the two projected streams, no gate)")
     mamba: Literal["bi", "uni"] = Field("bi", description="Bi-Mamba or one direction")
     align_mode: Literal["auto", "full", "slice"] = Field("auto", description="BGAMF cross-attention scope")
     num_heads: int = Field(4, ge=1, description="attention heads")
@@ -34,6 +35,8 @@ class StagingParams(Params):
     bgamf_align: bool = Field(True, description="BGAMF's alignment cross-attention (False: component ablation)")
     bgamf_mamba: bool = Field(True, description="BGAMF's per-modality Bi-Mamba (False: component ablation)")
     bgamf_init_scale: float = Field(0.1, description="initial scale of BGAMF's residual branch outputs (near identity)")
+    bgamf_gate_temperature: float = Field(1.0, gt=0, description="temperature of BGAMF's gate sigmoid "
+                                                                 "(1: the seed's gate; < 1 lets the gate leave 0.5 sooner)")
     feature_cache: str | None = Field(None, description="disk cache of frozen-encoder features (default: <data.cache_dir>/features)")
 
 

@@ -28,10 +28,18 @@ FAMILY = Family(
     data_params=TextSegDataParams,
     datamodule=TextSegDataModule,
     make_demo=make_text_seg_demo,
+    # Rows with demo.weights_from are not trained: MedSAM as it is takes the box-only run's image
+    # side and decoder without any adapter (with a frozen MedSAM: MedSAM itself, untouched); the
+    # wrong-text rows evaluate the hierarchical model's weights with wrong test text.
     demo_ablations=(
         ("hierarchical fusion", ()),
         ("single-level gated fusion", ("model.params.fusion=gated",)),
         ("no text (box only)", ("model.params.fusion=none",)),
-        ("hierarchical, shuffled test text", ("data.params.test_counterfactual=text=shuffle",)),
+        ("MedSAM as it is (box only, no adapter, no training)",
+         ("model.params.fusion=bypass", "demo.weights_from=no text (box only)")),
+        ("hierarchical, shuffled test text",
+         ("data.params.test_counterfactual=text=shuffle", "demo.weights_from=hierarchical fusion")),
+        ("hierarchical, size and echogenicity both wrong",
+         ("data.params.test_counterfactual=size=wrong,echogenicity=wrong", "demo.weights_from=hierarchical fusion")),
     ),
 )

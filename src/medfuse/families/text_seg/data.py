@@ -25,7 +25,6 @@ rendering; :meth:`TextSegDataModule.loader` applies it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import string
 from pathlib import Path
@@ -41,7 +40,7 @@ from medfuse.data.datamodule import CaseDataModule, SeededSampler, collate, deri
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.text_seg.params import TextSegDataParams
 
-__all__ = ["Record", "TextSegDataModule", "TextSegDataset", "apply_counterfactual", "parse_counterfactual",
+__all__ = ["Record", "TextSegDataModule", "TextSegDataset", "apply_counterfactual",
            "records_from_cases"]
 
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
@@ -147,57 +146,18 @@ def render_text(rec: Record, template: str | None, fields: dict[str, str] | None
     return template.format(**fields)
 
 
-def parse_counterfactual(spec: str) -> tuple[str, str]:
-    """``"FIELD=shuffle"`` or ``"FIELD=VALUE"`` -> (field, action)."""
-    field, sep, action = str(spec).partition("=")
-    if not sep or not field.strip() or action == "":
-        raise ConfigError("--counterfactual", f"'{spec}' is not FIELD=shuffle|VALUE", "e.g. margin=shuffle")
-    return field.strip(), action.strip()
-
-
 def apply_counterfactual(records: list[Record], template: str | None, spec: str, seed: int = 0) -> dict[str, str]:
-    """Wrong text for every record: ``FIELD=shuffle`` gives each record another record's value of
-    FIELD (a random cyclic permutation, so no record keeps its own slot), ``FIELD=VALUE`` sets it.
+    """Wrong text for every record, ``FIELD=shuffle|wrong|VALUE[,FIELD=...]``: case_id -> text.
 
-    ``FIELD`` is a field of the template, or ``text`` (the whole rendered text). Returns
-    case_id -> counterfactual text.
+    ``shuffle`` gives each record another record's value of FIELD (a cyclic permutation), ``wrong``
+    always changes it (a derangement of values), ``VALUE`` sets it; ``FIELD`` is a template field or
+    ``text``. The rules live in :func:`medfuse.families.text_seg.evaluate.counterfactual_texts`.
     """
-    field, action = parse_counterfactual(spec)
-    allowed = ["text", *(template_fields(template) if template else [])]
-    if field not in allowed:
-        raise ConfigError("--counterfactual", f"'{field}' is not a text field of this run",
-                          f"use one of: {', '.join(allowed)}")
-    texts = [render_text(r, template) for r in records]
-    if field == "text":
-        values = texts
-    else:
-        values = [r.fields.get(field, "") for r in records]
-    if action == "shuffle":
-        perm = _cyclic_permutation(len(records), seed)
-        new_values = [values[j] for j in perm]
-    else:
-        new_values = [action] * len(records)
-    out = {}
-    for rec, value in zip(records, new_values, strict=True):
-        out[rec.case_id] = value if field == "text" else render_text(rec, template, {**rec.fields, field: value})
-    return out
+    from medfuse.families.text_seg.evaluate import counterfactual_texts
+
+    return counterfactual_texts(records, template, spec, seed).texts
 
 
-def _cyclic_permutation(n: int, seed: int) -> list[int]:
-    """Sattolo's algorithm: a uniformly random n-cycle, so perm[i] != i for n > 1."""
-    rng = np.random.default_rng(seed)
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(0, i))
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
-
-
-# ----------------------------------------------------------------------------------------------
-# pixels
-
-
-@functools.lru_cache(maxsize=4)
 def _volume(path: str, reference: str | None = None) -> np.ndarray:
     """A volume's (C, D, H, W) voxels, kept for the next records of the same case (a CT series is read
     once for all its slices). A DICOM SEG mask is placed on ``reference``'s grid (the case's CT)."""
@@ -371,7 +331,7 @@ class TextSegDataModule(CaseDataModule):
 
         Args:
             split: ``train``, ``val`` or ``test``.
-            counterfactual: ``FIELD=shuffle|VALUE`` replacing the text (the test split also takes
+            counterfactual: ``FIELD=shuffle|wrong|VALUE[,FIELD=...]`` replacing the text (the test split also takes
                 ``data.params.test_counterfactual`` when none is given).
             augment: jitter the boxes (default: only for the training split).
         """

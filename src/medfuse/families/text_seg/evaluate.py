@@ -6,6 +6,13 @@ table and an overlay figure. :meth:`TextSegEvaluator.counterfactual` reruns the 
 text (a different input, so a pass of its own per condition) and reports the paired Dice drop
 against the base pass, which the evaluator keeps. :class:`TextSegPredictor` reads boxes and text
 from a manifest CSV and writes PNG masks and ``predictions.csv``.
+
+Counterfactual text (:func:`counterfactual_texts`): ``FIELD=ACTION[,FIELD=ACTION...]`` changes one
+or several template fields at once (the seed's "both wrong"), or ``text`` the whole text. ACTION is
+``shuffle`` (each record takes another record's value: a random cyclic permutation of the records,
+so with few distinct values some keep their own), ``wrong`` (a random cyclic permutation of the
+field's distinct values, a derangement: every record's value changes) or a literal value. What
+changed is counted per field.
 """
 
 from __future__ import annotations
@@ -21,8 +28,111 @@ import torch.nn.functional as F
 
 from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import Evaluator, to_device
+from medfuse.errors import ConfigError
+from medfuse.families.text_seg.params import COUNTERFACTUAL_MODES, parse_counterfactual_spec
 
 METRICS = ("dice", "iou", "hd95")
+
+
+@dataclass
+class Counterfactual:
+    """Wrong text for a split's records.
+
+    Attributes:
+        spec: the ``FIELD=ACTION[,...]`` it was made from.
+        texts: case_id -> counterfactual text.
+        fields_changed: field -> number of records whose value of that field changed.
+        texts_changed: number of records whose rendered text changed.
+        n: number of records.
+    """
+
+    spec: str
+    texts: dict[str, str]
+    fields_changed: dict[str, int]
+    texts_changed: int
+    n: int
+
+
+def parse_counterfactual(spec: str) -> list[tuple[str, str]]:
+    """The ``--counterfactual`` parser: ``"FIELD=ACTION[,FIELD=ACTION...]"`` -> ``[(field, action)]``.
+
+    Raises:
+        ConfigError: one line naming ``--counterfactual`` (malformed, a field twice, ``text`` mixed
+            with fields).
+    """
+    try:
+        return parse_counterfactual_spec(spec)
+    except ValueError as e:
+        raise ConfigError("--counterfactual", str(e), "e.g. margin=shuffle, or birads=wrong,margin=wrong") from None
+
+
+def _cycle(n: int, rng: np.random.Generator) -> list[int]:
+    """Sattolo's algorithm: a uniformly random n-cycle, so ``perm[i] != i`` for n > 1."""
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def _new_values(values: list[str], action: str, rng: np.random.Generator, field: str) -> list[str]:
+    if action == "shuffle":
+        perm = _cycle(len(values), rng)
+        return [values[j] for j in perm]
+    if action == "wrong":
+        distinct = sorted(set(values))
+        if len(distinct) < 2:
+            raise ConfigError("--counterfactual", f"'{field}=wrong' is impossible: all {len(values)} records have "
+                              f"the value '{distinct[0] if distinct else ''}'", f"use {field}=VALUE instead")
+        perm = _cycle(len(distinct), rng)
+        swap = {v: distinct[perm[i]] for i, v in enumerate(distinct)}
+        return [swap[v] for v in values]
+    return [action] * len(values)
+
+
+def counterfactual_texts(records: list[Any], template: str | None, spec: str, seed: int = 0) -> Counterfactual:
+    """Wrong text for every record (see the module docstring for ``spec``).
+
+    The k-th field of ``spec`` draws from ``numpy.random.default_rng(seed)`` for k = 0 and
+    ``default_rng([seed, k])`` after, so a one-field ``shuffle`` gives the same texts as before
+    several fields were possible.
+
+    Args:
+        records: the split's :class:`~medfuse.families.text_seg.data.Record` list.
+        template: ``data.params.text_template`` (None: free text, only ``text=...`` applies).
+        spec: ``FIELD=shuffle|wrong|VALUE[,FIELD=...]``.
+        seed: random seed.
+
+    Raises:
+        ConfigError: a malformed spec, a field the run does not have, or ``wrong`` on a field with
+            a single value.
+    """
+    from medfuse.families.text_seg.data import render_text, template_fields
+
+    pairs = parse_counterfactual(spec)
+    allowed = ["text", *(template_fields(template) if template else [])]
+    for name, _ in pairs:
+        if name not in allowed:
+            raise ConfigError("--counterfactual", f"'{name}' is not a text field of this run",
+                              f"use one of: {', '.join(allowed)} (actions: {', '.join(COUNTERFACTUAL_MODES)} or a value)")
+    true = [render_text(r, template) for r in records]
+    changed: dict[str, int] = {}
+    if pairs[0][0] == "text":
+        new = _new_values(true, pairs[0][1], np.random.default_rng(seed), "text")
+        changed["text"] = sum(a != b for a, b in zip(true, new, strict=True))
+        texts = {r.case_id: t for r, t in zip(records, new, strict=True)}
+    else:
+        fields = [dict(r.fields) for r in records]
+        for k, (name, action) in enumerate(pairs):
+            rng = np.random.default_rng(seed if k == 0 else [seed, k])
+            old = [f.get(name, "") for f in fields]
+            new = _new_values(old, action, rng, name)
+            changed[name] = sum(a != b for a, b in zip(old, new, strict=True))
+            for f, v in zip(fields, new, strict=True):
+                f[name] = v
+        texts = {r.case_id: render_text(r, template, f) for r, f in zip(records, fields, strict=True)}
+    n_text = sum(texts[r.case_id] != t for r, t in zip(records, true, strict=True))
+    return Counterfactual(spec, texts, changed, n_text, len(records))
 
 
 @dataclass
@@ -116,10 +226,30 @@ class TextSegEvaluator(Evaluator):
                       f"{'the template ' + repr(p.text_template) if p.text_template else 'CSV'}"]}
         if res.gate:
             entry["mean_image_gate"] = float(np.mean(res.gate))
+        spec = p.test_counterfactual if self.split == "test" else None
+        if spec:  # the whole split was evaluated with wrong text (the demo's rows): say what changed
+            cf = self.counterfactual_of(spec, res)
+            entry["test_counterfactual"] = {"spec": spec, "texts_changed": cf.texts_changed,
+                                            "fields_changed": cf.fields_changed, "n": cf.n}
+            entry["notes"].append(f"test text replaced by '{spec}': {cf.texts_changed}/{cf.n} texts changed ("
+                                  + ", ".join(f"{k} {v}" for k, v in cf.fields_changed.items()) + ")")
         return entry
 
+    def counterfactual_of(self, spec: str, seen: SplitScores) -> Counterfactual:
+        """The wrong texts of ``spec`` for the split (the data module's seed), with counts, checked
+        against the texts the pass ``seen`` was given."""
+        from medfuse.data.datamodule import derive_seed
+
+        seed = derive_seed(self.cfg.train.seed, "counterfactual", spec)
+        recs = list(self.dm.record_index(self.split).values())
+        cf = counterfactual_texts(recs, self.dm.params.text_template, spec, seed)
+        if [cf.texts[c] for c in seen.case_id] != seen.text:  # the counts must describe what was evaluated
+            raise RuntimeError(f"the data module's texts for '{spec}' differ from counterfactual_texts()")
+        return cf
+
     def counterfactual(self, specs: list[str]) -> dict[str, Any]:
-        """Rerun the split with wrong text (``FIELD=shuffle|VALUE``); report the Dice drop per condition."""
+        """Rerun the split with wrong text (``FIELD=shuffle|wrong|VALUE[,...]``); report the Dice drop and what
+        changed (texts, and records per field) per condition."""
         from rich.console import Console
         from rich.table import Table
 
@@ -130,9 +260,9 @@ class TextSegEvaluator(Evaluator):
             raise RuntimeError("run() must come before counterfactual()")  # the engine's order
         base = self.base
         d0, metrics = base.array("dice"), dict(self.base_metrics)
-        table = Table("text", "Dice", "drop", "relative drop", "texts changed",
+        table = Table("text", "Dice", "drop", "relative drop", "texts changed", "fields changed",
                       title=f"counterfactual text on the {self.split} split (95% bootstrap CI)")
-        table.add_row("correct", format_ci(metrics["dice"]), "-", "-", "-")
+        table.add_row("correct", format_ci(metrics["dice"]), "-", "-", "-", "-")
         out: dict[str, Any] = {"correct": metrics["dice"]}
         for spec in specs:
             res = self.wrong_text_pass(spec)
@@ -140,15 +270,17 @@ class TextSegEvaluator(Evaluator):
                 raise RuntimeError("counterfactual loader changed the case order")  # pragma: no cover
             d1 = res.array("dice")
             changed = sum(a != b for a, b in zip(base.text, res.text, strict=True))
+            fields = self.counterfactual_of(spec, res).fields_changed
             mean = lambda x: x.mean(-1)  # noqa: E731 - vectorised bootstrap statistic
             cf = bootstrap_ci(mean, d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
             drop = bootstrap_ci(mean, d0 - d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
             rel = 100.0 * drop["value"] / max(float(d0.mean()), 1e-8)
             out[spec] = {"dice": cf, "dice_drop": drop, "relative_drop_percent": rel, "texts_changed": changed,
-                         "n": len(d1)}
+                         "fields_changed": fields, "n": len(d1)}
             metrics[f"dice ({spec})"] = cf
             metrics[f"dice drop ({spec})"] = drop
-            table.add_row(spec, format_ci(cf), format_ci(drop), f"{rel:.1f}%", f"{changed}/{len(d1)}")
+            table.add_row(spec, format_ci(cf), format_ci(drop), f"{rel:.1f}%", f"{changed}/{len(d1)}",
+                          ", ".join(f"{k} {v}" for k, v in fields.items()))
         Console(width=120).print(table)
         return {"metrics": metrics, "counterfactual": out}
 

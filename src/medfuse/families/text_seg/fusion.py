@@ -2,9 +2,10 @@
 
 :class:`TextCrossAttentionLevel`, :class:`HierarchicalTextFusion` and the single-level
 :class:`GatedTextFusion` baseline fuse text into the image embedding before the mask decoder; gates
-start at exact effective values (0.5 coarse, 0.8 fine).
+start at exact effective values (0.5 coarse, 0.8 fine). :class:`BypassFusion` is no adapter at all
+(MedSAM as it is).
 
-Both fusions share one interface (:data:`TextFusion`): ``forward(x, text, pos) -> fused``,
+All fusions share one interface (:data:`TextFusion`): ``forward(x, text, pos) -> fused``,
 ``forward_intermediates(x, text, pos) -> (fused, intermediates)``, ``text_embedding(text)`` and
 ``embed_dim``. Nothing is kept on the modules between calls: what evaluation shows (the gated
 baseline's per-pixel gate) is returned by ``forward_intermediates``.
@@ -194,5 +195,33 @@ class GatedTextFusion(nn.Module):
         return fused, {"gate": g.detach()}
 
 
-TextFusion = HierarchicalTextFusion | GatedTextFusion
+class BypassFusion(nn.Module):
+    """No adapter: the image tokens reach the mask decoder unchanged and the text is ignored.
+
+    With a frozen MedSAM this is MedSAM as it is, prompted by the box alone (the seed's baseline).
+    It has no parameters; :meth:`text_embedding` is zero, so the InfoNCE term is a constant.
+
+    Args:
+        embed_dim: width of the (zero) text embedding, that of the contrastive space.
+    """
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+
+    def text_embedding(self, text: torch.Tensor) -> torch.Tensor:
+        """text (B, Ct) -> zeros (B, embed_dim)."""
+        return text.new_zeros(text.shape[0], self.embed_dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: image tokens (B, L, C) -> the same tokens (B, L, C)."""
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, text: torch.Tensor,
+                              pos: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image tokens unchanged and no intermediates."""
+        return x, {}
+
+
+TextFusion = HierarchicalTextFusion | GatedTextFusion | BypassFusion
 """The text fusions a text_seg model may hold (``model.fusion``)."""

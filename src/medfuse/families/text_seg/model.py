@@ -15,7 +15,8 @@ Pipeline (seed sections in brackets):
    1 token, 4 heads, gate 0.5; level 2: 2 tokens, 8 heads, gate 0.8; effective gates, see there)
    or the single-level :class:`~medfuse.families.text_seg.fusion.GatedTextFusion` baseline;
    ``fusion: none`` feeds a learned constant instead of the text (the box-only control with the
-   same network).
+   same network); ``fusion: bypass`` has no adapter at all (with a frozen MedSAM: MedSAM as it is,
+   the seed's zero-training baseline).
 4. The loss [Training Objective] lives in :mod:`medfuse.families.text_seg.task`: Dice + BCE on
    the mask logits + 2 x InfoNCE between the image embedding pooled under the target mask
    (pre-fusion, :meth:`TextSegModel.contrastive_embeddings`) and the coarse text token, with a
@@ -35,9 +36,9 @@ from einops import rearrange
 from torch import nn
 
 from medfuse.errors import ConfigError
-from medfuse.families.text_seg.fusion import GatedTextFusion, HierarchicalTextFusion, TextFusion
+from medfuse.families.text_seg.fusion import BypassFusion, GatedTextFusion, HierarchicalTextFusion, TextFusion
 
-FUSIONS = ("hierarchical", "gated", "none")
+FUSIONS = ("hierarchical", "gated", "none", "bypass")
 _TEXT_ENCODERS: dict[str, Any] = {}
 
 
@@ -63,7 +64,8 @@ class TextSegModel(nn.Module):
         tiny_dim: C of the tiny pair.
         tiny_hidden: first two widths of the tiny encoder.
         text_encoder: ``"minilm"`` or ``"hf:<local folder>"``.
-        fusion: ``hierarchical`` | ``gated`` | ``none``.
+        fusion: ``hierarchical`` | ``gated`` | ``none`` | ``bypass`` (no adapter: the contrastive
+            head is built, frozen, so that its weights match the other variants').
         token_dim: width of the hierarchical text tokens (and of the contrastive space).
         coarse_heads, fine_heads: heads of levels 1 and 2.
         coarse_gate, fine_gate: effective gates of levels 1 and 2 at initialisation.
@@ -104,12 +106,17 @@ class TextSegModel(nn.Module):
         self.fusion: TextFusion
         if fusion == "gated":
             self.fusion = GatedTextFusion(dim, text_dim, init_gate=gated_init)
+        elif fusion == "bypass":
+            self.fusion = BypassFusion(token_dim)
         else:
             self.fusion = HierarchicalTextFusion(dim, text_dim, token_dim, coarse_heads=coarse_heads,
                                                  coarse_gate=coarse_gate, fine_heads=fine_heads, fine_gate=fine_gate,
                                                  text_mode="null" if fusion == "none" else "text")
         self.image_proj = nn.Linear(dim, self.fusion.embed_dim)
         self.contrastive = InfoNCE(init_temperature, min_temperature, max_temperature)
+        if fusion == "bypass":  # no adapter: nothing on the text side trains
+            self.image_proj.requires_grad_(False)
+            self.contrastive.requires_grad_(False)
         self.contrastive_pool = contrastive_pool
         self.extractor = None
         if embedding_cache is not None:
@@ -204,7 +211,10 @@ class TextSegModel(nn.Module):
         """
         emb = self.embed(image)  # (B, C, h, w)
         h = emb.shape[-2]
-        text = self.text_features(list(texts)).to(emb.device, emb.dtype)  # (B, Ct)
+        if self.fusion_kind == "bypass":  # the text is never read: no text-encoder call
+            text = emb.new_zeros(emb.shape[0], int(shared_text_encoder(self.text_spec).dim))  # (B, Ct)
+        else:
+            text = self.text_features(list(texts)).to(emb.device, emb.dtype)  # (B, Ct)
         pos = rearrange(self.image_side.decoder.dense_pe(), "1 c h w -> 1 (h w) c")
         fused, inter = self.fusion.forward_intermediates(rearrange(emb, "b c h w -> b (h w) c"), text, pos)  # (B, L, C)
         low = self.image_side.decode(rearrange(fused, "b (h w) c -> b c h w", h=h), boxes)  # (B, 1, 4h, 4w)

@@ -9,6 +9,34 @@ from pydantic import Field, field_validator
 
 from medfuse.config import Params
 
+COUNTERFACTUAL_MODES = ("shuffle", "wrong")
+"""Counterfactual actions besides a literal value: ``shuffle`` (another record's value, which may
+equal its own) and ``wrong`` (always a different value: a derangement of the field's values)."""
+
+
+def parse_counterfactual_spec(spec: str) -> list[tuple[str, str]]:
+    """``"FIELD=ACTION[,FIELD=ACTION...]"`` -> ``[(field, action), ...]``.
+
+    ACTION is ``shuffle``, ``wrong`` or a literal value. Several fields change together (the seed's
+    "both wrong": ``birads=wrong,margin=wrong``); ``text`` (the whole text) stands alone.
+
+    Raises:
+        ValueError: one line saying what is malformed (callers wrap it in their ConfigError).
+    """
+    pairs: list[tuple[str, str]] = []
+    for part in str(spec).split(","):
+        field, sep, action = part.partition("=")
+        field, action = field.strip(), action.strip()
+        if not sep or not field or action == "":
+            raise ValueError(f"'{spec}' is not FIELD=shuffle|wrong|VALUE[,FIELD=...] (e.g. margin=shuffle)")
+        pairs.append((field, action))
+    fields = [f for f, _ in pairs]
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"'{spec}' names a field twice")
+    if "text" in fields and len(fields) > 1:
+        raise ValueError(f"'{spec}': 'text' replaces the whole text and cannot be combined with other fields")
+    return pairs
+
 
 class TextSegParams(Params):
     """Talk2MedSAM: frozen MedSAM image side + text fusion adapter + SAM mask decoder."""
@@ -22,9 +50,10 @@ class TextSegParams(Params):
     tiny_dim: int = Field(64, ge=1, description="embedding width C of the tiny pair")
     tiny_hidden: tuple[int, int] = Field((16, 32), description="first two widths of the tiny encoder")
     text_encoder: str = Field("minilm", description="frozen text encoder: minilm or hf:<local folder>")
-    fusion: Literal["hierarchical", "gated", "none"] = Field(
+    fusion: Literal["hierarchical", "gated", "none", "bypass"] = Field(
         "hierarchical", description="text fusion: hierarchical (two levels), gated (single level), "
-                                    "none (learned constant instead of text: the box-only control)")
+                                    "none (learned constant instead of text: the box-only control), "
+                                    "bypass (no adapter, no text: MedSAM as it is with a box)")
     token_dim: int = Field(96, ge=1, description="width of the hierarchical text tokens (and of the contrastive space)")
     coarse_heads: int = Field(4, ge=1, description="attention heads of level 1 (coarse)")
     fine_heads: int = Field(8, ge=1, description="attention heads of level 2 (fine)")
@@ -63,7 +92,8 @@ class TextSegDataParams(Params):
     two_and_half_d: bool = Field(False, description="3 consecutive slices as RGB (volumes with a slice column)")
     split_by: Literal["patient", "image"] = Field("patient", description="image is refused when patient ids exist")
     test_counterfactual: str | None = Field(
-        None, description="FIELD=shuffle|VALUE applied to the test split's text only (the demo's shuffled row)")
+        None, description="FIELD=shuffle|wrong|VALUE[,FIELD=...] applied to the test split's text only "
+                          "(the demo's wrong-text rows)")
     cache_in_memory: bool = Field(True, description="keep preprocessed images and masks in memory after the "
                                                     "first epoch")
 
@@ -71,9 +101,7 @@ class TextSegDataParams(Params):
     @classmethod
     def _counterfactual_spec(cls, v: str | None) -> str | None:
         if v is not None:
-            field, sep, action = v.partition("=")
-            if not sep or not field.strip() or action == "":
-                raise ValueError(f"'{v}' is not FIELD=shuffle|VALUE (e.g. margin=shuffle)")
+            parse_counterfactual_spec(v)
         return v
 
 

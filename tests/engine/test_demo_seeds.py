@@ -1,0 +1,97 @@
+"""The demo harness: key comparisons, harness overrides, evaluation-only variants, the seeds table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import medfuse.families  # noqa: F401  (registers the families)
+from medfuse.engine import demo
+from medfuse.errors import ConfigError
+from medfuse.registry import FAMILIES
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.make_demo is not None])
+def test_key_comparison_names_real_variants(family):
+    metric, names = demo.key_comparison(family)
+    all_names = [n for n, _ in demo.ablations(family)]
+    assert len(names) >= 2 and set(names) <= set(all_names) and names[0] == all_names[0]
+    assert metric is None or isinstance(metric, str)
+
+
+def test_key_comparison_covers_the_issue_families():
+    assert set(demo.KEY_COMPARISONS) == {"staging", "incomplete_seg", "text_seg", "ct_encoder", "context_seg"}
+
+
+def test_split_harness_and_sources():
+    over, harness = demo.split_harness(["model.params.fusion=bypass", "demo.weights_from=no text (box only)"])
+    assert over == ["model.params.fusion=bypass"] and harness == {"demo.weights_from": "no text (box only)"}
+    with pytest.raises(ConfigError, match="demo.nope: unknown demo harness option"):
+        demo.split_harness(["demo.nope=1"])
+    names = [n for _, n, _ in demo._with_sources("text_seg", ["hierarchical, shuffled test text"])]
+    assert names == ["hierarchical fusion", "hierarchical, shuffled test text"]  # its weights come along
+
+
+@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), (" 3 , 5", [3, 5])])
+def test_parse_seeds(text, seeds):
+    assert demo.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("bad", ["", "a,b", "1,1", "-1"])
+def test_parse_seeds_refuses(bad):
+    with pytest.raises(ConfigError, match="--seeds"):
+        demo.parse_seeds(bad)
+
+
+def _row(name, value, low, high, n=20):
+    return {"name": name, "run": f"runs/{name}", "n": n, "acc": {"value": value, "low": low, "high": high, "n": n}}
+
+
+def test_seeds_table_mean_sd_and_each_seed_with_its_ci(tmp_path, monkeypatch):
+    values = {0: (0.9, 0.6), 1: (0.8, 0.7), 2: (0.7, 0.5)}
+
+    def fake_runs(family, cfg_path, base, variants, slug, console):
+        seed = int(next(o for o in base if o.startswith("train.seed=")).split("=")[1])
+        assert [n for _, n, _ in variants] == ["full", "baseline"] and "{i}" in slug
+        full, other = values[seed]
+        return [_row("full", full, full - 0.1, full + 0.1), _row("baseline", other, other - 0.1, other + 0.1)], \
+            {"full": {"ci": 0.95}, "baseline": {"ci": 0.95}}
+
+    monkeypatch.setattr(demo, "_run_variants", fake_runs)
+    monkeypatch.setattr(demo, "key_comparison", lambda family: ("acc", ["full", "baseline"]))
+    monkeypatch.setattr(demo, "_with_sources", lambda family, names: [(0, "full", []), (1, "baseline", [])])
+    monkeypatch.setattr(demo, "demo_family", lambda family: type("F", (), {"demo_config": tmp_path / "x.yaml"})())
+    summary = demo.run_demo("fam", tmp_path / "out", seeds=[0, 1, 2])
+    full, base = summary["variants"]
+    assert full["mean"] == pytest.approx(0.8) and full["sd"] == pytest.approx(0.1)
+    assert base["mean"] == pytest.approx(0.6) and base["sd"] == pytest.approx(0.1)
+    assert base["diff_to_first_mean"] == pytest.approx(-0.2) and base["diff_to_first_sd"] == pytest.approx(0.1)
+    assert full["per_seed"]["1"] == pytest.approx({"value": 0.8, "low": 0.7, "high": 0.9, "n": 20})
+    saved = json.loads((tmp_path / "out" / "seeds.json").read_text(encoding="utf-8"))
+    assert saved["seeds"] == [0, 1, 2] and saved["metric"] == "acc" and saved["varies"] == "train.seed"
+    md = (tmp_path / "out" / "seeds.md").read_text(encoding="utf-8")
+    assert "| full | 0.800 ± 0.100 | - | 0.900 [0.800, 1.000] (n=20) |" in md
+    assert "| baseline | 0.600 ± 0.100 | -0.200 ± 0.100 |" in md
+    assert "medfuse demo fam --seeds 0,1,2" in md
+
+
+def test_reuse_weights_refuses_a_source_without_the_models_weights(tmp_path):
+    """An evaluation-only variant needs every weight of its model in the source checkpoint."""
+    import torch
+
+    from medfuse.config import load_config
+    from medfuse.engine.checkpoint import atomic_torch_save
+    from medfuse.families.text_seg.demo import make_text_seg_demo
+
+    data = tmp_path / "data"
+    make_text_seg_demo(data, n_patients=8, seed=1, size=64)
+    src = tmp_path / "runs" / "src"
+    (src / "checkpoints").mkdir(parents=True)
+    atomic_torch_save({"state_dict": {"model.other": torch.zeros(1)}, "epoch": 0}, src / "checkpoints" / "best.ckpt")
+    cfg = load_config(FAMILIES.get("text_seg").demo_config, [
+        f"data.root={data}", f"output_dir={tmp_path / 'runs'}", "name=dst", "data.params.image_size=64",
+        "data.params.mask_size=64", "model.params.image_size=64", "model.params.tiny_dim=32",
+        "model.params.token_dim=16", "model.params.fusion=bypass", "data.split.val=0.2", "data.split.test=0.3"])
+    with pytest.raises(ConfigError, match="demo.weights_from: .* lacks .* weights"):
+        demo.reuse_weights(cfg, src)
