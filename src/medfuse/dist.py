@@ -9,8 +9,8 @@ Issue 15 ("Multi-GPU and multi-node training that gives the single-process answe
   is open_clip's "local loss" with gather-with-grad: local rows against all gathered columns,
   labels offset by the rank's first row. The backward of the gather is an all-reduce (sum) of the
   gathered gradient followed by this rank's slice, which needs only ``all_reduce`` and so runs on
-  every backend (gloo has no reduce-scatter; PyTorch #120386 reports wrong gradients from
-  ``torch.distributed.nn.all_gather``).
+  every backend (gloo has no reduce-scatter, which ``torch.distributed.nn.all_gather``'s backward
+  uses; that backward also dropped gradients of non-contiguous buffers until PyTorch #120582).
 * **Validation over the whole split**: :func:`gather_eval_outputs` gathers what every rank
   collected (numpy arrays as tensors, lists as JSON) in the split's order; :func:`broadcast_json`
   hands rank 0's metrics to every rank.
