@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from ddp_helpers import WORKER, torchrun
 
 from conftest import AFFINE, tiny_cls_config, write_cls_dataset
 from medfuse.engine.checkpoint import safe_torch_load
 
 pytestmark = pytest.mark.ddp
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
 TWO_RANKS = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
-
-
-def _torchrun(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _seg_dataset(root: Path, n: int = 18) -> Path:
@@ -84,7 +75,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     cls_root = write_cls_dataset(base / "cls", n_patients=20).parent
     seg_root = _seg_dataset(base / "seg")
     out = base / "runs"
-    proc = _torchrun(str(WORKER), json.dumps([_cls_cfg(cls_root, out, "cls"), _seg_cfg(seg_root, out)]),
+    proc = torchrun(str(WORKER), json.dumps([_cls_cfg(cls_root, out, "cls"), _seg_cfg(seg_root, out)]),
                      json.dumps(_cls_cfg(cls_root, out, "killed")))
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, "the third run should have been killed"
@@ -144,7 +135,7 @@ def test_killed_two_rank_run_resumes_exactly(runs):
     full, run_dir = runs["cls"], runs["killed"]
     assert safe_torch_load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert (run_dir / ".medfuse.lock").is_file()  # left by the killed rank 0
-    proc = _torchrun("-m", "medfuse", "train", "--resume", str(run_dir))
+    proc = torchrun("-m", "medfuse", "train", "--resume", str(run_dir))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     a = safe_torch_load(full / "checkpoints" / "last.ckpt")
     b = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")

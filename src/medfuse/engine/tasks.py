@@ -99,6 +99,12 @@ class BaseTask(L.LightningModule):
     loss_terms: ClassVar[tuple[str, ...]] = ()
     """Keys :meth:`compute_loss` returns besides ``loss`` (logged as ``train/<name>``)."""
 
+    unused_parameters: ClassVar[bool] = False
+    """True when a training step may leave trainable parameters without a gradient: a loss level
+    with no pairs in a rank's batch, a stage whose losses skip a head. Plain ``ddp`` refuses such a
+    step on the next one, so under DDP the trainer then asks Lightning to find the unused
+    parameters (:func:`medfuse.engine.trainer.ddp_strategy`)."""
+
     @classmethod
     def logged_metrics(cls, cfg: Config | None = None) -> list[str]:
         """Every metric name this task logs, any of which ``train.monitor`` may name.

@@ -184,6 +184,40 @@ def _unpadded_call(original: Any) -> Any:
     return unpadded_loader(original())
 
 
+FIND_UNUSED = "ddp_find_unused_parameters_true"
+
+
+def _processes(cfg: Config) -> int:
+    """How many training processes ``train.devices`` x ``train.num_nodes`` (or a launcher's
+    ``WORLD_SIZE``) asks for; ``auto`` and ``-1`` count the visible GPUs (1 on a CPU machine)."""
+    t = cfg.train
+    dev = str(t.devices).strip()
+    if dev in ("auto", "-1"):
+        gpus = torch.cuda.device_count() if t.accelerator in ("auto", "gpu", "cuda") else 0
+        per_node = max(1, gpus)
+    elif "," in dev:
+        per_node = len([d for d in dev.split(",") if d.strip()])
+    else:
+        per_node = int(dev) if dev.isdigit() else 1
+    return max(per_node * t.num_nodes, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def ddp_strategy(cfg: Config) -> str:
+    """``train.strategy`` for the Trainer: ``ddp`` (or ``auto`` with several processes) becomes
+    ``ddp_find_unused_parameters_true`` for a task whose steps may leave parameters without a
+    gradient (:attr:`~medfuse.engine.tasks.BaseTask.unused_parameters`: ct_encoder, whose step level
+    is skipped when the ranks hold fewer than two CoT steps and whose anchor loss scores a rank's own
+    steps; incomplete_seg, whose stages skip the adapters or the reconstruction head). Plain ``ddp``
+    would stop such a run at its second step. Any other strategy is passed through as given."""
+    t = cfg.train
+    _, entry = family_of(resolve(cfg))
+    if entry.task.unused_parameters and (t.strategy == "ddp" or (t.strategy == "auto" and _processes(cfg) > 1)):
+        log.info("train.strategy: %s -> %s (%s's steps may leave parameters without a gradient)",
+                 t.strategy, FIND_UNUSED, cfg.model.name)
+        return FIND_UNUSED
+    return t.strategy
+
+
 def precision_for(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
@@ -226,7 +260,7 @@ def build_trainer(cfg: Config, run_dir: Path, ckpt_dir: Path, max_epochs: int,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=ddp_strategy(cfg),
         precision=precision_for(cfg),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,

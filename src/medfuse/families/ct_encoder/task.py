@@ -50,6 +50,8 @@ class CTEncoderTask(ContrastiveTask):
     """
 
     loss_terms = ("global", "region", "step", "seg", "gen", "anchor")
+    # a step whose ranks hold < 2 CoT steps in all skips the step head, a rank without one the anchor
+    unused_parameters = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -246,8 +248,8 @@ class CTEncoderTask(ContrastiveTask):
                     feats.append(out["patch"][b].mean(0))
                 texts.append(str(text))
         step_proj = self.model.step_proj
-        if not feats:
-            return region.new_zeros(0, step_proj[-1].out_features), []
+        if not feats:  # zero rows, still through the head: under DDP every rank runs the same graph
+            return step_proj(out["patch"].flatten(0, 1)[:0]), []
         return step_proj(torch.stack(feats)), texts
 
     def compute_loss(self, batch: Batch, out: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,7 @@ class IncompleteSegTask(SegmentationTask):
     """
 
     loss_terms = ("recon_l1", "recon_ssim", "seg", "ntxent", "consistency", "feature", "student_seg")
+    unused_parameters = True  # stages 1-2 leave the adapters without a gradient, stage 3 the recon head
 
     stage_mode: str = "segment"
     """What the current stage does: ``segment`` | ``reconstruct`` | ``contrast`` | ``adapt``."""
