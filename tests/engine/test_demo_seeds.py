@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,16 @@ def test_reuse_weights_refuses_a_source_without_the_models_weights(tmp_path):
         "model.params.token_dim=16", "model.params.fusion=bypass", "data.split.val=0.2", "data.split.test=0.3"])
     with pytest.raises(ConfigError, match="demo.weights_from: .* lacks .* weights"):
         demo.reuse_weights(cfg, src)
+
+
+@pytest.mark.parametrize("family", sorted(demo.KEY_COMPARISONS))
+def test_family_page_has_the_three_seed_table(family):
+    """Each family page carries its key comparison over seeds 0, 1, 2 (issue 19) with the command."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "families" / f"{family}.md").read_text(encoding="utf-8")
+    assert "### 3-seed results" in page
+    section = page.split("### 3-seed results", 1)[1]
+    assert f"medfuse demo {family} --seeds 0,1,2" in section
+    for name in demo.KEY_COMPARISONS[family][1]:
+        row = re.search(r"^\| " + re.escape(name) + r" \| (\d\.\d{3}) ± (\d\.\d{3}) \|(.*)$", section, re.M)
+        assert row, f"{family}: no 3-seed row for '{name}'"
+        assert len(re.findall(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row.group(3))) == 3, row.group(0)
