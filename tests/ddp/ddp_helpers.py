@@ -15,4 +15,5 @@ def torchrun(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
     medfuse ...``) with one thread per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+                           *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout, env=env)
