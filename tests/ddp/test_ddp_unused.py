@@ -65,22 +65,44 @@ def test_ddp_strategy_counts_a_launchers_processes(tmp_path, monkeypatch):
     assert ddp_strategy(validate(cfg)) == FIND_UNUSED
 
 
-def test_plain_ddp_trains_ct_encoder_with_cot_on_one_rank_only(tmp_path):
+def _incomplete_seg_config(out: Path) -> dict:
+    """The demo config on the quick phantom, one epoch per stage, two ranks with plain ``ddp``."""
+    from medfuse.config import config_to_dict, load_config
+    from medfuse.engine.build import demo_family
+
+    cfg = config_to_dict(load_config(demo_family("incomplete_seg").demo_config, [
+        f"data.root={out.parent / 'incomplete_seg_data'}", "data.demo_params.quick=true", f"output_dir={out}",
+        "name=incomplete_seg_stages", "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp",
+        "train.progress_bar=false", "eval.n_boot=20"]))
+    for stage in cfg["train"]["stages"]:
+        stage["max_epochs"] = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One ``torchrun`` launch: ct_encoder with CoT steps in one training case, then incomplete_seg's
+    three stages (stages 1-2 leave the adapters out of the loss, stage 3 the reconstruction head)."""
     from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
 
-    root = tmp_path / "data"
+    base = tmp_path_factory.mktemp("ddp_unused")
+    root = base / "ct_data"
     make_ct_encoder_demo(root, n_patients=24, quick=True, shape=(16, 24, 24))
     cot = json.loads((root / "cot.json").read_text())
     keep = [c for c in cot if c["volumename"] == "train_1_a_1.nii.gz"]  # a training case (split seed 0)
     assert len(keep) == 1 and len(keep[0]["cot_reasoning"]) >= 2
     (root / "cot.json").write_text(json.dumps(keep))
-    out = tmp_path / "runs"
-    cfg = _ct_config(root, out, accelerator="cpu", devices=2, strategy="ddp")
-    proc = torchrun(str(WORKER), json.dumps([cfg]))
-    run = out / "ct_sparse_cot"
+    out = base / "runs"
+    configs = [_ct_config(root, out, accelerator="cpu", devices=2, strategy="ddp"), _incomplete_seg_config(out)]
+    proc = torchrun(str(WORKER), json.dumps(configs))
     log = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, log
-    assert (run / "checkpoints" / "done").is_file(), log
+    return {"ct": out / "ct_sparse_cot", "inc": out / "incomplete_seg_stages", "log": log}
+
+
+def test_plain_ddp_trains_ct_encoder_with_cot_on_one_rank_only(runs):
+    run = runs["ct"]
+    assert (run / "checkpoints" / "done").is_file(), runs["log"]
     with (run / "splits.csv").open() as f:
         assert {"case_id": "train_1_a_1", "patient_id": "train_1", "split": "train"} in list(csv.DictReader(f))
     with (run / "metrics.csv").open() as f:
@@ -90,3 +112,12 @@ def test_plain_ddp_trains_ct_encoder_with_cot_on_one_rank_only(tmp_path):
     for term in ("train/step", "train/anchor"):
         values = [float(r[term]) for r in rows if r.get(term)]
         assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values), (term, values)
+
+
+def test_plain_ddp_trains_every_incomplete_seg_stage(runs):
+    ck = runs["inc"] / "checkpoints"
+    for stage in ("reconstruct", "contrast", "adapt"):
+        assert (ck / stage / "done").is_file(), (stage, runs["log"])
+    with (runs["inc"] / "metrics.csv").open() as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
