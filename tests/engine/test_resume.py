@@ -75,6 +75,10 @@ def test_killed_run_resumes_to_same_result(cls_dataset, tmp_path):
         for a_row, b_row in zip(full, resumed, strict=True):
             assert abs(float(a_row[key]) - float(b_row[key])) < 1e-6, (key, a_row["epoch"])
     assert not (run_dir / ".medfuse.lock").exists()
+    # each session recorded where it ran: the killed one, then the resume
+    sessions = json.loads((run_dir / "environment.json").read_text(encoding="utf-8"))
+    assert [e["resumed"] for e in sessions] == [False, True]
+    assert all(torch.__version__.startswith(e["versions"]["torch"]) for e in sessions)
     # best.ckpt was chosen on validation in both runs at the same epoch
     assert safe_torch_load(tmp_path / "full" / "checkpoints" / "best.ckpt")["epoch"] == \
         safe_torch_load(run_dir / "checkpoints" / "best.ckpt")["epoch"]

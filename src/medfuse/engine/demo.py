@@ -32,6 +32,7 @@ from rich.console import Console
 
 from medfuse.config import load_config
 from medfuse.engine.build import demo_family
+from medfuse.engine.environment import environment, summary_line
 from medfuse.errors import ConfigError
 
 HARNESS_KEYS = ("demo.weights_from",)
@@ -308,7 +309,8 @@ def seeds_markdown(summary: dict[str, Any], ci: float = 0.95) -> str:
     lines = [f"# {summary['family']}: key comparison over {len(seeds)} seeds", "",
              f"Test-split `{summary['metric']}`; each seed's value with its {100 * ci:g}% bootstrap CI over cases; "
              f"mean ± sd (sample sd) over seeds. Varies: `{summary['varies']}`; fixed: {summary['fixed']}.",
-             f"Reproduce: `{summary['command']}`", "",
+             f"Reproduce: `{summary['command']}`",
+             *([f"Measured on: {summary_line(summary['environment'])}"] if summary.get("environment") else []), "",
              f"| variant | mean ± sd | diff. to {first} (mean ± sd) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|---|" + "---|" * len(seeds)]
 
@@ -357,6 +359,7 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
                + (" --quick" if quick else "") + (f" {extra}" if extra else ""))
     summary = seeds_summary(family, metric, list(seeds), per_seed, command)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    summary["environment"] = environment()
     out.mkdir(parents=True, exist_ok=True)
     md = seeds_markdown(summary, ci)
     with atomic_open(out / "seeds.md", "w", encoding="utf-8") as f:

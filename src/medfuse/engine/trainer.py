@@ -6,6 +6,7 @@ Run directory (DESIGN "Run directory")::
     runs/<name>/splits.csv           the patient-level split used by every command
     runs/<name>/checkpoints/         last.ckpt, best.ckpt (per stage in <stage>/ for staged runs)
     runs/<name>/metrics.csv          CSV log, append-only across resumes (TensorBoard under tb/ when installed)
+    runs/<name>/environment.json     machine, versions and threads of each train / resume session
     runs/<name>/.medfuse.lock        held while a command runs in the directory (engine/lock.py)
 
 Before anything is written: ``model.params``/``data.params`` are validated, ``train.monitor`` is
@@ -63,6 +64,7 @@ from medfuse.engine.checkpoint import (
     checkpoint_dir,
     load_model_weights,
 )
+from medfuse.engine.environment import record_training
 from medfuse.engine.tasks import BaseTask
 from medfuse.errors import ConfigError, DataError, Interrupted, RunDirError
 from medfuse.fileio import atomic_open
@@ -461,6 +463,8 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
         if not config_saved:
             save_config(cfg, run_dir / "config.yaml")
             config_saved = True
+            if is_rank_zero():
+                record_training(run_dir, resumed=resume, world_size=_processes(cfg))
         prepare_log(stage_log(run_dir, sname), resume_epoch)
         epochs = stage.max_epochs if stage else cfg.train.max_epochs
         trainer = build_trainer(cfg, run_dir, ckdir, epochs, callbacks, stage=sname)
