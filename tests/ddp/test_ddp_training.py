@@ -76,7 +76,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     seg_root = _seg_dataset(base / "seg")
     out = base / "runs"
     proc = torchrun(str(WORKER), json.dumps([_cls_cfg(cls_root, out, "cls"), _seg_cfg(seg_root, out)]),
-                     json.dumps(_cls_cfg(cls_root, out, "killed")))
+                    json.dumps(_cls_cfg(cls_root, out, "killed")))
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, "the third run should have been killed"
     assert (out / "seg" / "checkpoints" / "done").is_file(), log[-3000:]

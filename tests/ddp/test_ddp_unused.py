@@ -2,9 +2,10 @@
 
 ct_encoder with chain-of-thought steps for one training case only: in the step that holds it, one
 rank has its steps and the other none, so the step level runs on both ranks with the second one
-scoring zero rows; the anchor loss runs on the first rank only. Before the fix that rank's step head was off the graph: Lightning's plain DDP
-refused the step ("parameters that were not used in producing the loss"), and with unused-parameter
-detection the ranks' collectives went out of order (gloo: "Received data size doesn't match").
+scoring zero rows; the anchor loss runs on the first rank only. Before the fix that rank's step
+head was off the graph: Lightning's plain DDP refused the step ("parameters that were not used in
+producing the loss"), and with unused-parameter detection the ranks' collectives went out of order
+(gloo: "Received data size doesn't match").
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _ct_config(root: Path, out: Path, **train) -> dict:
                  "params": {"hu": "metadata"}},
         "model": {"name": "ct_encoder", "params": {
             "num_regions": 9, "preset": "tiny", "patch_size": [4, 8, 8], "img_size": [16, 24, 24], "fpn_levels": 2,
-            "mask_hidden": 8, "fpn_dim": 16, "embed_dim": 32, "loss_weights": {"global": 1.0, "region": 0.5, "step": 0.5,
-                                                                        "anchor": 0.5}}},
+            "mask_hidden": 8, "fpn_dim": 16, "embed_dim": 32,
+            "loss_weights": {"global": 1.0, "region": 0.5, "step": 0.5, "anchor": 0.5}}},
         "train": {"max_epochs": 2, "lr": 0.001, "monitor": "val/mean_recall", "mode": "max", "progress_bar": False,
                   "log_every_n_steps": 1, **train},
         "eval": {"n_boot": 20},
@@ -51,7 +52,8 @@ def _ct_config(root: Path, out: Path, **train) -> dict:
 ])
 def test_ddp_strategy_finds_unused_parameters_only_where_a_task_needs_it(tmp_path, model, strategy, devices,
                                                                            expected, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for var in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
     cfg = _ct_config(tmp_path, tmp_path / "runs", accelerator="cpu", devices=devices, strategy=strategy)
     if model != "ct_encoder":
         cfg = tiny_cls_config(tmp_path, tmp_path / "runs")
@@ -60,7 +62,8 @@ def test_ddp_strategy_finds_unused_parameters_only_where_a_task_needs_it(tmp_pat
 
 
 def test_ddp_strategy_counts_a_launchers_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun / srun with train.devices left at auto
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun with train.devices left at auto
+    monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = _ct_config(tmp_path, tmp_path / "runs", accelerator="cpu")
     assert ddp_strategy(validate(cfg)) == FIND_UNUSED
 

@@ -189,19 +189,23 @@ def _unpadded_call(original: Any) -> Any:
 FIND_UNUSED = "ddp_find_unused_parameters_true"
 
 
-def _processes(cfg: Config) -> int:
-    """How many training processes ``train.devices`` x ``train.num_nodes`` (or a launcher's
-    ``WORLD_SIZE``) asks for; ``auto`` and ``-1`` count the visible GPUs (1 on a CPU machine)."""
+def processes_per_node(cfg: Config) -> int:
+    """The training processes per node that ``train.devices`` asks for: a count, the number of
+    GPU indices listed, or for ``auto``/``-1`` the visible GPUs (1 when training on the CPU)."""
     t = cfg.train
-    dev = str(t.devices).strip()
-    if dev in ("auto", "-1"):
-        gpus = torch.cuda.device_count() if t.accelerator in ("auto", "gpu", "cuda") else 0
-        per_node = max(1, gpus)
-    elif "," in dev:
-        per_node = len([d for d in dev.split(",") if d.strip()])
-    else:
-        per_node = int(dev) if dev.isdigit() else 1
-    return max(per_node * t.num_nodes, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    text = str(t.devices).strip().strip(",")
+    if text.isdigit():
+        return int(text)
+    if text in ("auto", "-1"):
+        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        return max(torch.cuda.device_count(), 1) if gpu else 1
+    return len(text.split(","))
+
+
+def _processes(cfg: Config) -> int:
+    """All training processes: ``train.devices`` x ``train.num_nodes``, or what a launcher started."""
+    launched = launched_processes()
+    return max(processes_per_node(cfg) * cfg.train.num_nodes, launched[0] if launched else 1)
 
 
 def ddp_strategy(cfg: Config) -> str:
@@ -372,14 +376,7 @@ def check_launch(cfg: Config) -> None:
         return
     world, launcher = launched
     t = cfg.train
-    text = str(t.devices).strip().strip(",")
-    if text.isdigit():
-        per_node = int(text)
-    elif text in ("auto", "-1"):
-        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        per_node = max(torch.cuda.device_count(), 1) if gpu else 1
-    else:
-        per_node = len(text.split(","))
+    per_node = processes_per_node(cfg)
     if per_node * t.num_nodes != world:
         want = max(world // t.num_nodes, 1)
         raise ConfigError("train.devices", f"is {t.devices} on {t.num_nodes} node(s), {per_node * t.num_nodes} "
