@@ -331,6 +331,37 @@ def test_train_evaluate_predict_end_to_end(trained):
         predict(run, [case.images["raw"]], tmp / "p2")
 
 
+def test_evaluate_writes_predictions_on_the_raw_files_grid(tmp_path):
+    """Derived context: the label grid is the central half of the raw file. ``evaluate`` scores there
+    but writes each prediction on the whole raw file's grid (shape and affine), background outside
+    the predicted centre, and the file is the one ``medfuse predict`` writes for that case."""
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.engine.predict import predict
+    from medfuse.engine.trainer import fit
+
+    root = tmp_path / "d"
+    make_set(root, n=6, derived=True)
+    cfg = cfg_for(root, tmp_path, {"context_mode": "derived", "context_scale": 4, "context_fov": 2,
+                                   "context_input_size": 32},
+                  data__modalities=["raw"], data__split={"val": 0.34, "test": 0.34, "seed": 0})
+    run = fit(cfg)
+    rep = evaluate(run, split="test", n_boot=10)
+    assert rep["n"] == 2
+    cases = build_datamodule(cfg, run).cases["test"]
+    for case in cases:
+        src = read_volume(case.images["raw"])
+        mine = read_volume(str(run / "predictions" / "test" / f"{case.case_id}.nii.gz"))
+        assert mine.array.shape == (1, 16, 16, 16)  # the raw file, not the 8^3 label grid
+        np.testing.assert_allclose(mine.affine, src.affine, atol=1e-6)
+        inner = np.zeros((16, 16, 16), bool)
+        inner[4:12, 4:12, 4:12] = True
+        assert not mine.array[0][~inner].any()  # nothing predicted outside the label grid's field of view
+        out = predict(run, [case.images["raw"]], tmp_path / f"pred_{case.case_id}")
+        theirs = read_volume(str(out / Path(case.images["raw"]).name))  # named by the file: c<i>_raw
+        np.testing.assert_array_equal(mine.array, theirs.array)
+        np.testing.assert_allclose(mine.affine, theirs.affine)
+
+
 @pytest.mark.parametrize("roi", [None, [8, 8, 8]])
 def test_context_seg_evaluate_once(trained, monkeypatch, roi):
     """``evaluate`` infers every test batch once: the generic and the family metrics share the pass

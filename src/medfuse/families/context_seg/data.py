@@ -26,7 +26,9 @@ Items carry ``image`` = raw and context features stacked on the channel axis, (C
 W): one tensor, only so that the engine's batching and MONAI's sliding window crop both streams on
 the same grid. The model splits them again before any layer. Training items are patches chosen
 by MONAI's positive/negative sampler (``foreground_ratio`` of the centres on labelled voxels);
-validation and test items are whole volumes.
+validation and test items are whole volumes on the label grid (scored there against the label),
+with the raw file's own grid (``orig_affine``, ``orig_shape``) onto which the evaluator and the
+predictor write the predicted label map.
 
 Options (``data.params``): :class:`~medfuse.families.context_seg.params.ContextSegDataParams`.
 """
@@ -55,7 +57,7 @@ __all__ = ["ContextSegDataModule", "FeatureBuilder", "build_context_seg_datamodu
            "resample_to_grid"]
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "medfuse-context-seg-v1"
+CACHE_FORMAT = "medfuse-context-seg-v2"  # v2: the raw file's grid (raw_affine, raw_shape)
 
 
 def _triple(x: float | Sequence[float]) -> np.ndarray:
@@ -319,6 +321,9 @@ class ContextSegDataModule(CaseDataModule):
             "label": torch.as_tensor(label.astype(np.uint8 if self.num_classes <= 255 else np.int32))[None],
             "label_scale": torch.as_tensor(ratio, dtype=torch.float64),  # label voxels per raw voxel (d, h, w)
             "affine": torch.as_tensor(_label_affine(raw_vol.affine, ratio, crop_lo)),
+            # the raw input file's own grid (the whole file, before a derived crop): predictions are written there
+            "raw_affine": torch.as_tensor(np.asarray(raw_vol.affine, np.float64)),  # (4, 4)
+            "raw_shape": torch.as_tensor(full_shape, dtype=torch.long),  # (3,) = (D, H, W)
         }
 
     def _predict_scale(self) -> np.ndarray:
@@ -403,6 +408,11 @@ def _read(src: dict[str, torch.Tensor] | Path, key: str, box: tuple[slice, ...] 
 class ContextSegDataset(Dataset):
     """Items of one split: random patches (train) or whole volumes (val/test).
 
+    Train item: ``image`` (C_raw + C_ctx, *patch) float, ``mask`` (1, *patch) long.
+    Val/test item: ``image`` (C_raw + C_ctx, D, H, W) and ``mask`` (1, D, H, W) on the label grid,
+    ``intensity`` (1, D, H, W) raw preview, ``affine`` (4, 4) of the label grid, ``orig_affine``
+    (4, 4) float64 and ``orig_shape`` (3,) long = (D0, H0, W0) of the raw input file.
+
     Keys are ``int`` or ``(index, seed)`` as yielded by the engine's seeded sampler; the seed fixes
     the patch and its flips, so a resumed run draws the same patches.
     """
@@ -432,7 +442,8 @@ class ContextSegDataset(Dataset):
             return {"case_id": case.case_id, "patient_id": case.patient_id,
                     "image": torch.cat([raw.float(), ctx.float()]),  # (C_raw + C_ctx, D, H, W), split by the model
                     "mask": _read(src, "label").long(), "intensity": _read(src, "intensity").float(),
-                    "affine": _read(src, "affine").numpy()}
+                    "affine": _read(src, "affine").numpy(),  # (4, 4) label grid: scored there
+                    "orig_affine": _read(src, "raw_affine"), "orig_shape": _read(src, "raw_shape")}  # raw file grid
         ci = idx // self.params.samples_per_case
         case, src = self.cases[ci]
         rng = np.random.RandomState(seed % (2**32))

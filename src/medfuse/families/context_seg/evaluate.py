@@ -79,7 +79,8 @@ class ContextSegEvaluator(SegmentationEvaluator):
 
     def reference(self, batch, i):
         """The family's items already lie on the label grid (its data module resamples the raw and
-        context streams onto it): score there."""
+        context streams onto it): score there. The generic writer still puts each prediction on
+        the raw file's grid (the items' ``orig_affine``/``orig_shape``), as ``medfuse predict`` does."""
         return None
 
     def infer(self, batch):

@@ -11,11 +11,10 @@ import numpy as np
 import torch
 
 from medfuse.config import Config, validate_params
-from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
 from medfuse.engine.predict import PackagedData, SegmentationPredictor
 from medfuse.errors import DataError, WeightsError
-from medfuse.families.context_seg.data import ContextSegDataModule, read_volume
+from medfuse.families.context_seg.data import ContextSegDataModule
 from medfuse.families.context_seg.params import ContextSegDataParams
 
 
@@ -25,10 +24,11 @@ class ContextSegPredictor(SegmentationPredictor):
 
     The inputs go through the run's data pipeline (frozen encoder, resampling onto the label grid:
     the raw grid scaled by the training cases' ``label_scale``, and in ``context_mode: derived``
-    only the centre of the file). The network's class probabilities on that grid are moved back
-    onto the raw file's grid (an exact index mapping when the label grid is the raw grid, MONAI
-    ``ResampleToMatch`` otherwise; voxels outside the label grid, e.g. around a derived crop, are
-    background) and the label map is their argmax. With ``eval.save_probabilities`` also
+    only the centre of the file). The network's logits on that grid are moved back onto the raw
+    file's grid by the generic writer that ``evaluate`` also uses (an exact index mapping when the
+    label grid is the raw grid, MONAI ``ResampleToMatch`` otherwise; voxels outside the label grid,
+    e.g. around a derived crop, get zero logits: background in the label map, uniform
+    probabilities) and the label map is their argmax. With ``eval.save_probabilities`` also
     ``<case_id>_probs.nii.gz`` (K channels, same grid).
 
     A model package records the class count, the training ``label_scale`` and the frozen encoder's
@@ -65,30 +65,14 @@ class ContextSegPredictor(SegmentationPredictor):
 
     def batches(self, cases: list[Any]):
         """One case per batch: its two feature streams stacked, as the data module's items, plus
-        the raw file's grid (``orig_affine`` (1, 4, 4), ``orig_shape`` (1, 3) = (D, H, W))."""
+        the raw file's grid (``orig_affine`` (1, 4, 4), ``orig_shape`` (1, 3) = (D, H, W)); the
+        generic :meth:`SegmentationPredictor.write` moves the logits there, as ``evaluate`` does."""
         for case in cases:
             feats = self.dm.compute(case, require_label=False)
-            raw = read_volume(case.images[self.dm.params.raw])  # the input grid the output is written on
             image = torch.cat([feats["raw"].float(), feats["context"].float()])[None]  # (1, C_raw + C_ctx, D, H, W)
             yield to_device({"image": image, "affine": feats["affine"][None], "case_id": [case.case_id],
-                             "orig_affine": torch.as_tensor(np.asarray(raw.affine, np.float64))[None],
-                             "orig_shape": torch.as_tensor(raw.array.shape[1:])[None]}, self.task.device)
-
-    def write(self, batch, out, out_dir):
-        from medfuse.data.io import write_nifti
-        from medfuse.engine.inference import to_input_grid
-
-        logits = out["logits"]  # (B, K, D, H, W) on the label grid
-        for j, cid in enumerate(batch["case_id"]):
-            prob = logits[j].float().softmax(0).cpu()  # (K, D, H, W)
-            affine = np.asarray(batch["affine"][j].cpu(), np.float64)
-            dst = np.asarray(batch["orig_affine"][j].cpu(), np.float64)
-            shape = [int(v) for v in batch["orig_shape"][j].tolist()]
-            prob = to_input_grid(prob, affine, dst, shape, mode="bilinear")  # (K, D0, H0, W0), 0 outside
-            write_nifti(prob.argmax(0)[None].numpy().astype(np.uint8), output_path(out_dir, f"{cid}.nii.gz"),
-                        affine=dst)
-            if self.cfg.eval.save_probabilities:
-                write_nifti(prob.numpy().astype(np.float32), output_path(out_dir, f"{cid}_probs.nii.gz"), affine=dst)
+                             "orig_affine": feats["raw_affine"][None], "orig_shape": feats["raw_shape"][None]},
+                            self.task.device)
 
 
 class PackagedContextData(ContextSegDataModule):
