@@ -110,3 +110,69 @@ def test_family_page_has_the_three_seed_table(family):
         row = re.search(r"^\| " + re.escape(name) + r" \| (\d\.\d{3}) ± (\d\.\d{3}) \|(.*)$", section, re.M)
         assert row, f"{family}: no 3-seed row for '{name}'"
         assert len(re.findall(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row.group(3))) == 3, row.group(0)
+
+
+def test_a_finished_run_is_reused_only_with_its_own_config(tmp_path, monkeypatch):
+    """Rerunning a demo into the same folder after changing an override retrains (and says why);
+    with the same config it reuses the finished run."""
+    from medfuse.config import load_config, save_config
+    from medfuse.engine.build import resolve
+
+    cfg_path = FAMILIES.get("text_seg").demo_config
+    base = [f"output_dir={tmp_path}", f"data.root={tmp_path / 'data'}"]
+    fits: list[str] = []
+
+    def fake_fit(cfg):
+        run = cfg.run_dir
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        (run / "checkpoints" / "done").write_text("ok\n")
+        save_config(resolve(cfg), run / "config.yaml")
+        fits.append(str(cfg.train.max_epochs))
+        return run
+
+    import medfuse.engine.evaluate as ev
+    import medfuse.engine.trainer as tr
+
+    monkeypatch.setattr(tr, "fit", fake_fit)
+    monkeypatch.setattr(ev, "evaluate", lambda run, split="test": {"n": 3, "metrics": {}})
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    variants = [(0, "main", [])]
+    demo._run_variants("text_seg", cfg_path, [*base, "train.max_epochs=3"], variants, "t_{i}", console)
+    demo._run_variants("text_seg", cfg_path, [*base, "train.max_epochs=3"], variants, "t_{i}", console)
+    assert fits == ["3"] and "reusing it" in console.export_text()
+    demo._run_variants("text_seg", cfg_path, [*base, "train.max_epochs=5"], variants, "t_{i}", console)
+    assert fits == ["3", "5"] and "train.max_epochs; retraining" in console.export_text()
+    cfg = load_config(cfg_path, [*base, "train.max_epochs=5", "name=t_0"])
+    assert demo.config_changes(cfg.run_dir, cfg) == []
+    assert demo.config_changes(cfg.run_dir, load_config(cfg_path, [*base, "name=t_0", "eval.n_boot=7"])) \
+        == ["eval.n_boot", "train.max_epochs"]
+
+
+def test_quick_and_full_demos_keep_apart():
+    out = Path("runs/x")
+    full, quick = demo.demo_paths(out, False), demo.demo_paths(out, True)
+    assert full[0] == f"data.root={out / 'data'}" and quick[0] == f"data.root={out / 'data-quick'}"
+    assert set(full).isdisjoint(quick[:2]) and full[2] == quick[2]  # same output_dir, other data and cache
+
+
+def test_a_phantom_made_with_other_parameters_is_refused(tmp_path):
+    """A phantom folder records what made it; a config asking for another phantom there is refused."""
+    from medfuse.config import load_config
+    from medfuse.engine.build import PHANTOM_RECORD, prepare_demo_data
+
+    cfg_path = FAMILIES.get("text_seg").demo_config
+    root = tmp_path / "data"
+    small = ["data.demo_params.quick=true", "data.demo_params.n_patients=8"]
+    prepare_demo_data(load_config(cfg_path, [f"data.root={root}", *small]))
+    record = json.loads((root / PHANTOM_RECORD).read_text(encoding="utf-8"))
+    assert record == {"family": "text_seg", "demo_params": load_config(cfg_path, small).data.demo_params}
+    made = sorted(p.name for p in root.rglob("*"))
+    prepare_demo_data(load_config(cfg_path, [f"data.root={root}", *small]))  # the same phantom: used as it is
+    assert sorted(p.name for p in root.rglob("*")) == made
+    with pytest.raises(ConfigError, match=r"data.root: .* holds the text_seg phantom made with .*quick"):
+        prepare_demo_data(load_config(cfg_path, [f"data.root={root}", "data.demo_params.n_patients=8"]))
+    (root / PHANTOM_RECORD).unlink()  # a folder without a record (the user's, or made before records): used
+    prepare_demo_data(load_config(cfg_path, [f"data.root={root}", "data.demo_params.n_patients=8"]))

@@ -6,6 +6,7 @@ registers the built-in ones); it never imports a family.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Collection
@@ -125,19 +126,45 @@ def check_postprocess(cfg: Config, supported: Collection[str]) -> None:
                               "remove the key (it applies to nested-region models, e.g. incomplete_seg on BraTS)")
 
 
+PHANTOM_RECORD = ".medfuse-phantom.json"
+"""The file in a generated phantom folder that records what made it (family and ``data.demo_params``)."""
+
+
 def prepare_demo_data(cfg: Config) -> None:
-    """Generate ``data.demo``'s phantom into ``data.root`` when the root does not exist yet."""
-    if not cfg.data.demo or cfg.data.root is None or Path(cfg.data.root).exists():
+    """Generate ``data.demo``'s phantom into ``data.root`` when the root does not exist yet.
+
+    The folder gets :data:`PHANTOM_RECORD`. A root that exists is used as it is, unless its record
+    names another family or other ``data.demo_params``: then this refuses it (one line), rather
+    than train on a phantom the config does not describe (e.g. a ``--quick`` one).
+
+    Raises:
+        ConfigError: ``data.demo`` names a family without demo data, or ``data.root`` holds a
+            phantom made with other parameters.
+    """
+    if not cfg.data.demo or cfg.data.root is None:
         return
     fam = FAMILIES.get(cfg.data.demo)
     if fam.make_demo is None:
         raise ConfigError("data.demo", f"family '{fam.name}' has no demo data", "remove data.demo")
+    want = {"family": fam.name, "demo_params": json.loads(json.dumps(dict(cfg.data.demo_params), default=str))}
+    if Path(cfg.data.root).exists():
+        record = Path(cfg.data.root) / PHANTOM_RECORD
+        try:
+            have = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+        except (OSError, ValueError):
+            have = None
+        if have is not None and have != want:
+            raise ConfigError("data.root", f"{cfg.data.root} holds the {have.get('family')} phantom made with "
+                              f"data.demo_params={have.get('demo_params')}, not {want['demo_params']}",
+                              "give another data.root (medfuse demo: another --out) or delete that folder")
+        return
     # Several DDP ranks may get here at once: each writes a private copy and renames it into place;
     # the first rename wins and the others drop theirs (the phantom depends only on its parameters).
     root = Path(cfg.data.root)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     try:
         fam.make_demo(tmp, **cfg.data.demo_params)
+        (tmp / PHANTOM_RECORD).write_text(json.dumps(want, sort_keys=True) + "\n", encoding="utf-8")
         os.rename(tmp, root)
     except OSError:
         if not root.exists():

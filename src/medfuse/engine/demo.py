@@ -13,6 +13,12 @@ demo uses this for its wrong-text rows (the same model, other text) and for MedS
 same image side and decoder, no adapter). ``demo.*`` overrides belong to the harness; the config
 never sees them.
 
+**Reuse.** Rerunning a demo into the same ``--out`` reuses a finished run only when the
+``config.yaml`` it was trained with equals the variant's config now; otherwise it retrains (and
+says which keys changed). A ``--quick`` demo keeps its phantom, cache and runs apart
+(:func:`demo_paths`), and the phantom folder records the parameters it was made with
+(:func:`~medfuse.engine.build.prepare_demo_data` refuses a folder made with others).
+
 **Seeds.** ``run_demo(family, out, seeds=[0, 1, 2])`` runs the family's key comparison
 (:data:`KEY_COMPARISONS`: a headline metric and the variants that form the comparison) once per
 ``train.seed``, with the phantom and the split fixed, and writes ``<out>/seeds.md`` and
@@ -87,6 +93,18 @@ def split_harness(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
+def demo_paths(out: Path, quick: bool) -> list[str]:
+    """Where a demo keeps its phantom, feature cache and runs under ``out``: a ``--quick`` demo uses
+    ``data-quick``/``cache-quick`` and runs named ``..._quick``, so that it never reuses, nor
+    replaces, what a full demo made in the same folder (and the reverse)."""
+    tag = "-quick" if quick else ""
+    return [f"data.root={out / f'data{tag}'}", f"data.cache_dir={out / f'cache{tag}'}", f"output_dir={out}"]
+
+
+def _suffix(quick: bool) -> str:
+    return "_quick" if quick else ""
+
+
 def _trained(run_dir: Path) -> bool:
     """A finished training: ``best.ckpt`` and the ``done`` marker of the run (or of every stage)."""
     ck = run_dir / "checkpoints"
@@ -94,6 +112,29 @@ def _trained(run_dir: Path) -> bool:
         return False
     stage_dirs = [d for d in ck.iterdir() if d.is_dir()]
     return (ck / "done").exists() or (bool(stage_dirs) and all((d / "done").exists() for d in stage_dirs))
+
+
+def config_changes(run_dir: Path, cfg: Any) -> list[str]:
+    """The config keys (dotted) whose values differ between ``run_dir/config.yaml`` (what the run
+    was trained with) and ``cfg`` resolved; every key when the run has no readable config. Empty:
+    the finished run may be reused for ``cfg``."""
+    import yaml
+
+    from medfuse.config import config_to_dict
+    from medfuse.engine.build import resolve
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml"]
+    want = config_to_dict(resolve(cfg))
+
+    def diff(a: Any, b: Any, key: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b), key=str) for d in diff(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))]
+        return [] if a == b else [key or "config"]
+
+    return diff(saved, want, "")
 
 
 def reuse_weights(cfg: Any, source_run: Path) -> Path:
@@ -161,9 +202,13 @@ def _run_variants(family: str, cfg_path: Path, base: list[str], variants: list[t
             reuse_weights(cfg, runs[source])
         else:
             console.print(f"[bold]demo {family}[/]: training variant '{vname}' -> {run_dir}")
-            if _trained(run_dir):
-                console.print("  (already trained; reusing it)")
+            changed = config_changes(run_dir, cfg) if _trained(run_dir) else None
+            if changed == []:
+                console.print("  (already trained with this config; reusing it)")
             else:
+                if changed:  # a finished run of another config (e.g. other overrides): never report its numbers
+                    console.print(f"  (trained with another config: {', '.join(changed[:4])}"
+                                  f"{' ...' if len(changed) > 4 else ''}; retraining)")
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 fit(cfg)
@@ -215,13 +260,12 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     console = console or Console()
     out = Path(out)
     cfg_path = demo_family(family).demo_config
-    base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
-            *(QUICK if quick else []), *(overrides or [])]
+    base = [*demo_paths(out, quick), *(QUICK if quick else []), *(overrides or [])]
     variants = [(i, n, o) for i, (n, o) in enumerate(ablations(family))]
     if main_only:
         variants = variants[:1]
     t0 = time.perf_counter()
-    rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}", console)
+    rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}{_suffix(quick)}", console)
     main_run = Path(rows[0]["run"])
     combined = dict(reports[variants[0][1]])
     combined["ablation"] = rows
@@ -330,8 +374,9 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
               overrides: list[str] | None = None, console: Console | None = None) -> dict[str, Any]:
     """The family's key comparison once per ``train.seed``; writes ``<out>/seeds.md`` and ``seeds.json``.
 
-    Runs are ``<out>/<family>_<variant index>_seed<seed>`` (a finished run is reused); the phantom
-    (``<out>/data``) and the split are the same for every seed. Returns the summary
+    Runs are ``<out>/<family>_<variant index>_seed<seed>`` (``..._quick`` with ``quick``; a finished
+    run is reused only when its ``config.yaml`` is this variant's config); the phantom (``<out>/data``,
+    or ``data-quick``) and the split are the same for every seed. Returns the summary
     (:func:`seeds_summary`).
     """
     from medfuse.fileio import atomic_open
@@ -347,9 +392,9 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
     ci = 0.95
     t0 = time.perf_counter()
     for s in seeds:
-        base = [f"data.root={out / 'data'}", f"data.cache_dir={out / 'cache'}", f"output_dir={out}",
-                *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
-        rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}_seed{s}", console)
+        base = [*demo_paths(out, quick), *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
+        rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}_seed{s}{_suffix(quick)}",
+                                      console)
         per_seed[s] = [r for r in rows if r["name"] in names]
         if metric is None:
             metric = next(k for k in per_seed[s][0] if k not in ("name", "run", "n", "weights_from"))
