@@ -237,3 +237,24 @@ def test_metrics_table_renders_cis_and_skips_non_metrics():
     console.print(table)
     text = console.export_text()
     assert "0.800" in text and "[0.700, 0.900]" in text and "3.250" in text and "class_names" not in text
+
+
+def test_paired_comparisons_render_as_tables():
+    """A demo's paired comparisons (first variant vs another, per-row differences with CIs, summary
+    rows) appear in report.html under the variants' names."""
+    from medfuse.reports.html import render_html
+
+    def e(v):
+        return {"value": v, "low": v - 0.01, "high": v + 0.01, "n": 12}
+
+    report = {"ablation": [{"name": "full"}, {"name": "dropout"}],
+              "paired": {"dropout": {"rows": [{"combination": "T1", "a": e(0.6), "b": e(0.5), "difference": e(0.1)}],
+                                     "incomplete": {"a": e(0.61), "b": e(0.55), "difference": e(0.06)},
+                                     "a_better": ["T1"], "n": 12, "a": "runs/a", "b": "runs/b"},
+                         "no rows": {"markdown": "| x |"}}}
+    page = render_html(report)
+    assert "<h2>Paired comparisons</h2>" in page and "<h3>full vs dropout (n=12 cases)</h3>" in page
+    assert "<th>combination</th><th>full</th><th>dropout</th><th>difference (full - dropout)</th>" in page
+    assert "0.100 [0.090, 0.110] (n=12)" in page and "<td>mean of incomplete</td>" in page
+    assert "no rows" not in page
+    assert "Paired comparisons" not in render_html({"ablation": [{"name": "full"}]})

@@ -136,6 +136,28 @@ def _ablation_table(rows: list[Any]) -> str:
     return _table(["variant", *columns], body)
 
 
+def _paired_tables(paired: Mapping[str, Any], first: str) -> list[str]:
+    """One table per paired comparison of the demo (``report["paired"]``: ``{other variant: {"rows":
+    [{<key>: label, "a": entry, "b": entry, "difference": entry}], <summary>: {"a", "b",
+    "difference"}, "n": cases}}``), ``a`` being the first variant; comparisons without rows are skipped."""
+    parts: list[str] = []
+    for name, cmp in paired.items():
+        if not isinstance(cmp, Mapping):
+            continue
+        rows = [r for r in cmp.get("rows", []) if isinstance(r, Mapping)]
+        if not rows:
+            continue
+        key = next((k for k in rows[0] if k not in ("a", "b", "difference")), "row")
+        body = [[r.get(key), r.get("a"), r.get("b"), r.get("difference")] for r in rows]
+        for label, entry in cmp.items():  # summary rows: entries whose a, b and difference are all metric entries
+            if label != "rows" and isinstance(entry, Mapping) and all(is_ci(entry.get(k)) for k in ("a", "b", "difference")):
+                body.append([f"mean of {label}", entry["a"], entry["b"], entry["difference"]])
+        n = f" (n={cmp['n']} cases)" if cmp.get("n") is not None else ""
+        parts += [f"<h3>{html.escape(first)} vs {html.escape(str(name))}{html.escape(n)}</h3>",
+                  _table([key, first, str(name), f"difference ({first} - {name})"], body)]
+    return parts
+
+
 def _image_tag(name: str, path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     alt = html.escape(name)
@@ -187,6 +209,15 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, str | Path] | Non
     ablation = report.get("ablation")
     if isinstance(ablation, list) and ablation:
         parts += ["<h2>Ablation</h2>", _ablation_table(ablation)]
+    paired = report.get("paired")
+    if isinstance(paired, Mapping) and paired:
+        first = str(ablation[0].get("name", "a")) if isinstance(ablation, list) and ablation and \
+            isinstance(ablation[0], Mapping) else "a"
+        tables = _paired_tables(paired, first)
+        if tables:
+            parts += ["<h2>Paired comparisons</h2>",
+                      '<p class="meta">the same test cases under both variants; per-case difference, '
+                      'case-bootstrap CI</p>', *tables]
     if plots:
         parts.append("<h2>Plots</h2>")
         for name, path in plots.items():

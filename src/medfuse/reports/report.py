@@ -13,6 +13,8 @@ Report dict schema (loose: every key is optional and unknown keys are kept in th
       "splits": {split: {metric: {...}} | {"metrics": {metric: {...}}}},   # per-split tables
       "confusion_matrix": [[int]], "class_names": [str],
       "ablation": [{"name": variant, metric: {...} | number, ...}],
+      "paired": {other variant: {"rows": [{label_key: str, "a": {...}, "b": {...}, "difference": {...}}],
+                 summary: {"a", "b", "difference"}, "n": int}},   # first ablation variant = a
       "config": {...},             # resolved config (nested dicts are flattened to a.b.c in HTML)
       "notes": [str],
     }
