@@ -466,8 +466,8 @@ def _cellmap_rules(table: CaseTable, case: Case) -> list[Problem]:
 
 
 def _omniabnorm_rules(table: CaseTable, case: Case) -> list[Problem]:
-    from medfuse.data.datasets import omni_region_map
     from medfuse.data.io import read_slice_folder
+    from medfuse.data.layouts.omniabnorm import omni_region_map
 
     cid, image = case.case_id, case.images.get("ct", "")
     if not Path(image).is_dir():

@@ -63,7 +63,7 @@ def test_layout_reads_records_as_slabs_with_the_scan_as_patient(tmp_path):
 
 
 def test_findings_become_regions_steps_and_lesions(tmp_path):
-    from medfuse.data.datasets import omni_region_map
+    from medfuse.data.layouts.omniabnorm import omni_region_map
     from medfuse.families.ct_encoder.data import read_omniabnorm
     from medfuse.families.ct_encoder.params import CTEncoderDataParams
 

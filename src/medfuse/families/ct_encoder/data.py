@@ -392,7 +392,7 @@ def read_omniabnorm(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable
     """OmniAbnorm-CT records as ct_encoder cases: each sample is a thin slab (centre slice + context
     slices), finding group k is region k (its mask on the centre slice, also its lesion label), and
     each finding's description is its region text and one CoT step anchored in that region."""
-    from medfuse.data.datasets import load_omniabnorm, omniabnorm_json
+    from medfuse.data.layouts.omniabnorm import load_omniabnorm, omniabnorm_json
 
     root = Path(root).absolute()
     source = root / p.records if p.records else omniabnorm_json(root)
@@ -435,8 +435,8 @@ class OmniAbnormLoadd(mt.MapTransform):
     def __call__(self, data):
         from monai.data import MetaTensor
 
-        from medfuse.data.datasets import omni_region_map
         from medfuse.data.io import read_slice_folder
+        from medfuse.data.layouts.omniabnorm import omni_region_map
 
         d = dict(data)
         rec = d.pop("omni")

@@ -8,7 +8,7 @@ attribute columns that ``data.params.text_template`` turns into text (e.g.
 outwards in training) or, with ``box_source: csv``, from a ``box`` column (``"x0 y0 x1 y1"``) or
 ``box_x0 .. box_y1`` columns in original pixels (x = column, y = row, inclusive extents).
 
-NSCLC-Radiogenomics (layout ``nsclc``, :mod:`medfuse.data.datasets`): each patient's CT series
+NSCLC-Radiogenomics (layout ``nsclc``, :mod:`medfuse.data.layouts.nsclc`): each patient's CT series
 and DICOM SEG become one record per slice through the tumour (:func:`tumour_slice_records`), with
 the clinical CSV's fields (``histology``, ``t_stage``, ...) for the template.
 

@@ -1,0 +1,70 @@
+"""``ctrate`` layout (seed 001): CT-RATE (a reports CSV, volumes, optional region masks and
+metadata CSV).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from medfuse.data.layouts.cases import Case, CaseTable, read_csv_rows, safe_id
+from medfuse.errors import DataError
+
+_CTRATE_NAME = re.compile(r"^(?P<patient>(?:train|valid|test)_\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)$")
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".npz")
+
+
+def _header_of(path: Path) -> set[str]:
+    try:
+        return {c.strip() for c in path.open(encoding="utf-8-sig").readline().strip().split(",")}
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
+def ctrate_reports(root: Path) -> list[Path]:
+    """Reports CSVs (``VolumeName`` + ``Findings_EN``) in ``root`` or one folder down."""
+    if not root.is_dir():
+        return []
+    csvs = [*sorted(root.glob("*.csv")), *sorted(root.glob("*/*.csv"))]
+    return [p for p in csvs if {"VolumeName", "Findings_EN"} <= _header_of(p)]
+
+
+def volume_stem(name: str) -> str:
+    name = Path(str(name)).name
+    low = name.lower()
+    return next((name[: -len(s)] for s in VOLUME_SUFFIXES if low.endswith(s)), name)
+
+
+def load_ctrate(root: Path) -> CaseTable:
+    reports = ctrate_reports(root)
+    masks = root / "masks"
+    meta_csvs = [p for p in [*root.glob("*.csv"), *root.glob("*/*.csv")] if {"VolumeName", "RescaleSlope"} <= _header_of(p)]
+    meta = {volume_stem(r.get("VolumeName", "")): r for p in meta_csvs for r in read_csv_rows(p)}
+    index = {volume_stem(f.name): f for f in sorted(root.rglob("*"))
+             if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES) and masks not in f.parents}
+    mask_index = {volume_stem(f.name): f for f in masks.rglob("*") if f.is_file()} if masks.is_dir() else {}
+    cases, missing = [], 0
+    for source in reports:
+        for r in read_csv_rows(source):
+            stem = volume_stem(r.get("VolumeName", ""))
+            if stem not in index:
+                missing += 1
+                continue
+            m = _CTRATE_NAME.match(stem)
+            row = meta.get(stem)
+            cases.append(Case(case_id=safe_id(stem), patient_id=m["patient"] if m else stem,
+                              images={"ct": str(index[stem])},
+                              mask=str(mask_index[stem]) if stem in mask_index else None,
+                              text=r.get("Impressions_EN") or r.get("Findings_EN") or None,
+                              extra={"findings": r.get("Findings_EN", ""),
+                                     "rescale": None if row is None else [row.get("RescaleSlope", ""),
+                                                                          row.get("RescaleIntercept", "")]}))
+    if not cases:
+        raise DataError(root, "none of the volumes its reports CSV names is under it",
+                        "point at the CT-RATE dataset folder holding the volumes")
+    notes = [f"CT-RATE: {len(cases)} volumes" + (f"; {missing} listed volumes are not on disk" if missing else "")
+             + ("" if mask_index else "; no masks/ folder (ct_encoder needs region masks)")]
+    return CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases,
+                     patient_ids_given=any(_CTRATE_NAME.match(c.case_id) for c in cases), source=reports[0],
+                     notes=notes)
