@@ -12,15 +12,13 @@ import pytest
 
 from medfuse.config import validate
 from medfuse.errors import ConfigError, DataError
+from medfuse.families.ct_encoder.cot import RegionVocab, cot_steps, region_sentences
 from medfuse.families.ct_encoder.data import (
     CTEncoderDataModule,
-    RegionVocab,
     case_item,
-    cot_steps,
     ct_transforms,
     predict_cases,
     read_ctrate,
-    region_sentences,
 )
 from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
 from medfuse.families.ct_encoder.params import CTEncoderDataParams

@@ -10,7 +10,7 @@ from pathlib import Path
 from medfuse.data.layouts.cases import Case, CaseTable, read_csv_rows, safe_id
 from medfuse.errors import DataError
 
-_CTRATE_NAME = re.compile(r"^(?P<patient>(?:train|valid|test)_\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)$")
+CTRATE_NAME = re.compile(r"^(?P<patient>(?:train|valid|test)_\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)$")
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".npz")
 
@@ -51,7 +51,7 @@ def load_ctrate(root: Path) -> CaseTable:
             if stem not in index:
                 missing += 1
                 continue
-            m = _CTRATE_NAME.match(stem)
+            m = CTRATE_NAME.match(stem)
             row = meta.get(stem)
             cases.append(Case(case_id=safe_id(stem), patient_id=m["patient"] if m else stem,
                               images={"ct": str(index[stem])},
@@ -66,5 +66,5 @@ def load_ctrate(root: Path) -> CaseTable:
     notes = [f"CT-RATE: {len(cases)} volumes" + (f"; {missing} listed volumes are not on disk" if missing else "")
              + ("" if mask_index else "; no masks/ folder (ct_encoder needs region masks)")]
     return CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases,
-                     patient_ids_given=any(_CTRATE_NAME.match(c.case_id) for c in cases), source=reports[0],
+                     patient_ids_given=any(CTRATE_NAME.match(c.case_id) for c in cases), source=reports[0],
                      notes=notes)

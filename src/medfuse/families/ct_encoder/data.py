@@ -39,7 +39,9 @@ Spacing, window and crop/pad come from ``data.transforms`` (``spacing``, ``inten
 ``kind: ct_window``, ``spatial_size``; the seed's size is (64, 512, 512) and [0, 1] after
 windowing). The mask is resampled with nearest neighbour onto the image grid.
 
-The options are :class:`~medfuse.families.ct_encoder.params.CTEncoderDataParams`.
+The report side (region vocabulary, region sentences, CoT steps and the CoT file reader) is in
+:mod:`medfuse.families.ct_encoder.cot`; the options are
+:class:`~medfuse.families.ct_encoder.params.CTEncoderDataParams`.
 :func:`predict_cases` reads ``medfuse predict``'s inputs (a ``VOLUME MASK`` pair or a folder in this
 layout) for :class:`~medfuse.families.ct_encoder.evaluate.CTEncoderPredictor`.
 """
@@ -47,7 +49,6 @@ layout) for :class:`~medfuse.families.ct_encoder.evaluate.CTEncoderPredictor`.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,18 @@ import torch
 from medfuse.config import Config, validate_params
 from medfuse.data.datamodule import CaseDataModule, SeededDataset, SeededSampler, data_root, resolve_splits
 from medfuse.data.layouts import Case, CaseTable, read_csv_rows
+from medfuse.data.layouts.ctrate import CTRATE_NAME, VOLUME_SUFFIXES, volume_stem
 from medfuse.data.paths import check_case_id
 from medfuse.errors import ConfigError, DataError
+from medfuse.families.ct_encoder.cot import (
+    RegionVocab,
+    cot_step_lesions,
+    cot_steps,
+    read_cot,
+    region_sentences,
+)
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
 
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".npz")
-_CTRATE_NAME = re.compile(r"^(?P<patient>(?:train|valid|test)_\d+)_(?P<scan>[a-z]+)_(?P<rec>\d+)$")
 _NOT_LABELS = {"VolumeName", "case_id", "volumename"}
 AIR_HU = -1024.0
 
@@ -84,14 +91,6 @@ def check_params(cfg: Config) -> CTEncoderDataParams:
 
 
 _csv = read_csv_rows  # BOM-safe, stripped headers and cells
-
-
-def _stem(name: str) -> str:
-    name = Path(str(name)).name
-    for suf in _VOLUME_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
 
 
 def _optional(root: Path, p: CTEncoderDataParams, key: str) -> Path | None:
@@ -120,177 +119,23 @@ def _cot_paths(root: Path, p: CTEncoderDataParams) -> list[Path]:
     return [path] if path is not None else []
 
 
-# ------------------------------------------------------------------------------------- regions
-
-
-class RegionVocab:
-    """Region names and groups -> region ids, for ``mask_region`` fields and report sentences.
-
-    Args:
-        names: region id (1..R) -> name.
-        groups: group name -> region ids (e.g. "right lung" -> the three right lobes).
-    """
-
-    def __init__(self, names: dict[int, str], groups: dict[str, list[int]] | None = None):
-        self.names = {int(k): str(v).lower().strip() for k, v in names.items()}
-        self.groups = {str(k).lower().strip(): [int(i) for i in v] for k, v in (groups or {}).items()}
-        terms = [(n, [i]) for i, n in self.names.items()] + list(self.groups.items())
-        self._terms = sorted(terms, key=lambda t: -len(t[0]))  # longest first: "left lung" before "lung"
-
-    @classmethod
-    def from_params(cls, root: Path, p: CTEncoderDataParams) -> RegionVocab:
-        meta: dict[str, Any] = {}
-        path = _optional(root, p, "regions")
-        if path is not None:
-            try:
-                meta = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise DataError(path, f"is not valid JSON ({e})", "fix the file") from e
-        names = p.region_names or meta.get("region_names")
-        if not names:
-            raise ConfigError("data.params.region_names", "no region names given",
-                              f"set data.params.region_names (id -> name) or write {root / 'regions.json'}")
-        if isinstance(names, list):
-            names = {i + 1: n for i, n in enumerate(names)}
-        return cls(names, p.region_groups or meta.get("region_groups"))
-
-    def resolve(self, phrase: str | None) -> list[int]:
-        """Region ids of a ``mask_region``: a name, a group, names containing it, else names mentioned in it."""
-        if not phrase:
-            return []
-        q = str(phrase).lower().strip()
-        if q in self.groups:
-            return sorted(set(self.groups[q]))
-        exact = [i for i, n in self.names.items() if n == q]
-        if exact:
-            return exact
-        within = [i for i, n in self.names.items() if q in n]
-        return within or self.mentions(q)
-
-    def mentions(self, text: str, groups: bool = True) -> list[int]:
-        """Region ids named in ``text`` (whole words, longest names first, no overlaps)."""
-        low, taken, ids = str(text).lower(), [], set()
-        for term, rids in self._terms:
-            if not groups and term in self.groups:
-                continue
-            for m in re.finditer(rf"\b{re.escape(term)}\b", low):
-                if not any(a < m.end() and m.start() < b for a, b in taken):
-                    taken.append((m.start(), m.end()))
-                    ids.update(rids)
-        return sorted(ids)
-
-
-def sentences(text: str) -> list[str]:
-    """Split report text into sentences."""
-    parts = re.split(r"(?<=[.;!?])\s+|\n+", str(text or ""))
-    return [s.strip() for s in parts if s.strip()]
-
-
-def region_sentences(findings: str, vocab: RegionVocab) -> list[list[Any]]:
-    """``[[region_id, text]]``: the findings' sentences that name exactly one region, joined per region."""
-    per: dict[int, list[str]] = {}
-    for s in sentences(findings):
-        ids = vocab.mentions(s, groups=False)
-        if len(ids) == 1:
-            per.setdefault(ids[0], []).append(s)
-    return [[rid, " ".join(ss)] for rid, ss in sorted(per.items())]
-
-
-def cot_steps(record: dict[str, Any], vocab: RegionVocab) -> list[list[Any]]:
-    """``[[text, [region ids]]]`` from one chain-of-thought record (seed schema or CT-RATE Q/A)."""
-    steps = record.get("cot_reasoning")
-    if isinstance(steps, list):
-        out = []
-        for s in sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0)):
-            text = str(s.get("text") or "").strip()
-            if text:
-                ids = vocab.resolve(s.get("mask_region")) or vocab.mentions(" ".join(s.get("anatomical_entities") or []))
-                out.append([text, ids])
-        return out
-    return [[s, vocab.mentions(s)] for s in sentences(record.get("answer", ""))]
-
-
-def cot_step_lesions(record: dict[str, Any]) -> list[int]:
-    """The lesion label each step of :func:`cot_steps` names (its ``lesion`` field; 0 = none), in step order."""
-    steps = record.get("cot_reasoning")
-    if not isinstance(steps, list):
-        return [0] * len(sentences(record.get("answer", "")))
-    ordered = sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0))
-    return [int(s.get("lesion") or 0) for s in ordered if str(s.get("text") or "").strip()]
-
-
-_VOLUME_KEYS = ("volumename", "VolumeName", "volume_name", "case_id", "volume", "image", "image_path", "img",
-                "video", "id")
-_THINK_KEYS = ("think", "thinking", "reasoning", "thought", "thoughts", "cot", "rationale")
-_ANSWER_KEYS = ("answer", "response", "output", "report", "final_answer")
-_THINK_TAG = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, list):
-        return " ".join(_text(v) for v in value)
-    if isinstance(value, dict):
-        return _text(value.get("text") or value.get("value") or "")
-    return "" if value is None else str(value).strip()
-
-
-def thinking_text(record: dict[str, Any]) -> str:
-    """The reasoning and answer of one CT-RATE-style thinking record, as plain text.
-
-    Reads ``think``/``thinking``/``reasoning``/... and ``answer``/``response``/... fields, a
-    ``<think>...</think>`` block inside the answer, or LLaVA-style ``conversations`` (the ``gpt``
-    turns). CT-RATE-Thinking's field names are unverified, hence the list.
-    """
-    parts = [_text(record[k]) for k in _THINK_KEYS if k in record]
-    answers = [_text(record[k]) for k in _ANSWER_KEYS if k in record]
-    for turn in record.get("conversations") or []:
-        if isinstance(turn, dict) and str(turn.get("from", turn.get("role", ""))).lower() in ("gpt", "assistant"):
-            answers.append(_text(turn.get("value", turn.get("content", ""))))
-    for a in answers:
-        parts += [m.strip() for m in _THINK_TAG.findall(a)]
-        parts.append(_THINK_TAG.sub(" ", a).strip())
-    return " ".join(p for p in parts if p)
-
-
-def _volume_key(record: dict[str, Any]) -> str | None:
-    for k in _VOLUME_KEYS:
-        value = record.get(k)
-        if isinstance(value, list) and value:
-            value = value[0]
-        if isinstance(value, str) and value.strip():
-            return _stem(value.strip())
-    return None
-
-
-def _read_cot(path: Path) -> dict[str, dict[str, Any]]:
-    """Chain-of-thought records by volume: the seed's schema (``cot_reasoning``) as is; CT-RATE-style
-    thinking records (JSON lines, several per volume: VQA pairs, report narratives) merged per volume
-    into one ``answer`` text whose sentences become the steps."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines()
-                                                                 if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"cannot be read ({e})", "save it as UTF-8 JSON") from e
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"is not valid JSON ({e})", "write a JSON list of records (or JSON lines)") from e
-    records = data.get("records", data) if isinstance(data, dict) else data
-    if isinstance(records, dict):  # keyed by volume
-        records = [{"volumename": k, **v} for k, v in records.items() if isinstance(v, dict)]
-    if not isinstance(records, list):
-        raise DataError(path, "must hold a list of chain-of-thought records", "see the seed's CoT schema")
-    out: dict[str, dict[str, Any]] = {}
-    for r in records:
-        key = _volume_key(r) if isinstance(r, dict) else None
-        if not key:
-            continue
-        if isinstance(r.get("cot_reasoning"), list):
-            out.setdefault(key, r)
-            continue
-        merged = out.setdefault(key, {"answer": ""})
-        if "cot_reasoning" not in merged:
-            merged["answer"] = f"{merged['answer']} {thinking_text(r)}".strip()
-    return out
+def region_vocab(root: Path, p: CTEncoderDataParams) -> RegionVocab:
+    """The region vocabulary of a dataset: ``data.params.region_names``/``region_groups``, else the
+    ``regions.json`` under ``root`` (``{"region_names": {...}, "region_groups": {...}}``)."""
+    meta: dict[str, Any] = {}
+    path = _optional(root, p, "regions")
+    if path is not None:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(path, f"is not valid JSON ({e})", "fix the file") from e
+    names = p.region_names or meta.get("region_names")
+    if not names:
+        raise ConfigError("data.params.region_names", "no region names given",
+                          f"set data.params.region_names (id -> name) or write {root / 'regions.json'}")
+    if isinstance(names, list):
+        names = {i + 1: n for i, n in enumerate(names)}
+    return RegionVocab(names, p.region_groups or meta.get("region_groups"))
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -305,7 +150,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
         ``labels`` and ``hu`` ([slope, intercept] or None).
     """
     root = Path(root).absolute()
-    vocab = RegionVocab.from_params(root, p)
+    vocab = region_vocab(root, p)
     reports_path = root / str(p.reports)
     if not reports_path.is_file():
         raise DataError(reports_path, "reports CSV not found", "set data.params.reports (e.g. train_reports.csv)")
@@ -316,23 +161,23 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     if not masks.is_dir():
         raise DataError(masks, "region mask folder not found", "set data.params.masks (one mask per volume)")
     lesions = _optional(root, p, "lesions")
-    lesion_index = {_stem(f.name): f for f in lesions.rglob("*") if f.is_file()} if lesions else {}
-    index = {_stem(f.name): f for f in sorted(root.rglob("*"))
-             if f.is_file() and f.name.lower().endswith(_VOLUME_SUFFIXES) and masks not in f.parents
+    lesion_index = {volume_stem(f.name): f for f in lesions.rglob("*") if f.is_file()} if lesions else {}
+    index = {volume_stem(f.name): f for f in sorted(root.rglob("*"))
+             if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES) and masks not in f.parents
              and (lesions is None or lesions not in f.parents)}
-    mask_index = {_stem(f.name): f for f in masks.rglob("*") if f.is_file()}
+    mask_index = {volume_stem(f.name): f for f in masks.rglob("*") if f.is_file()}
 
     meta_path = _optional(root, p, "metadata")
-    meta = {_stem(r.get("VolumeName", "")): r for r in _csv(meta_path)} if meta_path else {}
+    meta = {volume_stem(r.get("VolumeName", "")): r for r in _csv(meta_path)} if meta_path else {}
     if p.hu == "metadata" and not meta:
         raise ConfigError("data.params.hu", "is 'metadata' but no metadata CSV was found",
                           "set data.params.metadata, or hu=none if the volumes are already in HU")
     labels_path = _optional(root, p, "labels")
-    label_rows = {_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
+    label_rows = {volume_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
     abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
     cot: dict[str, dict[str, Any]] = {}
     for cot_path in _cot_paths(root, p):
-        for key, rec in _read_cot(cot_path).items():
+        for key, rec in read_cot(cot_path).items():
             if key in cot and "answer" in cot[key] and "answer" in rec:
                 cot[key]["answer"] = f"{cot[key]['answer']} {rec['answer']}".strip()
             else:
@@ -340,8 +185,8 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
 
     cases, missing, seen_scans = [], [], set()
     for i, r in enumerate(reports, start=2):
-        stem = _stem(r["VolumeName"])
-        m = _CTRATE_NAME.match(stem)
+        stem = volume_stem(r["VolumeName"])
+        m = CTRATE_NAME.match(stem)
         if p.reconstructions == "first" and m:
             scan = (m["patient"], m["scan"])
             if scan in seen_scans:
@@ -384,7 +229,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
         raise DataError(root, f"none of the {len(reports)} volumes of {reports_path.name} was found",
                         "set data.root to the folder holding the volumes")
     table = CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases, class_names=abnormalities or None,
-                      patient_ids_given=any(_CTRATE_NAME.match(c.case_id) for c in cases), source=reports_path)
+                      patient_ids_given=any(CTRATE_NAME.match(c.case_id) for c in cases), source=reports_path)
     return table, vocab, abnormalities
 
 

@@ -1,0 +1,170 @@
+"""Report text and chain-of-thought records for the ``ct_encoder`` family (seed 001): the region
+vocabulary (names and groups -> region ids), report sentences per region, CoT steps with their
+regions and lesions, and the reader of CoT files (the seed's ``cot_reasoning`` schema and CT-RATE-style
+thinking records). Nothing here opens a volume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from medfuse.data.layouts.ctrate import volume_stem
+from medfuse.errors import DataError
+
+__all__ = ["RegionVocab", "cot_step_lesions", "cot_steps", "read_cot", "region_sentences", "sentences",
+           "thinking_text"]
+
+
+class RegionVocab:
+    """Region names and groups -> region ids, for ``mask_region`` fields and report sentences.
+
+    Args:
+        names: region id (1..R) -> name.
+        groups: group name -> region ids (e.g. "right lung" -> the three right lobes).
+    """
+
+    def __init__(self, names: dict[int, str], groups: dict[str, list[int]] | None = None):
+        self.names = {int(k): str(v).lower().strip() for k, v in names.items()}
+        self.groups = {str(k).lower().strip(): [int(i) for i in v] for k, v in (groups or {}).items()}
+        terms = [(n, [i]) for i, n in self.names.items()] + list(self.groups.items())
+        self._terms = sorted(terms, key=lambda t: -len(t[0]))  # longest first: "left lung" before "lung"
+
+    def resolve(self, phrase: str | None) -> list[int]:
+        """Region ids of a ``mask_region``: a name, a group, names containing it, else names mentioned in it."""
+        if not phrase:
+            return []
+        q = str(phrase).lower().strip()
+        if q in self.groups:
+            return sorted(set(self.groups[q]))
+        exact = [i for i, n in self.names.items() if n == q]
+        if exact:
+            return exact
+        within = [i for i, n in self.names.items() if q in n]
+        return within or self.mentions(q)
+
+    def mentions(self, text: str, groups: bool = True) -> list[int]:
+        """Region ids named in ``text`` (whole words, longest names first, no overlaps)."""
+        low, taken, ids = str(text).lower(), [], set()
+        for term, rids in self._terms:
+            if not groups and term in self.groups:
+                continue
+            for m in re.finditer(rf"\b{re.escape(term)}\b", low):
+                if not any(a < m.end() and m.start() < b for a, b in taken):
+                    taken.append((m.start(), m.end()))
+                    ids.update(rids)
+        return sorted(ids)
+
+
+def sentences(text: str) -> list[str]:
+    """Split report text into sentences."""
+    parts = re.split(r"(?<=[.;!?])\s+|\n+", str(text or ""))
+    return [s.strip() for s in parts if s.strip()]
+
+
+def region_sentences(findings: str, vocab: RegionVocab) -> list[list[Any]]:
+    """``[[region_id, text]]``: the findings' sentences that name exactly one region, joined per region."""
+    per: dict[int, list[str]] = {}
+    for s in sentences(findings):
+        ids = vocab.mentions(s, groups=False)
+        if len(ids) == 1:
+            per.setdefault(ids[0], []).append(s)
+    return [[rid, " ".join(ss)] for rid, ss in sorted(per.items())]
+
+
+def cot_steps(record: dict[str, Any], vocab: RegionVocab) -> list[list[Any]]:
+    """``[[text, [region ids]]]`` from one chain-of-thought record (seed schema or CT-RATE Q/A)."""
+    steps = record.get("cot_reasoning")
+    if isinstance(steps, list):
+        out = []
+        for s in sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0)):
+            text = str(s.get("text") or "").strip()
+            if text:
+                ids = vocab.resolve(s.get("mask_region")) or vocab.mentions(" ".join(s.get("anatomical_entities") or []))
+                out.append([text, ids])
+        return out
+    return [[s, vocab.mentions(s)] for s in sentences(record.get("answer", ""))]
+
+
+def cot_step_lesions(record: dict[str, Any]) -> list[int]:
+    """The lesion label each step of :func:`cot_steps` names (its ``lesion`` field; 0 = none), in step order."""
+    steps = record.get("cot_reasoning")
+    if not isinstance(steps, list):
+        return [0] * len(sentences(record.get("answer", "")))
+    ordered = sorted((s for s in steps if isinstance(s, dict)), key=lambda s: s.get("step", 0))
+    return [int(s.get("lesion") or 0) for s in ordered if str(s.get("text") or "").strip()]
+
+
+_VOLUME_KEYS = ("volumename", "VolumeName", "volume_name", "case_id", "volume", "image", "image_path", "img",
+                "video", "id")
+_THINK_KEYS = ("think", "thinking", "reasoning", "thought", "thoughts", "cot", "rationale")
+_ANSWER_KEYS = ("answer", "response", "output", "report", "final_answer")
+_THINK_TAG = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return _text(value.get("text") or value.get("value") or "")
+    return "" if value is None else str(value).strip()
+
+
+def thinking_text(record: dict[str, Any]) -> str:
+    """The reasoning and answer of one CT-RATE-style thinking record, as plain text.
+
+    Reads ``think``/``thinking``/``reasoning``/... and ``answer``/``response``/... fields, a
+    ``<think>...</think>`` block inside the answer, or LLaVA-style ``conversations`` (the ``gpt``
+    turns). CT-RATE-Thinking's field names are unverified, hence the list.
+    """
+    parts = [_text(record[k]) for k in _THINK_KEYS if k in record]
+    answers = [_text(record[k]) for k in _ANSWER_KEYS if k in record]
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and str(turn.get("from", turn.get("role", ""))).lower() in ("gpt", "assistant"):
+            answers.append(_text(turn.get("value", turn.get("content", ""))))
+    for a in answers:
+        parts += [m.strip() for m in _THINK_TAG.findall(a)]
+        parts.append(_THINK_TAG.sub(" ", a).strip())
+    return " ".join(p for p in parts if p)
+
+
+def _volume_key(record: dict[str, Any]) -> str | None:
+    for k in _VOLUME_KEYS:
+        value = record.get(k)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, str) and value.strip():
+            return volume_stem(value.strip())
+    return None
+
+
+def read_cot(path: Path) -> dict[str, dict[str, Any]]:
+    """Chain-of-thought records by volume: the seed's schema (``cot_reasoning``) as is; CT-RATE-style
+    thinking records (JSON lines, several per volume: VQA pairs, report narratives) merged per volume
+    into one ``answer`` text whose sentences become the steps."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines()
+                                                                 if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot be read ({e})", "save it as UTF-8 JSON") from e
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"is not valid JSON ({e})", "write a JSON list of records (or JSON lines)") from e
+    records = data.get("records", data) if isinstance(data, dict) else data
+    if isinstance(records, dict):  # keyed by volume
+        records = [{"volumename": k, **v} for k, v in records.items() if isinstance(v, dict)]
+    if not isinstance(records, list):
+        raise DataError(path, "must hold a list of chain-of-thought records", "see the seed's CoT schema")
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        key = _volume_key(r) if isinstance(r, dict) else None
+        if not key:
+            continue
+        if isinstance(r.get("cot_reasoning"), list):
+            out.setdefault(key, r)
+            continue
+        merged = out.setdefault(key, {"answer": ""})
+        if "cot_reasoning" not in merged:
+            merged["answer"] = f"{merged['answer']} {thinking_text(r)}".strip()
+    return out
