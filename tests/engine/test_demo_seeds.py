@@ -176,3 +176,11 @@ def test_a_phantom_made_with_other_parameters_is_refused(tmp_path):
         prepare_demo_data(load_config(cfg_path, [f"data.root={root}", "data.demo_params.n_patients=8"]))
     (root / PHANTOM_RECORD).unlink()  # a folder without a record (the user's, or made before records): used
     prepare_demo_data(load_config(cfg_path, [f"data.root={root}", "data.demo_params.n_patients=8"]))
+
+
+def test_console_cells_leave_out_the_n_the_table_already_has():
+    row = {"name": "full", "n": 12, "dice": {"value": 0.5, "low": 0.4, "high": 0.6, "n": 12},
+           "hd95": {"value": None, "n": 0}}
+    assert demo.table_cell(row, "dice") == "0.500 [0.400, 0.600]"
+    assert demo.table_cell(row, "hd95") == "n/a n=0"  # another n than the variant's: kept
+    assert demo.table_cell(row, "auc") == "-"

@@ -255,7 +255,7 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     """
     if seeds is not None:
         return run_seeds(family, out, seeds, quick=quick, overrides=overrides, console=console)
-    from medfuse.reports import format_ci, write_report
+    from medfuse.reports import write_report
 
     console = console or Console()
     out = Path(out)
@@ -285,19 +285,33 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     from rich.table import Table
 
     keys = [k for k in rows[0] if k not in ("name", "run", "n", "weights_from")]
+
     title = f"{family} demo: test split, {100 * float(combined.get('ci', 0.95)):g}% bootstrap CI"
     if len(keys) <= 3:
         table = Table("variant", "n", *[escape(k) for k in keys], title=title)
         for r in rows:
-            table.add_row(escape(r["name"]), str(r["n"]), *[format_ci(r[k]) if k in r else "-" for k in keys])
+            table.add_row(escape(r["name"]), str(r["n"]), *[table_cell(r, k) for k in keys])
     else:  # many metrics: one row per metric, one column per variant, so that the CIs stay readable
         table = Table("metric", *[escape(r["name"]) for r in rows], title=title)
         table.add_row("n", *[str(r["n"]) for r in rows])
         for k in keys:
-            table.add_row(escape(k), *[format_ci(r[k]) if k in r else "-" for r in rows])
+            table.add_row(escape(k), *[table_cell(r, k) for r in rows])
     console.print(table)
     console.print(f"report: {main_run / 'report.html'}")
     return combined
+
+
+def table_cell(row: dict[str, Any], key: str) -> str:
+    """A demo row's metric as value [CI], with its n only where it differs from the variant's n
+    (the console table has an n of its own); ``-`` where the variant lacks the metric."""
+    from medfuse.reports import format_ci
+
+    if key not in row:
+        return "-"
+    entry = row[key]
+    if isinstance(entry, dict) and entry.get("n") == row.get("n"):
+        entry = {k: v for k, v in entry.items() if k != "n"}
+    return format_ci(entry)
 
 
 def parse_seeds(text: str) -> list[int]:
