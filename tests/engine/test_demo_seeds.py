@@ -151,11 +151,13 @@ def test_a_finished_run_is_reused_only_with_its_own_config(tmp_path, monkeypatch
         == ["eval.n_boot", "train.max_epochs"]
 
 
-def test_quick_and_full_demos_keep_apart():
+def test_families_and_quick_demos_keep_their_phantoms_apart():
     out = Path("runs/x")
-    full, quick = demo.demo_paths(out, False), demo.demo_paths(out, True)
-    assert full[0] == f"data.root={out / 'data'}" and quick[0] == f"data.root={out / 'data-quick'}"
-    assert set(full).isdisjoint(quick[:2]) and full[2] == quick[2]  # same output_dir, other data and cache
+    full, quick = demo.demo_paths(out, "staging", False), demo.demo_paths(out, "staging", True)
+    other = demo.demo_paths(out, "ct_encoder", False)
+    assert full[0] == f"data.root={out / 'data' / 'staging'}" and quick[0] == f"data.root={out / 'data' / 'staging-quick'}"
+    assert len({full[0], quick[0], other[0]}) == 3  # three phantoms
+    assert full[1:] == quick[1:] == other[1:]  # one content-keyed cache, one output folder
 
 
 def test_a_phantom_made_with_other_parameters_is_refused(tmp_path):

@@ -15,8 +15,8 @@ never sees them.
 
 **Reuse.** Rerunning a demo into the same ``--out`` reuses a finished run only when the
 ``config.yaml`` it was trained with equals the variant's config now; otherwise it retrains (and
-says which keys changed). A ``--quick`` demo keeps its phantom, cache and runs apart
-(:func:`demo_paths`), and the phantom folder records the parameters it was made with
+says which keys changed). Each family's phantom has its own folder, a ``--quick`` demo keeps its
+phantom and runs apart (:func:`demo_paths`), and the phantom folder records the parameters it was made with
 (:func:`~medfuse.engine.build.prepare_demo_data` refuses a folder made with others).
 
 **Seeds.** ``run_demo(family, out, seeds=[0, 1, 2])`` runs the family's key comparison
@@ -93,12 +93,13 @@ def split_harness(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
-def demo_paths(out: Path, quick: bool) -> list[str]:
-    """Where a demo keeps its phantom, feature cache and runs under ``out``: a ``--quick`` demo uses
-    ``data-quick``/``cache-quick`` and runs named ``..._quick``, so that it never reuses, nor
-    replaces, what a full demo made in the same folder (and the reverse)."""
-    tag = "-quick" if quick else ""
-    return [f"data.root={out / f'data{tag}'}", f"data.cache_dir={out / f'cache{tag}'}", f"output_dir={out}"]
+def demo_paths(out: Path, family: str, quick: bool) -> list[str]:
+    """Where a demo keeps its phantom, feature cache and runs under ``out``: the phantom in
+    ``data/<family>`` (``data/<family>-quick`` for ``--quick``), so that demos of several families, or
+    a quick and a full demo, can share one ``--out`` (the default) without reading each other's
+    phantom; the cache (keyed by content) is shared; quick runs are named ``..._quick``."""
+    return [f"data.root={out / 'data' / (family + ('-quick' if quick else ''))}", f"data.cache_dir={out / 'cache'}",
+            f"output_dir={out}"]
 
 
 def _suffix(quick: bool) -> str:
@@ -260,7 +261,7 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     console = console or Console()
     out = Path(out)
     cfg_path = demo_family(family).demo_config
-    base = [*demo_paths(out, quick), *(QUICK if quick else []), *(overrides or [])]
+    base = [*demo_paths(out, family, quick), *(QUICK if quick else []), *(overrides or [])]
     variants = [(i, n, o) for i, (n, o) in enumerate(ablations(family))]
     if main_only:
         variants = variants[:1]
@@ -389,8 +390,8 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
     """The family's key comparison once per ``train.seed``; writes ``<out>/seeds.md`` and ``seeds.json``.
 
     Runs are ``<out>/<family>_<variant index>_seed<seed>`` (``..._quick`` with ``quick``; a finished
-    run is reused only when its ``config.yaml`` is this variant's config); the phantom (``<out>/data``,
-    or ``data-quick``) and the split are the same for every seed. Returns the summary
+    run is reused only when its ``config.yaml`` is this variant's config); the phantom
+    (``<out>/data/<family>``, or ``<family>-quick``) and the split are the same for every seed. Returns the summary
     (:func:`seeds_summary`).
     """
     from medfuse.fileio import atomic_open
@@ -406,7 +407,7 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
     ci = 0.95
     t0 = time.perf_counter()
     for s in seeds:
-        base = [*demo_paths(out, quick), *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
+        base = [*demo_paths(out, family, quick), *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
         rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}_seed{s}{_suffix(quick)}",
                                       console)
         per_seed[s] = [r for r in rows if r["name"] in names]
