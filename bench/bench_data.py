@@ -21,8 +21,9 @@ def main() -> str:
     args = ap.parse_args()
     torch.set_num_threads(2)
     from medfuse.config import TransformsConfig
+    from medfuse.data.cache import build_dataset
     from medfuse.data.layouts import load_cases
-    from medfuse.data.transforms import build_dataset, build_transforms, case_to_item
+    from medfuse.data.transforms import build_transforms, case_to_item
     from medfuse.families.staging.demo import make_staging_demo
 
     tmp = Path(tempfile.mkdtemp(prefix="mf_bench_data_"))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.transforms import ScaleIntensityRangePercentiles
 
+import medfuse.data.cache as cache
 import medfuse.data.transforms as tr
 from medfuse.config import AugmentConfig, IntensityConfig, TransformsConfig
 from medfuse.data.io import Volume, write_nifti
@@ -117,7 +118,7 @@ def test_case_to_item_plain_types() -> None:
         "label": 2,
         "text": "report",
     }
-    assert tr.file_state_hash(item) == tr.file_state_hash(dict(item))
+    assert cache.file_state_hash(item) == cache.file_state_hash(dict(item))
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -388,7 +389,7 @@ def test_persistent_cache(case: dict, tmp_path: Path, count_reads: list[str], tr
     cfg = TransformsConfig(spatial_size=(4, 16, 16), train_crop="random", augment=AUG_ALL)
     t = tr.build_transforms(cfg, ["t1", "ct"], train=train, has_mask=True)
     items = [case["item"], _item([case["paths"]["ct"], None], case["paths"]["mask"])]
-    plain, cached = tr.build_dataset(items, t), tr.build_dataset(items, t, cache_dir=tmp_path / "cache")
+    plain, cached = cache.build_dataset(items, t), cache.build_dataset(items, t, cache_dir=tmp_path / "cache")
 
     def run(ds) -> list[dict]:
         tr.set_transform_seed(t, 5)
@@ -407,7 +408,7 @@ def test_persistent_cache(case: dict, tmp_path: Path, count_reads: list[str], tr
 
 def test_touched_file_invalidates_cache(case: dict, tmp_path: Path, count_reads: list[str]) -> None:
     t = tr.build_transforms(TransformsConfig(intensity=NONE), ["t1", "ct"], train=False, has_mask=True)
-    ds = tr.build_dataset([case["item"]], t, cache_dir=tmp_path / "cache")
+    ds = cache.build_dataset([case["item"]], t, cache_dir=tmp_path / "cache")
     before = ds[0]
     count_reads.clear()
     path = case["paths"]["t1"]
@@ -424,7 +425,7 @@ def test_touched_file_invalidates_cache(case: dict, tmp_path: Path, count_reads:
 @pytest.mark.parametrize("cached", [False, True])
 def test_dataset_raises_data_error_unwrapped(tmp_path: Path, cached: bool) -> None:
     t = tr.build_transforms(TransformsConfig(), ["x"], train=False, has_mask=False)
-    ds = tr.build_dataset([_item([str(tmp_path / "absent.nii.gz")])], t, tmp_path / "c" if cached else None)
+    ds = cache.build_dataset([_item([str(tmp_path / "absent.nii.gz")])], t, tmp_path / "c" if cached else None)
     with pytest.raises(DataError, match="absent.nii.gz"):
         ds[0]
 

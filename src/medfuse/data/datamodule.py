@@ -294,7 +294,8 @@ class CaseDataModule(L.LightningDataModule):
         return any(c.mask for c in self.table.cases)
 
     def dataset(self, split: str) -> Dataset:
-        from medfuse.data.transforms import build_dataset, build_transforms, case_to_item
+        from medfuse.data.cache import build_dataset
+        from medfuse.data.transforms import build_transforms, case_to_item
 
         if split not in self._datasets:
             cases = self.cases[split]

@@ -439,7 +439,7 @@ class CTEncoderDataModule(CaseDataModule):
         return True
 
     def dataset(self, split: str):
-        from medfuse.data.transforms import build_dataset
+        from medfuse.data.cache import build_dataset
 
         if split not in self._datasets:
             if not self.cases[split]:
@@ -460,8 +460,8 @@ class CTEncoderDataModule(CaseDataModule):
         the training cases for the linear probe and the nearest-neighbour baseline."""
         from torch.utils.data import DataLoader
 
+        from medfuse.data.cache import build_dataset
         from medfuse.data.datamodule import collate, derive_seed
-        from medfuse.data.transforms import build_dataset
 
         if split != "train":
             return self.loader(split)
