@@ -455,9 +455,13 @@ def e2e_runs(configs: list[str] | None) -> tuple[list[tuple[str, Path, list[str]
     and the names of the shipped configs left out because they need their real dataset."""
     paper = {c for _, c, _ in PAPER_RUNS if not c.endswith("_demo")}
     shipped = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.stem not in paper]
-    runs = [(p.stem, p, ["data.demo_params.quick=true"]) for p in shipped if has_phantom(p)]
+    runs, need_data = [], []
+    for p in shipped:
+        if has_phantom(p):
+            runs.append((p.stem, p, ["data.demo_params.quick=true"]))
+        else:
+            need_data.append(p.stem)
     runs += [(label, ROOT / "configs" / f"{stem}.yaml", list(ov)) for label, stem, ov in PAPER_RUNS]
-    need_data = [p.stem for p in shipped if not has_phantom(p)]
     return [r for r in runs if not configs or r[1].stem in configs], need_data
 
 

@@ -286,7 +286,6 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     from rich.table import Table
 
     keys = [k for k in rows[0] if k not in ("name", "run", "n", "weights_from")]
-
     title = f"{family} demo: test split, {100 * float(combined.get('ci', 0.95)):g}% bootstrap CI"
     if len(keys) <= 3:
         table = Table("variant", "n", *[escape(k) for k in keys], title=title)

@@ -1,5 +1,4 @@
-"""Detecting a dataset's layout and reading it: :func:`load_cases`.
-"""
+"""Detecting a dataset's layout and reading it: :func:`load_cases`."""
 
 from __future__ import annotations
 
