@@ -57,11 +57,22 @@ def make_ctrate(root: Path, n_patients: int = 10, v1: bool = False, seed: int = 
             meta.append({"VolumeName": f"{name}.nii.gz", "RescaleSlope": "1", "RescaleIntercept": "-1024",
                          "XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5"})
             labels.append({"VolumeName": f"{name}.nii.gz", LABELS[0]: "1", LABELS[1]: str(int(heart))})
-        vqa.append({"volume_name": f"train_{i}_a_1.nii.gz", "question": "Where is the nodule?",
-                    "think": f"The findings place a nodule in the {side} lung.", "answer": f"In the {side} lung."})
-        rep.append({"volume_name": f"train_{i}_a_1.nii.gz",
-                    "response": f"<think>First the lungs: a nodule sits in the {side} lung.</think> "
-                                f"{side.title()} lung nodule."})
+        # CT-RATE-Thinking records as its generator writes them (u2Tokenizer DATA_SYNTHESIS_SPEC.md): the
+        # image path under CT-RATE/dataset/, the source report in every record, a raw LLM trace, and
+        # a refined thinking in some VQA pairs; report.jsonl holds the report-level narrative.
+        image = f"CT-RATE/dataset/train/train_{i}/train_{i}_a/train_{i}_a_1.nii.gz"
+        source = f"A nodule in the {side} lung. " + ("The heart is enlarged." if heart else "Normal heart size.")
+        vqa.append({"image": image, "report": source, "question": "Where is the nodule?",
+                    "system_thinking": "The report says the nodule is there, so I answer from the report.",
+                    "thinking": f"The report places a nodule in the {side} lung.",
+                    "refined_thinking": f"The image places a nodule in the {side} lung.",
+                    "answer": f"In the {side} lung."})
+        vqa.append({"image": image, "report": source, "question": "Is the heart enlarged?",
+                    "thinking": "The cardiac silhouette is " + ("wide." if heart else "of normal width."),
+                    "answer": "Yes." if heart else "No."})
+        rep.append({"image": image, "report": source, "question": "Describe the findings of this scan.",
+                    "thinking_before": "Where is the nodule? The image places a nodule ...",
+                    "thinking_after": f"First the lungs: a nodule sits in the {side} lung. Then the heart."})
     for sub, name, rows in (("radiology_text_reports", "train_reports.csv", reports),
                             ("metadata", "train_metadata.csv", meta),
                             ("multi_abnormality_labels", "train_predicted_labels.csv", labels)):
@@ -104,20 +115,42 @@ def test_planted_faults_are_caught(tmp_path):
     assert not any(cid.startswith("train_4") for cid, _ in rules)
 
 
-def test_thinking_jsonl_records_become_cot_steps(tmp_path):
+def _steps(root, cot):
     from medfuse.families.ct_encoder.data import read_ctrate
     from medfuse.families.ct_encoder.params import CTEncoderDataParams
 
+    p = CTEncoderDataParams(reports="radiology_text_reports/train_reports.csv", metadata=None, labels=None, cot=cot)
+    table, _, _ = read_ctrate(root, p)
+    return {c.case_id: c.extra["steps"] for c in table.cases}
+
+
+def test_thinking_vqa_pairs_become_cot_steps_without_the_source_report(tmp_path):
     root = make_ctrate(tmp_path / "dataset", n_patients=3)
-    p = CTEncoderDataParams(reports="radiology_text_reports/train_reports.csv", metadata=None, labels=None,
-                            cot=["vqa.jsonl", "report.jsonl"])
-    table, vocab, _ = read_ctrate(root, p)
-    steps = {c.case_id: c.extra["steps"] for c in table.cases}["train_1_a_1"]
+    steps = _steps(root, "vqa.jsonl")["train_1_a_1"]
     texts = [t for t, _ in steps]
-    assert "The findings place a nodule in the left lung." in texts  # vqa think
-    assert "First the lungs: a nodule sits in the left lung." in texts  # report <think> block
-    ids = dict((t, i) for t, i in steps)
-    assert ids["In the left lung."] == [2] and ids["First the lungs: a nodule sits in the left lung."] == [1, 2]
+    assert texts == ["The image places a nodule in the left lung.", "In the left lung.",
+                     "The cardiac silhouette is of normal width.", "No."]  # refined thinking, answers, in order
+    assert dict(steps)["In the left lung."] == [2]
+    # never the source report each record carries (the generator's own target), nor the raw LLM trace
+    assert not any("Normal heart size" in t or "report" in t.lower() for t in texts)
+
+
+def test_a_report_level_narrative_replaces_the_vqa_traces_it_restates(tmp_path):
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    for cot in (["vqa.jsonl", "report.jsonl"], ["report.jsonl", "vqa.jsonl"]):
+        steps = _steps(root, cot)["train_1_a_1"]
+        assert [t for t, _ in steps] == ["First the lungs: a nodule sits in the left lung.", "Then the heart."]
+        assert dict(steps)["First the lungs: a nodule sits in the left lung."] == [1, 2]
+
+
+def test_thinking_text_reads_think_tags_and_conversations():
+    from medfuse.families.ct_encoder.cot import thinking_text
+
+    assert thinking_text({"response": "<think>Lungs first.</think> A left nodule."}) == "Lungs first. A left nodule."
+    llava = {"conversations": [{"from": "human", "value": "<image> Findings?"},
+                               {"from": "gpt", "value": "The heart is normal."}]}
+    assert thinking_text(llava) == "The heart is normal."
+    assert thinking_text({"report": "Source text.", "thinking_before": "x", "system_thinking": "y"}) == ""
 
 
 @pytest.mark.parametrize("config, v1", [("ct_encoder_ctrate.yaml", False), ("ct_encoder_ctrate_v1.yaml", True)])

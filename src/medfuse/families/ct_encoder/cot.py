@@ -13,7 +13,7 @@ from typing import Any
 from medfuse.data.layouts.ctrate import volume_stem
 from medfuse.errors import DataError
 
-__all__ = ["RegionVocab", "cot_step_lesions", "cot_steps", "read_cot", "region_sentences", "sentences",
+__all__ = ["RegionVocab", "cot_step_lesions", "cot_steps", "merge_cot", "read_cot", "region_sentences", "sentences",
            "thinking_text"]
 
 
@@ -98,8 +98,15 @@ def cot_step_lesions(record: dict[str, Any]) -> list[int]:
 
 _VOLUME_KEYS = ("volumename", "VolumeName", "volume_name", "case_id", "volume", "image", "image_path", "img",
                 "video", "id")
-_THINK_KEYS = ("think", "thinking", "reasoning", "thought", "thoughts", "cot", "rationale")
-_ANSWER_KEYS = ("answer", "response", "output", "report", "final_answer")
+# CT-RATE-Thinking (its generator's spec, u2Tokenizer ``src/preprocess/DATA_SYNTHESIS_SPEC.md``):
+#   vqa.jsonl    {image, question, thinking, answer} (+ refined_thinking, system_thinking, report in some stages)
+#   report.jsonl {image, report, question, thinking_before, thinking_after}
+# ``report`` there is the source radiology report (the generator's own target), ``system_thinking`` the raw
+# LLM trace that quotes it and ``thinking_before`` the concatenated VQA traces: none of them is read.
+_THINK_KEYS = ("thinking_after", "refined_thinking", "thinking", "think", "reasoning", "thought", "thoughts",
+               "cot", "rationale")  # the first present is the record's reasoning
+_ANSWER_KEYS = ("answer", "response", "output", "final_answer")
+_REPORT_LEVEL_KEYS = ("thinking_after",)  # a report-level narrative: it restates the volume's VQA traces
 _THINK_TAG = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
 
 
@@ -114,11 +121,13 @@ def _text(value: Any) -> str:
 def thinking_text(record: dict[str, Any]) -> str:
     """The reasoning and answer of one CT-RATE-style thinking record, as plain text.
 
-    Reads ``think``/``thinking``/``reasoning``/... and ``answer``/``response``/... fields, a
-    ``<think>...</think>`` block inside the answer, or LLaVA-style ``conversations`` (the ``gpt``
-    turns). CT-RATE-Thinking's field names are unverified, hence the list.
+    Reads the first reasoning field present (``thinking_after`` > ``refined_thinking`` > ``thinking``
+    > ``think``/``reasoning``/...), the ``answer``/``response``/... fields, a ``<think>...</think>``
+    block inside an answer, and LLaVA-style ``conversations`` (the ``gpt`` turns). Never the
+    record's ``report`` (the source report), ``system_thinking`` or ``thinking_before``.
     """
-    parts = [_text(record[k]) for k in _THINK_KEYS if k in record]
+    think = next((_text(record[k]) for k in _THINK_KEYS if _text(record.get(k))), "")
+    parts = [think]
     answers = [_text(record[k]) for k in _ANSWER_KEYS if k in record]
     for turn in record.get("conversations") or []:
         if isinstance(turn, dict) and str(turn.get("from", turn.get("role", ""))).lower() in ("gpt", "assistant"):
@@ -127,6 +136,27 @@ def thinking_text(record: dict[str, Any]) -> str:
         parts += [m.strip() for m in _THINK_TAG.findall(a)]
         parts.append(_THINK_TAG.sub(" ", a).strip())
     return " ".join(p for p in parts if p)
+
+
+def _level(record: dict[str, Any]) -> int:
+    """2: the seed's schema; 1: a report-level thinking narrative; 0: a VQA pair or plain answer."""
+    if isinstance(record.get("cot_reasoning"), list):
+        return 2
+    return 1 if any(_text(record.get(k)) for k in _REPORT_LEVEL_KEYS) else 0
+
+
+def merge_cot(into: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merge CoT records by volume (``into`` is updated and returned). Per volume the highest level
+    wins (the seed's schema, then a report-level narrative, then VQA pairs): a report narrative
+    restates the volume's VQA traces, so both would double every step. Records of one level are
+    joined into one ``answer``."""
+    for key, rec in new.items():
+        old = into.get(key)
+        if old is None or _level(rec) > _level(old):
+            into[key] = dict(rec)
+        elif _level(rec) == _level(old) < 2:
+            old["answer"] = f"{old.get('answer', '')} {rec.get('answer', '')}".strip()
+    return into
 
 
 def _volume_key(record: dict[str, Any]) -> str | None:
@@ -162,9 +192,8 @@ def read_cot(path: Path) -> dict[str, dict[str, Any]]:
         if not key:
             continue
         if isinstance(r.get("cot_reasoning"), list):
-            out.setdefault(key, r)
-            continue
-        merged = out.setdefault(key, {"answer": ""})
-        if "cot_reasoning" not in merged:
-            merged["answer"] = f"{merged['answer']} {thinking_text(r)}".strip()
+            rec = r
+        else:
+            rec = {"answer": thinking_text(r), **{k: r[k] for k in _REPORT_LEVEL_KEYS if k in r}}
+        merge_cot(out, {key: rec})
     return out

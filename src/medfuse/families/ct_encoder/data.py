@@ -16,7 +16,8 @@ default, relative to the root)::
     <root>/cot.json       (optional)  chain-of-thought records (JSON list or JSONL), the seed's schema:
                                       {"volumename" | "case_id", "cot_reasoning": [{"step", "text",
                                        "anatomical_entities", "mask_region", "lesion"?}], ...}; a
-                                      record with only "answer" (CT-RATE CoT) is split into sentences.
+                                      CT-RATE-Thinking's vqa.jsonl / report.jsonl records (reasoning and
+                                      answer; see cot.py) are split into sentences.
     <root>/lesions/<VolumeName> (optional) lesion mask per volume (label k = the lesion a CoT step
                                       names with "lesion": k), for localization IoU
 
@@ -68,6 +69,7 @@ from medfuse.families.ct_encoder.cot import (
     RegionVocab,
     cot_step_lesions,
     cot_steps,
+    merge_cot,
     read_cot,
     region_sentences,
 )
@@ -177,11 +179,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
     cot: dict[str, dict[str, Any]] = {}
     for cot_path in _cot_paths(root, p):
-        for key, rec in read_cot(cot_path).items():
-            if key in cot and "answer" in cot[key] and "answer" in rec:
-                cot[key]["answer"] = f"{cot[key]['answer']} {rec['answer']}".strip()
-            else:
-                cot.setdefault(key, rec)
+        merge_cot(cot, read_cot(cot_path))
 
     cases, missing, seen_scans = [], [], set()
     for i, r in enumerate(reports, start=2):
