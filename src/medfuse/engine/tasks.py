@@ -13,7 +13,10 @@ Every task says which metric names it logs (:meth:`BaseTask.logged_metrics`, bui
 attributes ``val_metrics`` and ``loss_terms``), so that ``train.monitor`` is checked before
 training starts; a family task that logs other names extends those attributes.
 
-The registry's :class:`~medfuse.registry.ModelEntry` names the task class of each model.
+The registry's :class:`~medfuse.registry.ModelEntry` names the task class of each model. The batch
+and output dictionaries (:class:`Batch`, :class:`ClassifierOutput`, :class:`SegmentationOutput`,
+:class:`EmbeddingOutput`, with their shapes) and the batch helpers (:func:`pad_batch`,
+:func:`merge_outputs`) are in :mod:`medfuse.engine.batch`; they stay importable from here.
 
 Under DDP (docs/scaling.md) every logged number is the single-process one: the training terms and
 the per-batch validation numbers (``val/loss``, :meth:`BaseTask.log_val`) are sample-weighted means
@@ -26,7 +29,7 @@ that checkpoint selection sees the whole validation split.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -37,48 +40,16 @@ from torch import nn
 from medfuse import dist
 from medfuse.config import Config, StageConfig, validate
 from medfuse.data.datamodule import CaseDataModule, derive_seed
+from medfuse.engine.batch import (  # noqa: F401 - the names that moved to batch.py stay importable here
+    Batch,
+    ClassifierOutput,
+    EmbeddingOutput,
+    SegmentationOutput,
+    _batch_size,
+    merge_outputs,
+    pad_batch,
+)
 from medfuse.engine.build import build_model, family_of, model_params, resolve
-
-
-class Batch(TypedDict, total=False):
-    """A collated batch of the generic case data module (families extend it with their own keys).
-
-    Keys:
-        image: (B, M, D, H, W) float, one channel per modality.
-        label: (B,) long class labels (classification).
-        mask: (B, 1, D, H, W) long voxel labels (segmentation) or region ids.
-        present: (B, M) float, 1 where the modality was given.
-        affine: (B, 4, 4) RAS affine of the processed grid.
-        text: B strings (reports, prompts).
-        case_id: B case ids.
-    """
-
-    image: torch.Tensor
-    label: torch.Tensor
-    mask: torch.Tensor
-    present: torch.Tensor
-    affine: torch.Tensor
-    text: list[str]
-    case_id: list[str]
-
-
-class ClassifierOutput(TypedDict, total=False):
-    """logits: (B, K)."""
-
-    logits: torch.Tensor
-
-
-class SegmentationOutput(TypedDict, total=False):
-    """logits: (B, K, D, H, W)."""
-
-    logits: torch.Tensor
-
-
-class EmbeddingOutput(TypedDict, total=False):
-    """image_emb: (B, E); text_emb: (B, E) (not yet normalised)."""
-
-    image_emb: torch.Tensor
-    text_emb: torch.Tensor
 
 
 class BaseTask(L.LightningModule):
@@ -103,7 +74,7 @@ class BaseTask(L.LightningModule):
     """True when a training step may leave trainable parameters without a gradient: a loss level
     with no pairs in a rank's batch, a stage whose losses skip a head. Plain ``ddp`` refuses such a
     step on the next one, so under DDP the trainer then asks Lightning to find the unused
-    parameters (:func:`medfuse.engine.trainer.ddp_strategy`)."""
+    parameters (:func:`medfuse.engine.ddp.ddp_strategy`)."""
 
     @classmethod
     def logged_metrics(cls, cfg: Config | None = None) -> list[str]:
@@ -306,39 +277,6 @@ class BaseTask(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    x = batch.get("image")
-    return int(x.shape[0]) if isinstance(x, torch.Tensor) else len(batch.get("case_id", [1]))
-
-
-def pad_batch(batch: dict[str, Any], divisor: int) -> dict[str, Any]:
-    """``image`` (B, M, D, H, W) and ``mask`` (B, 1, D, H, W) zero-padded at the far end of each
-    spatial axis to a multiple of ``divisor`` (MONAI ``DivisiblePad``, ``method="end"``)."""
-    image = batch.get("image")
-    if divisor <= 1 or not isinstance(image, torch.Tensor) or image.ndim != 5:
-        return batch
-    spatial = image.shape[2:]
-    if all(s % divisor == 0 for s in spatial):
-        return batch
-    pad: list[int] = []
-    for s in reversed(spatial):
-        pad += [0, -(-int(s) // divisor) * divisor - int(s)]
-    out = dict(batch)
-    out["image"] = F.pad(image, pad)
-    mask = batch.get("mask")
-    if isinstance(mask, torch.Tensor) and mask.shape[2:] == spatial:
-        out["mask"] = F.pad(mask, pad)
-    return out
-
-
-def merge_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for key in outputs[0]:
-        vals = [o[key] for o in outputs]
-        merged[key] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else sum(vals, [])
-    return merged
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> None:

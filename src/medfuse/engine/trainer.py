@@ -20,19 +20,22 @@ Multi-GPU and multi-node use Lightning's DDP (docs/scaling.md): set ``train.devi
 ``train.num_nodes`` and ``train.strategy=ddp``. Under ``torchrun`` or SLURM (``srun``) Lightning
 reads the rank variables from the environment, so the same ``medfuse train`` command runs unchanged
 on every process. Training batches come from Lightning's distributed sampler (padded, so every rank
-runs the same steps); the validation loader is rebuilt with :class:`UnpaddedSampler`, so each
-validation case is scored once, on one rank, and the task gathers the outputs
-(:mod:`medfuse.engine.tasks`). ``train.sync_batchnorm`` turns BatchNorm layers into SyncBatchNorm.
-Only global rank 0 takes the run lock and writes the logs, the stage markers and the merged files.
+runs the same steps); the validation loader is rebuilt with
+:class:`~medfuse.engine.ddp.UnpaddedSampler`, so each validation case is scored once, on one rank,
+and the task gathers the outputs (:mod:`medfuse.engine.tasks`). ``train.sync_batchnorm`` turns
+BatchNorm layers into SyncBatchNorm. Only global rank 0 takes the run lock and writes the logs, the
+stage markers and the merged files.
+
+This module holds the Trainer set-up (:func:`build_trainer`), the stage loop (:func:`fit`), the
+checks made before training and :func:`load_run`/:func:`resume_run`. The CSV log (``metrics.csv``
+kept across resumes, stage logs merged) is in :mod:`medfuse.engine.runlog`; the multi-process
+pieces (process counts, the launch check, the DDP strategy, the unpadded validation sampler) are in
+:mod:`medfuse.engine.ddp`. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import itertools
 import logging
-import os
 import shutil
 import signal
 import warnings
@@ -42,14 +45,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
-from medfuse import dist
 from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
-from medfuse.data.datamodule import SeededSampler
 from medfuse.engine.build import (
     auto_model_args,
     build_datamodule,
@@ -64,164 +61,32 @@ from medfuse.engine.checkpoint import (
     checkpoint_dir,
     load_model_weights,
 )
+from medfuse.engine.ddp import (  # noqa: F401 - the names that moved to ddp.py stay importable here
+    FIND_UNUSED,
+    UnpaddedSampler,
+    _processes,
+    _unpadded_call,
+    check_launch,
+    ddp_strategy,
+    launched_processes,
+    processes_per_node,
+    unpad_validation,
+    unpadded_loader,
+)
 from medfuse.engine.environment import record_training
+from medfuse.engine.runlog import (  # noqa: F401 - the names that moved to runlog.py stay importable here
+    HistoryCSVLogger,
+    HistoryWriter,
+    _write_csv_atomic,
+    merge_stage_logs,
+    prepare_log,
+    stage_log,
+)
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import ConfigError, DataError, Interrupted, RunDirError
+from medfuse.errors import ConfigError, Interrupted, RunDirError
 from medfuse.fileio import atomic_open
 
 log = logging.getLogger("medfuse")
-
-
-class HistoryWriter(ExperimentWriter):
-    """Lightning's CSV writer, but it appends to an existing ``metrics.csv`` instead of deleting it."""
-
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
-
-    def _check_log_dir_exists(self) -> None:  # keep the history (Lightning deletes the file here)
-        return
-
-    def _record_new_keys(self) -> set[str]:
-        """New keys go after the file's columns (Lightning re-sorts them all, which would misalign
-        rows appended under an existing header)."""
-        new = set().union(*self.metrics) - set(self.metrics_keys)
-        self.metrics_keys.extend(sorted(new))
-        return new
-
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        path = Path(self.metrics_file_path)
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        _write_csv_atomic(path, list(fieldnames), rows)
-
-
-class HistoryCSVLogger(CSVLogger):
-    """``CSVLogger`` whose ``metrics.csv`` survives a resume (see :func:`prepare_log`)."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> HistoryWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = HistoryWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
-class UnpaddedSampler(DistributedSampler):
-    """Rank r of W takes the items r, r + W, r + 2W, ... of ``sampler``'s order: every validation
-    case once, on exactly one rank.
-
-    Lightning's ``DistributedSampler`` pads the split with repeated cases so that every rank runs
-    as many batches, which biases any metric computed over the split. Validation runs no
-    collective per batch (:func:`medfuse.dist.training_collectives`), so ranks may run one batch
-    more or less; DDP syncs buffers only in the first validation forward, which every rank runs
-    (the split must hold at least W cases).
-
-    Args:
-        sampler: the data module's validation sampler (e.g. :class:`SeededSampler`, unshuffled).
-        num_replicas: W, the number of processes.
-        rank: this process's rank.
-    """
-
-    def __init__(self, sampler: Sampler, num_replicas: int, rank: int):
-        n = len(sampler)  # type: ignore[arg-type]
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.sampler = sampler
-        self.total_size = n
-        self.num_samples = len(range(rank, n, num_replicas))
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.rank, None, self.num_replicas)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if isinstance(self.sampler, SeededSampler):  # its per-sample seeds follow the epoch
-            self.sampler.set_epoch(epoch)
-
-
-def unpadded_loader(loader: Any) -> Any:
-    """``loader`` with an :class:`UnpaddedSampler` when this process is one of several (a plain
-    ``DataLoader`` with a sampler and a batch size; anything else is returned as is).
-
-    Raises:
-        DataError: the split has fewer cases than there are processes.
-    """
-    if not dist.is_distributed() or not isinstance(loader, DataLoader):
-        return loader
-    if isinstance(loader.sampler, DistributedSampler) or type(loader.batch_sampler) is not BatchSampler:
-        return loader
-    w = dist.world_size()
-    if len(loader.sampler) < w:  # type: ignore[arg-type]
-        raise DataError("validation split", f"has {len(loader.sampler)} cases, fewer than the {w} training "  # type: ignore[arg-type]
-                        "processes", "add validation cases or train on fewer devices")
-    nw = loader.num_workers
-    return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                      sampler=UnpaddedSampler(loader.sampler, w, dist.rank()), num_workers=nw,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-                      persistent_workers=loader.persistent_workers and nw > 0,
-                      prefetch_factor=loader.prefetch_factor if nw > 0 else None,
-                      multiprocessing_context=loader.multiprocessing_context if nw > 0 else None)
-
-
-def unpad_validation(dm: Any) -> None:
-    """Make ``dm.val_dataloader`` return :func:`unpadded_loader` of its loader (once per module).
-
-    Lightning leaves a loader whose sampler is already a ``DistributedSampler`` as it is, so the
-    validation split is not padded; the training loader keeps Lightning's sampler.
-    """
-    original = dm.val_dataloader
-    if isinstance(original, functools.partial):  # already wrapped
-        return
-    dm.val_dataloader = functools.partial(_unpadded_call, original)
-
-
-def _unpadded_call(original: Any) -> Any:
-    return unpadded_loader(original())
-
-
-FIND_UNUSED = "ddp_find_unused_parameters_true"
-
-
-def processes_per_node(cfg: Config) -> int:
-    """The training processes per node that ``train.devices`` asks for: a count, the number of
-    GPU indices listed, or for ``auto``/``-1`` the visible GPUs (1 when training on the CPU)."""
-    t = cfg.train
-    text = str(t.devices).strip().strip(",")
-    if text.isdigit():
-        return int(text)
-    if text in ("auto", "-1"):
-        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        return max(torch.cuda.device_count(), 1) if gpu else 1
-    return len(text.split(","))
-
-
-def _processes(cfg: Config) -> int:
-    """All training processes: ``train.devices`` x ``train.num_nodes``, or what a launcher started."""
-    launched = launched_processes()
-    return max(processes_per_node(cfg) * cfg.train.num_nodes, launched[0] if launched else 1)
-
-
-def ddp_strategy(cfg: Config) -> str:
-    """``train.strategy`` for the Trainer: ``ddp`` (or ``auto`` with several processes) becomes
-    ``ddp_find_unused_parameters_true`` for a task whose steps may leave parameters without a
-    gradient (:attr:`~medfuse.engine.tasks.BaseTask.unused_parameters`: ct_encoder, whose step level
-    is skipped when the ranks hold fewer than two CoT steps and whose anchor loss scores a rank's own
-    steps; incomplete_seg, whose stages skip the adapters or the reconstruction head). Plain ``ddp``
-    would stop such a run at its second step. Any other strategy is passed through as given."""
-    t = cfg.train
-    _, entry = family_of(resolve(cfg))
-    if entry.task.unused_parameters and (t.strategy == "ddp" or (t.strategy == "auto" and _processes(cfg) > 1)):
-        log.info("train.strategy: %s -> %s (%s's steps may leave parameters without a gradient)",
-                 t.strategy, FIND_UNUSED, cfg.model.name)
-        return FIND_UNUSED
-    return t.strategy
 
 
 def precision_for(cfg: Config) -> str:
@@ -350,39 +215,6 @@ def check_hardware(cfg: Config) -> None:
         raise ConfigError("train.devices", f"'{devices}' names GPU indices, but training runs on the "
                           f"{'Apple GPU' if acc == 'mps' else 'CPU'}",
                           "give a process count (e.g. 1) or auto, or set train.accelerator=gpu on a GPU machine")
-
-
-def launched_processes() -> tuple[int, str] | None:
-    """``(world size, launcher)`` when ``torchrun`` or SLURM (``srun``) started several processes of
-    this command, else None (one process, or Lightning about to start its own)."""
-    env = os.environ
-    if env.get("TORCHELASTIC_RUN_ID") and env.get("WORLD_SIZE", "").isdigit():
-        return int(env["WORLD_SIZE"]), "torchrun"
-    ntasks = env.get("SLURM_NTASKS", "")
-    if ntasks.isdigit() and env.get("SLURM_PROCID") is not None and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return int(ntasks), "srun"
-    return None
-
-
-def check_launch(cfg: Config) -> None:
-    """Under ``torchrun``/``srun`` the processes must be the config's ``train.devices`` x
-    ``train.num_nodes``; otherwise every process would train on its own in the same run directory.
-
-    Raises:
-        ConfigError: naming ``train.devices``, with the per-node count the launcher asks for.
-    """
-    launched = launched_processes()
-    if launched is None or launched[0] <= 1:
-        return
-    world, launcher = launched
-    t = cfg.train
-    per_node = processes_per_node(cfg)
-    if per_node * t.num_nodes != world:
-        want = max(world // t.num_nodes, 1)
-        raise ConfigError("train.devices", f"is {t.devices} on {t.num_nodes} node(s), {per_node * t.num_nodes} "
-                          f"process(es), but {launcher} started {world}",
-                          f"set train.devices={want} (processes per node) and train.num_nodes to the node count, "
-                          "with train.strategy=ddp")
 
 
 def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
@@ -517,79 +349,6 @@ def _interrupted(cfg: Config, run_dir: Path) -> Interrupted:
     except Exception:  # noqa: BLE001 - the report must not fail
         when = ""
     return Interrupted(run_dir, f"training interrupted; the last checkpoint is {last}{when}", fix)
-
-
-def stage_log(run_dir: Path, stage: str | None) -> Path:
-    """The CSV log of a run (``metrics.csv``) or of one stage (``stages/<stage>/metrics.csv``)."""
-    return run_dir / "stages" / stage / "metrics.csv" if stage else run_dir / "metrics.csv"
-
-
-def prepare_log(path: Path, resume_epoch: int | None) -> None:
-    """Make the CSV log ready for a fit: keep rows up to ``resume_epoch`` (the checkpoint's epoch),
-    drop the rows of epochs the checkpoint does not hold (they are logged again), or start afresh
-    (``None``: no checkpoint to continue from). The file is rewritten atomically."""
-    from medfuse.engine.lock import is_rank_zero
-
-    if not path.is_file() or not is_rank_zero():
-        return
-    if resume_epoch is None:
-        path.unlink()
-        return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = list(reader.fieldnames or [])
-        rows = list(reader)
-
-    def kept(r: dict[str, str]) -> bool:
-        e = r.get("epoch")
-        try:
-            return e in (None, "") or int(float(e)) <= resume_epoch
-        except ValueError:
-            return True
-
-    keep = [r for r in rows if kept(r)]
-    if len(keep) == len(rows):
-        return
-    _write_csv_atomic(path, fields, keep)
-
-
-def _write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    with atomic_open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:
-    """Concatenate the stages' CSV logs into ``run_dir/metrics.csv`` with a ``stage`` column.
-
-    Epochs continue across stages (stage 2's epoch 0 follows stage 1's last epoch), so the training
-    curves of a staged run read as one run. Returns the merged file, or None when no stage logged.
-    """
-    import csv
-
-    rows: list[dict[str, str]] = []
-    fields: list[str] = ["stage"]
-    offset = 0
-    for name in stages:
-        path = run_dir / "stages" / name / "metrics.csv"
-        if not path.is_file():
-            continue
-        with path.open(newline="") as f:
-            part = list(csv.DictReader(f))
-        last = -1
-        for r in part:
-            if r.get("epoch") not in (None, ""):
-                last = max(last, int(float(r["epoch"])))
-                r["epoch"] = str(int(float(r["epoch"])) + offset)
-            rows.append({"stage": name, **r})
-            fields += [k for k in r if k not in fields]
-        offset += last + 1
-    if not rows:
-        return None
-    out = run_dir / "metrics.csv"
-    _write_csv_atomic(out, fields, rows)
-    return out
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
