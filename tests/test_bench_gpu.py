@@ -131,4 +131,6 @@ def test_e2e_row_of_a_minilm_config_runs_on_the_stand_in_where_the_package_is_mi
     assert "failed" not in rows[0] and float(rows[0].split("|")[5]) > 0  # a measured step time
     rows = [r for r in bench.e2e_section(bench.Dev("cpu"), True, ["text_seg_demo"], tmp_path / "absent")
             if r.startswith("| text_seg")]
-    assert len(rows) == 1 and "failed" in rows[0] and "random weights" not in rows[0]  # without it: as before
+    # without the architecture folder the config runs as written (it fails here unless an earlier test of
+    # this process already holds text_seg's shared MiniLM encoder)
+    assert len(rows) == 1 and "random weights" not in rows[0]
