@@ -143,6 +143,38 @@ def test_a_report_level_narrative_replaces_the_vqa_traces_it_restates(tmp_path):
         assert dict(steps)["First the lungs: a nodule sits in the left lung."] == [1, 2]
 
 
+def test_a_scans_cot_serves_the_reconstruction_that_is_kept(tmp_path):
+    """CT-RATE reconstructions share one report, so CoT records of train_N_a_2 serve train_N_a_1."""
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    text = (root / "vqa.jsonl").read_text().replace("_a_1.nii.gz", "_a_2.nii.gz")
+    (root / "vqa.jsonl").write_text(text)
+    steps = _steps(root, "vqa.jsonl")
+    assert set(steps) == {"train_1_a_1", "train_2_a_1", "train_3_a_1"}  # reconstructions: first
+    assert [t for t, _ in steps["train_1_a_1"]][:2] == ["The image places a nodule in the left lung.",
+                                                         "In the left lung."]
+
+
+def test_cot_files_that_match_no_volume_are_refused_and_partial_or_regionless_ones_warned(tmp_path):
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    (root / "other.jsonl").write_text(json.dumps({"image": "CT-RATE/dataset/valid/valid_9/valid_9_a/valid_9_a_1.nii.gz",
+                                                  "thinking": "x", "answer": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"other.jsonl.*none of its 1 volumes \(e.g. valid_9_a_1\) is a volume"):
+        _steps(root, "other.jsonl")
+    (root / "none.jsonl").write_text(json.dumps({"question": "no volume named"}) + "\n")
+    with pytest.raises(DataError, match="none.jsonl.*holds no record that names a volume"):
+        _steps(root, "none.jsonl")
+    lines = (root / "vqa.jsonl").read_text().splitlines()
+    (root / "part.jsonl").write_text("\n".join(ln for ln in lines if "train_3_" not in ln) + "\n")
+    with pytest.warns(UserWarning, match="chain-of-thought for 2 of 3 volumes"):
+        assert _steps(root, "part.jsonl")["train_3_a_1"] == []
+    zh = [{"image": json.loads(ln)["image"], "thinking": "左肺可见结节。", "answer": "左肺。"} for ln in lines]
+    (root / "vqa_chinese.jsonl").write_text("\n".join(map(json.dumps, zh)) + "\n")
+    with pytest.warns(UserWarning, match="no chain-of-thought step names a region"):
+        assert _steps(root, "vqa_chinese.jsonl")["train_1_a_1"][0][1] == []
+
+
 def test_thinking_text_reads_think_tags_and_conversations():
     from medfuse.families.ct_encoder.cot import thinking_text
 

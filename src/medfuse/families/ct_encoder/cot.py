@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 from medfuse.data.layouts.ctrate import volume_stem
 from medfuse.errors import DataError
 
-__all__ = ["RegionVocab", "cot_step_lesions", "cot_steps", "merge_cot", "read_cot", "region_sentences", "sentences",
+__all__ = ["RegionVocab", "check_cot_coverage", "cot_step_lesions", "cot_steps", "merge_cot", "read_cot", "region_sentences", "sentences",
            "thinking_text"]
 
 
@@ -197,3 +198,24 @@ def read_cot(path: Path) -> dict[str, dict[str, Any]]:
             rec = {"answer": thinking_text(r), **{k: r[k] for k in _REPORT_LEVEL_KEYS if k in r}}
         merge_cot(out, {key: rec})
     return out
+
+
+def check_cot_coverage(steps: dict[str, list[list[Any]]], records: dict[str, dict[str, Any]], files: list[Path],
+                       reports: str) -> None:
+    """Refuse CoT files none of whose volumes is a case; warn when only some cases have steps, or when no
+    step names a region (e.g. a translated file: the region vocabulary is English).
+
+    Args:
+        steps: case id -> its CoT steps (``[[text, region ids]]``); records: the merged CoT records
+            by volume; files: the CoT files; reports: the reports file's name (for the message).
+    """
+    with_steps = [s for s in steps.values() if s]
+    if not with_steps:
+        raise DataError(", ".join(map(str, files)), f"none of its {len(records)} volumes (e.g. {next(iter(records))}) "
+                        f"is a volume of {reports}", "use the CoT records of this dataset's volumes")
+    if len(with_steps) < len(steps):
+        warnings.warn(f"chain-of-thought for {len(with_steps)} of {len(steps)} volumes; the others have no CoT "
+                      "steps", stacklevel=3)
+    if not any(rids for s in with_steps for _, rids in s):
+        warnings.warn("no chain-of-thought step names a region of the region vocabulary (are the records in "
+                      "another language?); every step is aligned to its whole volume", stacklevel=3)

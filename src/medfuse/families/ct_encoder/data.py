@@ -67,6 +67,7 @@ from medfuse.data.paths import check_case_id
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.cot import (
     RegionVocab,
+    check_cot_coverage,
     cot_step_lesions,
     cot_steps,
     merge_cot,
@@ -178,8 +179,15 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     label_rows = {volume_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
     abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
     cot: dict[str, dict[str, Any]] = {}
-    for cot_path in _cot_paths(root, p):
+    cot_files = _cot_paths(root, p)
+    for cot_path in cot_files:
         merge_cot(cot, read_cot(cot_path))
+    if cot_files and not cot:
+        raise DataError(", ".join(map(str, cot_files)), "holds no record that names a volume",
+                        "give each record its volume (image, VolumeName or volume_name: e.g. train_1_a_1.nii.gz)")
+    # CoT from a report belongs to every reconstruction of its scan (they share the report)
+    cot_by_scan = {(m["patient"], m["scan"]): rec for key, rec in sorted(cot.items())
+                   if (m := CTRATE_NAME.match(key))}
 
     cases, missing, seen_scans = [], [], set()
     for i, r in enumerate(reports, start=2):
@@ -196,7 +204,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
         if stem not in mask_index:
             raise DataError(masks / r["VolumeName"], f"no region mask for volume {stem}",
                             "give every volume a mask of the same name in data.params.masks")
-        rec = cot.get(stem, {})
+        rec = cot.get(stem) or (cot_by_scan.get((m["patient"], m["scan"])) if m else None) or {}
         findings = r.get("Findings_EN") or r.get("findings") or ""
         impression = r.get("Impressions_EN") or r.get("impression") or rec.get("impression") or findings
         if not impression:
@@ -226,6 +234,8 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     if not cases:
         raise DataError(root, f"none of the {len(reports)} volumes of {reports_path.name} was found",
                         "set data.root to the folder holding the volumes")
+    if cot_files:
+        check_cot_coverage({c.case_id: c.extra["steps"] for c in cases}, cot, cot_files, reports_path.name)
     table = CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases, class_names=abnormalities or None,
                       patient_ids_given=any(CTRATE_NAME.match(c.case_id) for c in cases), source=reports_path)
     return table, vocab, abnormalities
