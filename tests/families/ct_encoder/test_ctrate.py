@@ -209,3 +209,13 @@ def test_v2_volumes_under_the_v1_config_are_refused(tmp_path):
     dm = build_datamodule(cfg)
     with pytest.raises(DataError, match="far below air"):
         dm.dataset("train")[0]
+
+
+def test_a_broken_cot_line_is_named_by_its_number(tmp_path):
+    from medfuse.errors import DataError
+    from medfuse.families.ct_encoder.cot import read_cot
+
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(json.dumps({"image": "train_1_a_1.nii.gz", "thinking": "ok"}) + "\n\n{broken\n")
+    with pytest.raises(DataError, match=r"vqa.jsonl \(line 3\).*not valid JSON"):
+        read_cot(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +171,21 @@ def _volume_key(record: dict[str, Any]) -> str | None:
     return None
 
 
-def read_cot(path: Path) -> dict[str, dict[str, Any]]:
-    """Chain-of-thought records by volume: the seed's schema (``cot_reasoning``) as is; CT-RATE-style
-    thinking records (JSON lines, several per volume: VQA pairs, report narratives) merged per volume
-    into one ``answer`` text whose sentences become the steps."""
+def _records(path: Path) -> Iterator[Any]:
+    """The records of a CoT file: JSON lines one at a time (CT-RATE-Thinking's ``vqa.jsonl`` is 0.8 GB;
+    it is never held whole), else a JSON list, ``{"records": [...]}`` or a mapping volume -> record."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(line) for line in text.splitlines()
-                                                                 if line.strip()]
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8-sig") as f:
+                for n, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path} (line {n})", f"is not valid JSON ({e})",
+                                            "write one JSON record per line") from e
+            return
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(path, f"cannot be read ({e})", "save it as UTF-8 JSON") from e
     except json.JSONDecodeError as e:
@@ -187,8 +195,15 @@ def read_cot(path: Path) -> dict[str, dict[str, Any]]:
         records = [{"volumename": k, **v} for k, v in records.items() if isinstance(v, dict)]
     if not isinstance(records, list):
         raise DataError(path, "must hold a list of chain-of-thought records", "see the seed's CoT schema")
+    yield from records
+
+
+def read_cot(path: Path) -> dict[str, dict[str, Any]]:
+    """Chain-of-thought records by volume: the seed's schema (``cot_reasoning``) as is; CT-RATE-style
+    thinking records (JSON lines, several per volume: VQA pairs, report narratives) merged per volume
+    into one ``answer`` text whose sentences become the steps (see :func:`merge_cot`)."""
     out: dict[str, dict[str, Any]] = {}
-    for r in records:
+    for r in _records(path):
         key = _volume_key(r) if isinstance(r, dict) else None
         if not key:
             continue
