@@ -279,6 +279,19 @@ def test_undeclared_class_label_refused_by_train(box, capsys):
     one_error_line(code, err, f"{manifest} (line 4)", "[label]", "7")
 
 
+def test_empty_case_label_refused_by_train(box, capsys):
+    manifest = box.rewrite_manifest(lambda rows: rows[1].update(label=""))
+    code, _, err = run_cli(["train", box.config()], capsys)
+    one_error_line(code, err, f"{manifest} (line 3)", "[label]", "has no label")
+    assert box.new_files_outside(box.runs) == []
+
+
+def test_missing_label_column_refused_by_train(box, capsys):
+    manifest = box.rewrite_manifest(lambda rows: [r.pop("label") for r in rows])
+    code, _, err = run_cli(["train", box.config()], capsys)
+    one_error_line(code, err, f"{manifest} (line 2)", "[label]", "has no label", "label column")
+
+
 @pytest.fixture(params=["declared", "undeclared"])
 def seg_box(tmp_path, monkeypatch, request) -> Sandbox:
     """A tiny segmentation dataset (labels 0, 1 declared, or nothing declared); case s1's mask holds a 7."""

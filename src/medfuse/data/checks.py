@@ -197,7 +197,7 @@ def table_problems(table: CaseTable, classification: bool = False) -> list[Probl
 
     Args:
         table: the loaded cases.
-        classification: the cases feed a classification run, so every case label must be a class:
+        classification: the cases feed a classification run, so every case needs a label, a class:
             a declared class name or a whole index ``0..K-1`` (``K`` declared classes; without
             declared classes any whole number >= 0). Otherwise labels are checked only against
             declared classes.
@@ -220,16 +220,17 @@ def table_problems(table: CaseTable, classification: bool = False) -> list[Probl
     for i, c in enumerate(table.cases):
         bad = label_problem(c.label, table.class_names, classification)
         if bad is not None:
-            problems.append(Problem(case_where(table, i), "label", f"case '{c.case_id}' {bad}",
-                                    "use a declared class name or a whole class index 0..K-1, or add the class "
-                                    "to class_names", case_id=c.case_id))
+            fix = ("fill the case's label (the manifest's label column) or drop the case" if c.label is None else
+                   "use a declared class name or a whole class index 0..K-1, or add the class to class_names")
+            problems.append(Problem(case_where(table, i), "label", f"case '{c.case_id}' {bad}", fix,
+                                    case_id=c.case_id))
     return problems
 
 
 def label_problem(label: object, class_names: list[str] | None, classification: bool = False) -> str | None:
     """Why a case label is not a class (see :func:`table_problems`), or None."""
-    if label is None:
-        return None
+    if label is None:  # a classification run trains and scores on every case's label
+        return "has no label, and a classification run needs one for every case" if classification else None
     if class_names:
         if _known_class(label, class_names):
             return None
