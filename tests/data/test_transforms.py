@@ -436,3 +436,24 @@ def test_unlabelled_case_with_mask_chain(case: dict) -> None:
     assert "mask" not in out and out["image"].shape == (2, 4, 16, 16)
     with pytest.raises(DataError, match="no mask"):
         _run(item, train=True, spatial_size=(4, 16, 16), train_crop="foreground")
+
+
+def test_cache_key_of_dicom_items_follows_the_series_and_the_dicom_options(tmp_path) -> None:
+    """One file of a series is read with its series, and data.dicom changes what is read: both are in
+    the key (a slice removed beside the named file, or on_gap changed, must not reuse the entry)."""
+    from medfuse.data.dicom import use_dicom_options
+
+    series = tmp_path / "t2w"
+    series.mkdir()
+    for i in range(3):
+        (series / f"IM{i:04d}.dcm").write_bytes(bytes(200 + i))
+    nifti = tmp_path / "a.nii.gz"
+    nifti.write_bytes(b"\x1f\x8b")
+    one, folder, plain = ({"case_id": "c", "image": [str(p)]} for p in (series / "IM0000.dcm", series, nifti))
+    keys = [cache.file_state_hash(it) for it in (one, folder, plain)]
+    with use_dicom_options({"on_gap": "resample"}):
+        new = [cache.file_state_hash(it) for it in (one, folder, plain)]
+        assert new[0] != keys[0] and new[1] != keys[1] and new[2] == keys[2]  # a NIfTI item reads no DICOM
+    (series / "IM0002.dcm").unlink()  # a slice beside the named file goes
+    assert cache.file_state_hash(one) != keys[0] and cache.file_state_hash(folder) != keys[1]
+    assert cache.file_state_hash(plain) == keys[2]

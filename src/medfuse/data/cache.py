@@ -3,7 +3,8 @@ deterministic part of the transform chain cached on disk (:func:`build_dataset`)
 
 The disk cache is a MONAI ``PersistentDataset`` made safe for several processes and for loading:
 entries are written atomically by one process, keyed by the item and the size and modification time
-of every file it names (an edited image invalidates its entry), and loaded with
+of every file it names (an edited image invalidates its entry; a DICOM item also keys on its
+series' files and the ``data.dicom`` options), and loaded with
 ``torch.load(weights_only=True)`` (MetaTensor geometry is stored as plain tensors and rebuilt), so
 no cache file ever runs code.
 """
@@ -16,6 +17,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from copy import deepcopy
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.utils import convert_to_tensor
 
+from medfuse.data.dicom import current_options
+from medfuse.data.dicom_headers import looks_like_dicom
 from medfuse.data.transforms import raise_user_error
 from medfuse.fileio import atomic_open, claim
 
@@ -33,27 +37,39 @@ __all__ = ["CachedDataset", "CaseDataset", "build_dataset", "file_state_hash"]
 _META_KEY = "_medfuse_meta"
 
 
-def _path_state(path: str) -> list[Any]:
-    """[path, size, mtime_ns] of a file; a folder (DICOM series) lists every file inside it."""
+def _files_state(folder: Path, files: list[Path]) -> list[list[Any]]:
+    return [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _path_state(path: str) -> tuple[list[Any], bool]:
+    """([path, size, mtime_ns], reads DICOM) of a file; a folder (DICOM series) lists every file
+    inside it, and so does a DICOM file's own folder (one file of a series is read with its series)."""
     p = Path(path)
     try:
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            return [path, [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+            return [path, _files_state(p, sorted(f for f in p.rglob("*") if f.is_file()))], True
         st = os.stat(p)
-        return [path, st.st_size, st.st_mtime_ns]
+        if looks_like_dicom(p):
+            return [path, st.st_size, st.st_mtime_ns,
+                    _files_state(p.parent, sorted(f for f in p.parent.iterdir() if f.is_file()))], True
+        return [path, st.st_size, st.st_mtime_ns], False
     except OSError:
-        return [path, None, None]  # the load will raise a DataError naming the file
+        return [path, None, None], False  # the load will raise a DataError naming the file
 
 
 def file_state_hash(item: Mapping[str, Any]) -> bytes:
     """Cache key of an item: the item itself plus size and mtime of every file it references.
 
     Editing or replacing a file changes its size or modification time and hence the key, so the
-    stale cache entry is simply not used again.
+    stale cache entry is simply not used again. An item that reads DICOM (a series folder, a file of
+    a series, a SEG) also keys on the files beside it and on the ``data.dicom`` options in force
+    (``on_gap``, ``series``, ...), which change what is read.
     """
     paths = [p for p in item.get("image", []) if p] + ([item["mask"]] if item.get("mask") else [])
-    payload = {"item": item, "files": [_path_state(str(p)) for p in paths]}
+    states = [_path_state(str(p)) for p in paths]
+    payload: dict[str, Any] = {"item": item, "files": [state for state, _ in states]}
+    if any(dicom for _, dicom in states):
+        payload["dicom"] = asdict(current_options())
     dump = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(dump).hexdigest().encode()
 
