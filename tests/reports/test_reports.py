@@ -239,6 +239,15 @@ def test_metrics_table_renders_cis_and_skips_non_metrics():
     assert "0.800" in text and "[0.700, 0.900]" in text and "3.250" in text and "class_names" not in text
 
 
+def test_metrics_table_shows_per_class_names_in_brackets():
+    """``f1[mito]`` is a metric name, not rich markup (it used to print as ``f1``)."""
+    table = metrics_table({"f1[mito]": {"value": 0.5, "low": 0.4, "high": 0.6, "n": 3}, "f1[er]": 0.25})
+    console = Console(width=100, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "f1[mito]" in text and "f1[er]" in text
+
+
 def test_paired_comparisons_render_as_tables():
     """A demo's paired comparisons (first variant vs another, per-row differences with CIs, summary
     rows) appear in report.html under the variants' names."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from medfuse.fileio import atomic_open
@@ -125,7 +126,7 @@ def metrics_table(report_metrics: Mapping[str, Any], title: str | None = None, d
                 f"[{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
             )
             n = entry.get("n")
-            table.add_row(str(name), value, interval, "" if n is None else str(n))
+            table.add_row(escape(str(name)), value, interval, "" if n is None else str(n))
         elif isinstance(entry, int | float | np.number) and not isinstance(entry, bool):
-            table.add_row(str(name), format_value(entry, digits), "", "")
+            table.add_row(escape(str(name)), format_value(entry, digits), "", "")
     return table
