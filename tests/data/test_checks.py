@@ -213,3 +213,18 @@ def test_brats_missing_seg_and_modality(tmp_path):
         ("missing", "B_002_seg.nii.gz"),
         ("missing", "B_002_t1ce.nii.gz"),
     ]
+
+
+def test_brats_4d_modality_file_reported_as_channels(tmp_path):
+    """A 2-volume FLAIR is what train/evaluate/predict refuse; data check reports it too, with a fix
+    that fits a layout without a manifest."""
+    cid = "B_001"
+    for k in ("flair", "t1", "t1ce", "t2", "seg"):
+        path = tmp_path / cid / f"{cid}_{k}.nii.gz"
+        if k == "seg":
+            _mask(path)
+        else:
+            _image(path, seed=0, shape=(2, 8, 8, 8) if k == "flair" else (1, 8, 8, 8))
+    problems = check_dataset(tmp_path)
+    assert [(p.rule, Path(p.path).name) for p in problems] == [("channels", f"{cid}_flair.nii.gz")]
+    assert "has 2 channels" in problems[0].message and "one 3D volume per modality" in problems[0].fix

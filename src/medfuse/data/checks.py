@@ -73,6 +73,10 @@ FIXES = {
     "geometry": "re-export the crop with the raw volume's translation and scale (OME-NGFF, nm), or drop it",
     "hu": "the file is already in HU and was rescaled again: re-export it, or convert with slope 1, intercept 0",
 }
+# A multi-volume file given for one modality without a channel choice (shared with the loader's error).
+CHANNEL_FIX = ("give one 3D volume per modality, or in a manifest choose one with a channel_{m} column "
+               "(0..{last})")
+
 _READ_ERRORS = (DataError, OSError, ValueError, EOFError, zlib.error)
 
 
@@ -326,6 +330,10 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
         if channel is not None and channel >= vol.shape[0]:
             problems.append(Problem(path, "channels", f"image '{m}' of case '{cid}' is channel {channel}, but the "
                                     f"file has {vol.shape[0]} channel(s)", case_id=cid))  # fmt: skip
+        elif channel is None and vol.shape[0] != 1:  # what train, evaluate and predict refuse
+            problems.append(Problem(path, "channels", f"image '{m}' of case '{cid}' has {vol.shape[0]} channels "
+                                    "(volumes) and none is chosen for it", CHANNEL_FIX.format(m=m, last=vol.shape[0] - 1),
+                                    case_id=cid))  # fmt: skip
         if ref is None:
             ref = (m, vol)
         elif path != case.images[ref[0]]:

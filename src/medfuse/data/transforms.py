@@ -30,7 +30,7 @@ import torch
 from monai.data import MetaTensor
 
 from medfuse.config import IntensityConfig, TransformsConfig
-from medfuse.data.checks import dims_problem, mask_value_problem, nonfinite_problem
+from medfuse.data.checks import CHANNEL_FIX, dims_problem, mask_value_problem, nonfinite_problem
 from medfuse.data.io import read_image
 from medfuse.errors import ConfigError, DataError, MedfuseError
 
@@ -185,7 +185,7 @@ class LoadCased(mt.MapTransform):
         n = arr.shape[0]
         if chan is None and n != 1:
             raise DataError(path, f"has {n} channels but no channel index is given for modality '{modality}'",
-                            f"add a channel_{modality} column (0..{n - 1}) to the manifest")
+                            CHANNEL_FIX.format(m=modality, last=n - 1))
         c = 0 if chan is None else chan
         if not -n <= c < n:
             raise DataError(path, f"has {n} channels; channel {c} of modality '{modality}' is out of range",
