@@ -113,6 +113,10 @@ def read_image(path: str | Path, *, channels_last_4d: bool = True) -> Volume:
     if p.is_dir():
         if slice_offsets(p):
             return read_slice_folder(p)
+        if any(part.lower().endswith((".zarr", ".n5")) for part in p.parts):
+            raise DataError(p, "is a Zarr/N5 group or array, not an image file or a DICOM folder",
+                            "use it where Zarr/N5 paths are read (context_seg raw/context volumes, the CellMap "
+                            "layout), or convert it to NIfTI")
         return _read_dicom(p)
     suffix = image_suffix(p)
     if suffix in (".nii", ".nii.gz"):

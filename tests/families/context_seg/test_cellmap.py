@@ -197,20 +197,99 @@ def test_data_check_cli_exit_2_on_a_fault(replica):
     assert res.exit_code == 2 and "jrc_test-1_crop2" in res.output
 
 
-def test_config_trains_one_cpu_epoch(tmp_path):
+@pytest.fixture(scope="module")
+def cm_run(tmp_path_factory):
+    """One tiny CPU epoch of the CellMap config (4 datasets, one crop each; a few seconds), shared."""
     from medfuse.config import load_config
     from medfuse.engine.trainer import fit
 
-    root = make_cellmap(tmp_path / "cellmap", datasets=4, crops=1)
+    tmp = tmp_path_factory.mktemp("cm_run")
+    root = make_cellmap(tmp / "cellmap", datasets=4, crops=1)
     cfg = load_config(CONFIG, [
-        f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "data.batch_size=2",
+        f"data.root={root}", f"output_dir={tmp / 'runs'}", "train.max_epochs=1", "data.batch_size=2",
         "data.num_workers=0", "data.params.classes=[mito, er]", "data.params.encoder_params={out_channels: 8, hidden: [8, 8]}",
         "data.params.raw_input_size=32", "data.params.context_input_size=32", "data.params.patch_size=[8,8,8]",
         "data.params.samples_per_case=1", "data.params.tri_planar=false", "model.params.feature_channels=8",
         "model.params.base=4", "model.params.levels=2", "model.params.reduction=1", "eval.roi_size=[8,8,8]",
-        "data.split.val=0.25", "data.split.test=0.25", "train.accelerator=cpu"])
-    run = fit(cfg)
+        "data.split.val=0.25", "data.split.test=0.25", "train.accelerator=cpu", "eval.n_boot=10", "eval.overlays=0"])
+    return root, fit(cfg)
+
+
+def test_config_trains_one_cpu_epoch(cm_run):
+    _, run = cm_run
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert rows and any(r.get("val/loss") not in (None, "") for r in rows)
     splits = {r["case_id"]: r for r in csv.DictReader((run / "splits.csv").open())}
     assert len(splits) == 4 and json.dumps(sorted({r["split"] for r in splits.values()})) == '["test", "train", "val"]'
+
+
+def _cli(*argv: str) -> int:
+    from medfuse.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code
+
+
+def test_export_and_predict_from_run_and_package_agree_on_the_raw_grid(cm_run, tmp_path):
+    """A CellMap run exports (the training image is a Zarr multiscales group, not a DICOM folder) and
+    ``predict RUN RAW CONTEXT`` on two arrays of the container works from the run directory (its data
+    module is a CellMap one, the inputs are plain files) and from the package, with the same label map
+    on the raw array's grid."""
+    import zipfile
+
+    import nibabel as nib
+
+    from medfuse.data.containers import read_zarr
+
+    root, run = cm_run
+    pkg = tmp_path / "cm.zip"
+    assert _cli("export", str(run), "--out", str(pkg)) == 0
+    with zipfile.ZipFile(pkg) as zf:
+        assert json.loads(zf.read("preprocessing.json"))["reference_shape"] == [1, 64, 64, 64]  # the EM s0
+        assert json.loads(zf.read("predictor.json"))["label_scale"] == [1.0, 1.0, 1.0]
+    em = root / "jrc_test-4" / "jrc_test-4.zarr" / "recon-1" / "em" / "fibsem-uint8"
+    raw, ctx = str(em / "s1"), str(em / "s3")  # 16 nm, 32^3 and 64 nm, 8^3: the same field of view
+    assert _cli("predict", str(run), raw, ctx, "--out", str(tmp_path / "own")) == 0
+    assert _cli("predict", str(pkg), raw, ctx, "--out", str(tmp_path / "pk")) == 0
+    own, pk = tmp_path / "own" / "s1.nii.gz", tmp_path / "pk" / "s1.nii.gz"
+    img, src = nib.load(str(own)), read_zarr(raw)
+    assert img.shape == (32, 32, 32) == src.shape[1:]
+    np.testing.assert_allclose(img.affine, src.affine, rtol=1e-6, atol=0)  # 16 nm voxels, in mm
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
+    assert own.read_bytes() == pk.read_bytes()
+
+
+def test_a_cellmap_run_never_names_none_as_a_file(cm_run):
+    """Prediction cases have no crop folder: a CellMap data module reads their files; a training case
+    without one is refused naming the case (before: 'None: annotates no class')."""
+    from medfuse.data.layouts import Case
+    from medfuse.engine.evaluate import load_trained
+
+    root, run = cm_run
+    _, dm, _ = load_trained(run)
+    assert dm.cellmap
+    em = root / "jrc_test-1" / "jrc_test-1.zarr" / "recon-1" / "em" / "fibsem-uint8"
+    case = Case(case_id="x", patient_id="x", images={"raw": str(em / "s1"), "context": str(em / "s3")})
+    feats = dm.compute(case, require_label=False)
+    assert tuple(feats["raw_shape"].tolist()) == (32, 32, 32) and feats["raw"].shape[1:] == (32, 32, 32)
+    with pytest.raises(DataError) as err:
+        dm.compute(case)
+    line = err.value.one_line()
+    assert line.startswith("case x:") and "None" not in line
+
+
+def test_zarr_shape_is_read_from_metadata_and_read_image_does_not_blame_dicom(tmp_path):
+    from medfuse.data.io import read_image
+    from medfuse.engine.predict import image_shape
+
+    container = tmp_path / "big" / "big.zarr"
+    _group(container)
+    n = 2 ** 17  # 2^51 voxels at s0: reading the array would fail
+    em = write_raw(container, (n, n, n), levels=2, chunks=64)
+    assert image_shape(em) == (1, n, n, n)  # the multiscales group: its first level, header only
+    assert image_shape(em / "s1") == (1, n // 2, n // 2, n // 2)
+    with pytest.raises(DataError) as err:
+        read_image(em)
+    line = err.value.one_line()
+    assert "Zarr/N5" in line and "DICOM series" not in line and str(em) in line and "\n" not in line

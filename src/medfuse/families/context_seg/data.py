@@ -248,19 +248,25 @@ class ContextSegDataModule(CaseDataModule):
         """Read a case and extract both streams on its label grid (float16) plus the label (uint8).
 
         Without a label (``require_label=False``, prediction) the grid is the raw grid scaled by
-        ``label_scale`` (the option, else the training cases' factor) and ``label`` is all zeros.
+        ``label_scale`` (the option, else the training cases' factor) and ``label`` is all zeros;
+        such a case reads its raw (and context) files even when the run was trained on CellMap crops.
         """
         p = self.params
         where = f"case {case.case_id}"
-        raw_path = case.images.get("raw" if self.cellmap else p.raw)
+        # A CellMap crop is a case of a CellMap table with its crop folder (the mask). Prediction cases
+        # (RAW [CONTEXT] files, no mask) of a CellMap-trained run read their files like any other run.
+        crop = case.mask if self.cellmap else None
+        if self.cellmap and not crop and require_label:
+            raise DataError(where, "has no CellMap crop folder", "give every case a crop<N> folder of groundtruth")
+        raw_path = case.images.get("raw" if crop else p.raw)
         if not raw_path:
             raise DataError(where, f"has no '{p.raw}' image", "give every case a raw volume")
         cm = None  # the CellMap crop
-        if self.cellmap:  # regions of the EM volume only: the crop box and a coarser, wider context box
+        if crop:  # regions of the EM volume only: the crop box and a coarser, wider context box
             from medfuse.data.containers import read_cellmap_crop
 
-            cm = read_cellmap_crop(raw_path, str(case.mask), p.classes or [], p.raw_resolution, p.label_resolution,
-                                     p.context_resolution, p.context_extent)
+            cm = read_cellmap_crop(raw_path, str(crop), p.classes or [], p.raw_resolution, p.label_resolution,
+                                   p.context_resolution, p.context_extent)
             raw_vol = cm.raw
         else:
             raw_vol = read_volume(raw_path)

@@ -91,7 +91,7 @@ class PackagedContextData(ContextSegDataModule):
         self.params = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
         self.modalities, self.mask_values, self.table = data.modalities, data.mask_values, data.table
         self.cases: dict[str, list[Any]] = {}
-        self.cellmap = False  # predict reads RAW [CONTEXT] files, never CellMap crops (which need annotations)
+        self.cellmap = False  # no CellMap table: predict reads RAW [CONTEXT] files (as a CellMap run directory does)
         self.num_classes = int(state["num_classes"])
         self.label_scale = np.asarray(state["label_scale"], dtype=np.float64)
         self.weights_id = state.get("encoder_weights_id")
