@@ -419,7 +419,8 @@ def read_zarr(path: str | Path, *, level: int | str = 0) -> Volume:
     for OME-Zarr and for N5 through zarr's N5 store is (z, y, x), i.e. (D, H, W); 4D arrays are
     (C, D, H, W) and 5D (T=1, C, D, H, W). Voxel sizes come from OME ``coordinateTransformations`` or
     N5 ``pixelResolution``/``resolution`` and are converted to mm where the unit is known (nm for
-    EM); otherwise they stay in file units (``meta["spacing_unit"] = "pixel"``). For regions of a
+    EM); otherwise they stay in file units (``meta["spacing_unit"] = "pixel"``). An OME ``translation``
+    (where voxel 0's centre lies) is the affine's origin, so predictions land where the array is. For regions of a
     large volume use :func:`read_region`.
 
     Raises:
@@ -431,19 +432,19 @@ def read_zarr(path: str | Path, *, level: int | str = 0) -> Volume:
     root, inner = split_container_path(p)  # type: ignore[misc]
     n5 = root.suffix.lower() == ".n5"
     fmt = "N5" if n5 else "Zarr"
-    scale, unit = None, ""
+    scale, unit, shift = None, "", None
     with _reading(p, fmt):
         if not is_array(node):  # a group: OME-Zarr multiscales
-            sub, scale, unit = _ome_dataset(node, level)
+            sub, scale, unit, shift = _ome_dataset(node, level)
             node = node[sub]
         elif not n5 and inner:  # an array inside a multiscales group: the group holds its scale
             parent, _, name = inner.rpartition("/")
             group = open_node(root / parent) if parent else open_node(root)
             if isinstance(group.attrs.get("multiscales"), list):
                 try:
-                    _, scale, unit = _ome_dataset(group, name)
+                    _, scale, unit, shift = _ome_dataset(group, name)
                 except ValueError:
-                    scale, unit = None, ""
+                    scale, unit, shift = None, "", None
         attrs = dict(node.attrs)
         arr = np.asarray(node[...])
     if scale is None and n5:
@@ -460,6 +461,9 @@ def read_zarr(path: str | Path, *, level: int | str = 0) -> Volume:
     if mm is not None:
         spacing = [s * mm for s in spacing]
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])  # i = x (W), j = y (H), k = z (D)
+    if shift is not None and len(shift) >= 3:  # OME translation: where voxel 0's centre lies
+        origin = list(shift[-3:]) if mm is None else [v * mm for v in shift[-3:]]
+        affine[:3, 3] = origin[::-1]
     meta = {"format": fmt.lower(), "container": str(root), "array": inner, "hu": None,
             "spacing_unit": "mm" if mm is not None else "pixel"}
     return _finish(arr, affine, p, meta)
@@ -477,8 +481,9 @@ def _zarr_spacing_n5(attrs: dict) -> tuple[list[float] | None, str]:
     return None, ""
 
 
-def _ome_dataset(group, level: int | str) -> tuple[str, list[float] | None, str]:
-    """(array path, spacing in array order, unit) of one scale level of an OME-Zarr multiscales group."""
+def _ome_dataset(group, level: int | str) -> tuple[str, list[float] | None, str, list[float] | None]:
+    """(array path, spacing, unit, translation) of one scale level of an OME-Zarr multiscales group;
+    spacing and translation (the position of voxel 0's centre) in array order and file units."""
     ms = group.attrs.get("multiscales")
     if not isinstance(ms, list) or not ms:
         raise ValueError("a group without OME-NGFF 'multiscales' metadata; name the array inside it")
@@ -491,11 +496,13 @@ def _ome_dataset(group, level: int | str) -> tuple[str, list[float] | None, str]
         ds = found[0]
     else:
         ds = datasets[level]
-    scale = None
+    scale = translation = None
     for t in ds.get("coordinateTransformations", []):
         if t.get("type") == "scale":
             scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation":
+            translation = [float(v) for v in t["translation"]]
     axes = first.get("axes", [])
     units = [a.get("unit", "") for a in axes if isinstance(a, dict)]
     unit = next((u for u in units[-3:] if u), "")
-    return str(ds["path"]), scale, unit
+    return str(ds["path"]), scale, unit, translation

@@ -210,6 +210,11 @@ def test_zarr_reader_ome_and_grid(tmp_path):
         v = read_volume(str(path))
         assert np.array_equal(v.array[0], arr)
         np.testing.assert_allclose(v.spacing, (8e-6, 4e-6, 4e-6))
+    # an OME translation places voxel 0 (z, y, x) = (64, 32, 16) nm: the affine's origin, in mm, (x, y, z)
+    g.attrs["multiscales"] = [{**g.attrs["multiscales"][0], "datasets": [{"path": "s0", "coordinateTransformations": [
+        {"type": "scale", "scale": [8.0, 4.0, 4.0]}, {"type": "translation", "translation": [64.0, 32.0, 16.0]}]}]}]
+    for path in (tmp_path / "c.zarr" / "em" / "s0", tmp_path / "c.zarr" / "em"):
+        np.testing.assert_allclose(read_volume(str(path)).affine[:3, 3], (16e-6, 32e-6, 64e-6))
 
 
 def test_n5_reader(tmp_path):
