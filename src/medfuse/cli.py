@@ -132,7 +132,7 @@ def predict(
     run_dir: Annotated[Path, typer.Argument(help="a trained run directory or an exported model.zip")],
     inputs: Annotated[list[str], typer.Argument(
         help="a folder of <case>_<XXXX>.<ending> images (e.g. imagesTs), a dataset folder or manifest, "
-             "nnU-Net-style files, or one image per modality; then eval.* overrides key=value")],
+             "nnU-Net-style files, or one image per modality; then eval.* or data.dicom.* overrides key=value")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
     modalities: Annotated[str | None, typer.Option(help="comma-separated modality names of INPUTS")] = None,
 ) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medfuse.config import validate
-from medfuse.errors import ConfigError, RunDirError, WeightsError
+from medfuse.errors import ConfigError, DataError, RunDirError, WeightsError
 
 LPS = np.array([[-1.5, 0, 0, 20.0], [0, -1.2, 0, 14.0], [0, 0, 2.0, -7.0], [0, 0, 0, 1]])
 
@@ -266,3 +266,22 @@ def test_package_refuses_a_2d_image_for_a_3d_model(package, tmp_path):
         assert json.loads(zf.read("preprocessing.json"))["reference_shape"][1] > 1
     with pytest.raises(DataError, match="2D image"):
         predict(package, [str(flat)], tmp_path / "out")
+
+
+def test_predict_reads_dicom_with_the_package_or_run_settings_and_data_dicom_overrides(package, run, tmp_path):
+    """A series with a missing slice is refused as the run's data.dicom says (on_gap: error), and
+    ``data.dicom.on_gap=resample`` given to predict reads it, from a package as from the run (a
+    package used to ignore data.dicom, and predict refused data.dicom overrides)."""
+    from tests.data.test_dicom import write_series
+
+    from medfuse.engine.predict import predict
+
+    first = str(write_series(tmp_path / "gap", [0.0, 3.0, 9.0, 12.0])[0])  # the slice at 6 mm is missing
+    for model in (package, run[1]):
+        with pytest.raises(DataError, match="missing 1 slice"):
+            predict(model, [first], tmp_path / "refused")
+        out = predict(model, [first], tmp_path / f"read_{model.name}", overrides=["data.dicom.on_gap=resample"])
+        (pred,) = [nib.load(f) for f in out.glob("*.nii.gz")]
+        assert pred.shape == (128, 128, 5)  # 0..12 mm at 3 mm: the resampled grid of 5 slices
+    with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
+        predict(package, [first], tmp_path / "out", overrides=["data.root=/x"])

@@ -28,7 +28,7 @@ from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
 from medfuse.engine.evaluate import check_eval_overrides, load_trained, to_device
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import DataError
+from medfuse.errors import ConfigError, DataError
 
 
 class PackagedTable:
@@ -304,14 +304,16 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
             manifest/dataset path).
         out: output folder.
         modalities: which modalities ``inputs`` are, when not all of them.
-        overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...).
+        overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...) and ``data.dicom.*=value``
+            (how the inputs' DICOM is read: ``on_gap``, ``series``, ...).
         progress: show a progress bar over cases.
     """
+    from medfuse.data.dicom import use_dicom_options
     from medfuse.engine.build import check_postprocess
     from medfuse.engine.package import is_package, load_package
 
     output_dir(out)  # a file, or a folder that cannot be written: refused before the model loads
-    overrides = check_eval_overrides(overrides)
+    overrides = check_predict_overrides(overrides)
     if is_package(run_dir):
         predictor = load_package(run_dir, overrides)
     else:
@@ -319,7 +321,21 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         _, entry = family_of(cfg)
         check_postprocess(cfg, entry.predictor.postprocess_keys)
         predictor = entry.predictor(task, dm, cfg)
-    return predictor.run(list(inputs), Path(out), modalities, progress=progress)
+    with use_dicom_options(predictor.cfg.data.dicom):  # the run's (or package's) data.dicom, with overrides
+        return predictor.run(list(inputs), Path(out), modalities, progress=progress)
+
+
+def check_predict_overrides(overrides: list[str] | None) -> list[str]:
+    """``key=value`` overrides of ``medfuse predict``: ``eval.*`` (as for evaluate) and ``data.dicom.*``,
+    which changes only how the new inputs are read (e.g. ``data.dicom.on_gap=resample`` for a
+    series with a missing slice, ``data.dicom.series=3`` for a folder holding several)."""
+    out = list(overrides or [])
+    try:
+        check_eval_overrides([o for o in out if "=" not in o or not o.split("=", 1)[0].strip().startswith("data.dicom.")])
+    except ConfigError as e:
+        raise ConfigError(e.where, "only eval.* and data.dicom.* settings can be overridden for prediction",
+                          "e.g. eval.tta=true eval.sw_overlap=0.5 data.dicom.on_gap=resample") from None
+    return out
 
 
 def training_image_shape(dm: Any) -> tuple[int, ...] | None:
