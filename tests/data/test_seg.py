@@ -128,3 +128,32 @@ def test_rtstruct_is_refused_with_a_conversion_hint(tmp_path):
             read_image(path)
         line = err.value.one_line()
         assert "\n" not in line and "convert it to DICOM SEG or NIfTI" in line
+
+
+@pytest.mark.parametrize("cut", ["pixel_data", "file"])
+@pytest.mark.parametrize("early_slicer", [False, True])
+def test_truncated_seg_is_a_data_error_naming_it(tmp_path, cut, early_slicer):
+    """Header intact, pixel data short: one DataError naming the SEG (``data check``: unreadable), not
+    pydicom's bare ValueError, whichever reader (highdicom or the fallback) gets the frames."""
+    from medfuse.data.seg import read_label
+    from medfuse.errors import DataError
+
+    ct = _ct(tmp_path)
+    seg_path = write_seg(ct, (_labels() > 0).astype(np.uint8), tmp_path / "study" / "seg.dcm")
+    ds = pydicom.dcmread(str(seg_path))
+    if early_slicer:
+        for item in [*ds.PerFrameFunctionalGroupsSequence, *ds.SharedFunctionalGroupsSequence]:
+            if "SegmentIdentificationSequence" in item:
+                del item.SegmentIdentificationSequence
+    if cut == "pixel_data":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(str(seg_path))
+    if cut == "file":
+        data = seg_path.read_bytes()
+        seg_path.write_bytes(data[: len(data) - len(ds.PixelData) // 2])
+    for read in (lambda: read_image(seg_path), lambda: read_label(seg_path, ct[0])):
+        with pytest.raises(DataError, match="pixel data") as err:
+            read()
+        assert not isinstance(err.value, DicomError)  # the `unreadable` rule of data check, as before
+        line = err.value.one_line()
+        assert str(seg_path) in line and "\n" not in line

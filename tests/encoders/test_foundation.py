@@ -60,6 +60,25 @@ def test_medsam_checkpoint_at_other_size_fails(medsam_ckpt):
         MedSAMEncoder(weights=medsam_ckpt, input_size=128, depth=2, global_attn_indexes=(1,))
 
 
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("nope.pth", None, "weights file not found"),
+    ("bad.pth", b"not a checkpoint\n", "not a PyTorch weights file"),
+    ("wrong.pth", "wrong-keys", "no image-encoder keys"),
+])
+def test_medsam_weights_file_problem_is_named(tmp_path, name, content, match):
+    """A missing or non-checkpoint file is reported as such; only a readable checkpoint without
+    image_encoder.* keys gets the wrong-keys message."""
+    path = tmp_path / name
+    if content == "wrong-keys":
+        torch.save({"mask_decoder.iou_token.weight": torch.zeros(1, 256)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError, match=match) as e:
+        MedSAMEncoder(weights=path, **SMALL)
+    assert str(path) in str(e.value) and "among its 0 keys" not in str(e.value)
+
+
 @pytest.mark.parametrize("modality", ["mr", "ct"])
 def test_medsam_preprocess(medsam, modality):
     vol = torch.randn(3, 40, 30) * 300

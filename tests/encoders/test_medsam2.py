@@ -132,6 +132,21 @@ def test_checkpoint_without_encoder_keys(loaded, tmp_path):
         loaded.load_checkpoint(path)
 
 
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("nope.pt", None, "weights file not found"),
+    ("bad.pt", b"not a checkpoint\n", "not a PyTorch weights file"),
+    ("empty.pt", b"", "weights file is empty"),
+])
+def test_missing_or_unreadable_file_says_so(loaded, tmp_path, name, content, match):
+    """The file's own problem, not "no image-encoder keys among its 0 keys" (no key was ever read)."""
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError, match=match) as e:
+        loaded.load_checkpoint(path)
+    assert "image-encoder keys" not in str(e.value)
+
+
 def test_trainable_gradients_and_unused_laterals():
     e = MedSAM2Encoder().unfreeze()
     frozen = {n for n, p in e.named_parameters() if not p.requires_grad}

@@ -28,12 +28,14 @@ import numpy as np
 from medfuse.data.dicom import (
     DicomError,
     DicomOptions,
+    _short,
     current_options,
     looks_like_dicom,
     read_dicom,
     read_header,
     scan_folder,
 )
+from medfuse.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,10 @@ def read_seg(path: str | Path, reference: str | Path | None = None, options: Dic
     if ref_uid is not None and image.meta.get("series_uid") != ref_uid:
         raise DicomError(path, f"references series {ref_uid}, but {reference} is series "
                          f"{image.meta.get('series_uid')}", "pass the series the SEG was drawn on")
-    ds = pydicom.dcmread(str(path))
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
+        raise _unreadable(path, exc) from None
     _, d, h, w = image.shape
     if (int(ds.Rows), int(ds.Columns)) != (h, w):
         raise DicomError(path, f"frames are {ds.Rows} x {ds.Columns} but the referenced series is {h} x {w}",
@@ -135,6 +140,12 @@ def read_seg(path: str | Path, reference: str | Path | None = None, options: Dic
             "reference": image.path, "segments": n_seg, "hu": None}
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     return Volume(labels.astype(dtype)[None], image.affine.copy(), str(path), meta)
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    """A corrupt or truncated SEG (``medfuse data check`` rule ``unreadable``), naming the file."""
+    return DataError(path, f"cannot read the SEG's pixel data ({_short(exc)})",
+                     "re-export or re-download the SEG (it is corrupt or truncated), or leave the case out")
 
 
 def _segment_numbers(ds) -> list[int]:
@@ -170,9 +181,12 @@ def _combine(masks: np.ndarray, numbers: list[int]) -> np.ndarray:
 
 def _with_pydicom(path: Path, ds, image, opts: DicomOptions) -> np.ndarray:
     """Place each SEG frame by ReferencedSOPInstanceUID, else by its position along the normal."""
-    arr = np.asarray(ds.pixel_array)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = arr.reshape(n_frames, *arr.shape[-2:]).astype(np.float32)
+    try:
+        arr = np.asarray(ds.pixel_array)
+        arr = arr.reshape(n_frames, *arr.shape[-2:]).astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types on damaged pixel data
+        raise _unreadable(path, exc) from None
     if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
         arr = arr / float(ds.get("MaximumFractionalValue", 255) or 255)
     masks = arr >= _threshold(ds, opts)

@@ -192,7 +192,9 @@ def load_encoder_checkpoint(
     try:
         report = load_weights(model, path, remap=remap, strict=strict, allow_missing=allow_missing)
     except WeightsError:
-        if not kept:
+        # Only a checkpoint that was read (its keys went through ``remap``) and held no encoder key
+        # gets this message; a missing, unreadable or non-checkpoint file keeps load_weights' own.
+        if ignored and not kept:
             raise WeightsError(
                 path,
                 f"no image-encoder keys ({expected}) among its {len(ignored)} keys "

@@ -198,3 +198,15 @@ def test_medsam_preprocessing_ct_window_mr_percentiles_and_rgb():
 def test_scale_boxes_to_model_input():
     boxes = scale_boxes(torch.tensor([[10.0, 20.0, 30.0, 40.0]]), height=200, width=100, size=1024)
     assert torch.allclose(boxes, torch.tensor([[102.4, 102.4, 307.2, 204.8]]))
+
+
+def test_medsam_image_side_names_a_missing_or_unreadable_weights_file(tmp_path):
+    """model.params.image_weights that is missing or not a checkpoint: the file's own problem, not
+    "no image-encoder keys among its 0 keys" (the audit's message)."""
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint\n")
+    small = {"input_size": 64, "depth": 2, "global_attn_indexes": (1,)}
+    for path, match in ((tmp_path / "nope.pth", "weights file not found"), (bad, "not a PyTorch weights file")):
+        with pytest.raises(WeightsError, match=match) as e:
+            build_image_side("medsam", weights=path, **small)
+        assert "image-encoder keys" not in str(e.value)

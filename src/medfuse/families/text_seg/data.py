@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from medfuse.data.datamodule import CaseDataModule, SeededSampler, collate, deri
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.text_seg.params import TextSegDataParams
 
-__all__ = ["Record", "TextSegDataModule", "TextSegDataset", "apply_counterfactual",
+__all__ = ["Record", "SplitRecords", "TextSegDataModule", "TextSegDataset", "apply_counterfactual",
            "records_from_cases"]
 
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
@@ -298,6 +299,48 @@ class TextSegDataset(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
+class SplitRecords(Mapping):
+    """split -> its :class:`Record` list, each split's records built the first time they are asked for.
+
+    Enumerating records reads pixels for NSCLC (:func:`tumour_slice_records` reads every SEG and CT
+    to find the tumour slices), so the test split is read only when something asks for it, which
+    only ``evaluate`` does: training never opens a test case's files.
+
+    Args:
+        cases: split -> the split's cases.
+        to_records: cases -> records.
+    """
+
+    def __init__(self, cases: dict[str, list], to_records: Callable[[list], list[Record]]):
+        self._cases, self._to_records = cases, to_records
+        self._built: dict[str, list[Record]] = {}
+
+    def __getitem__(self, split: str) -> list[Record]:
+        if split not in self._built:
+            cases = self._cases[split]  # KeyError for an unknown split, as a dict gives
+            self._built[split] = self._to_records(cases) if cases else []
+        return self._built[split]
+
+    def __contains__(self, split: object) -> bool:  # Mapping's default would build (read) the split
+        return split in self._cases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cases)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def build(self, *splits: str) -> None:
+        """Build (read) these splits' records now; a split without cases is skipped."""
+        for split in splits:
+            if split in self._cases:
+                self[split]
+
+    def built(self) -> list[str]:
+        """The splits whose records have been built (read)."""
+        return list(self._built)
+
+
 class TextSegDataModule(CaseDataModule):
     """Patient-level splits of a 2D image + mask + text manifest; loaders of :class:`TextSegDataset`.
 
@@ -318,12 +361,18 @@ class TextSegDataModule(CaseDataModule):
                               f"use one of: {', '.join(self.modalities)}")
         self.modality = mod
         to_records = tumour_slice_records if self.table.layout == "nsclc" else records_from_cases
-        self.records = {s: to_records(cases, mod) if cases else [] for s, cases in self.cases.items()}
-        self._by_id = {s: {r.case_id: r for r in recs} for s, recs in self.records.items()}
+        self.records = SplitRecords(self.cases, lambda cases: to_records(cases, mod))
+        # Training and validation records are built now, so their data errors still surface before
+        # anything is written; the test split waits until evaluate asks for it (honesty: fit never
+        # reads a test case).
+        self.records.build("train", "val")
+        self._by_id: dict[str, dict[str, Record]] = {}
         self._pixels: dict[str, dict[int, dict[str, Any]]] = {}
 
     def record_index(self, split: str) -> dict[str, Record]:
         """case_id -> record of a split."""
+        if split not in self._by_id:
+            self._by_id[split] = {r.case_id: r for r in self.records[split]}
         return self._by_id[split]
 
     def dataset(self, split: str, counterfactual: str | None = None, augment: bool | None = None) -> TextSegDataset:
