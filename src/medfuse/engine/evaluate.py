@@ -213,6 +213,12 @@ class SegmentationEvaluator(Evaluator):
     and scored there against the label file as stored (HD95 in mm of that grid); the prediction is
     written as ``predictions/<split>/<case_id>.nii.gz`` with the input image's shape and affine.
     A case without a label file is scored on the processed grid.
+
+    ``out["logits"]`` holds per-voxel outputs, moved between grids as they are; :meth:`labels_of`
+    turns them into class indices wherever a label map is needed (scores, written files, overlays),
+    so one rule makes every label map of a case. A family whose outputs are not one score per class
+    (e.g. nested region probabilities) overrides :meth:`num_classes_of` and :meth:`labels_of`, and
+    :meth:`file_values` to write its data set's own label values.
     """
 
     def __init__(self, *args, **kwargs):
@@ -228,6 +234,19 @@ class SegmentationEvaluator(Evaluator):
     def label_values(self, mask: np.ndarray) -> np.ndarray:
         """A label file's values -> the class indices the model predicts (default: as stored)."""
         return mask
+
+    def num_classes_of(self, logits: torch.Tensor) -> int:
+        """How many classes (background included) a batch's outputs (B, K, D, H, W) score (default: K)."""
+        return int(logits.shape[1])
+
+    def labels_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """A case's outputs (K, D, H, W), on any grid -> its class indices (D, H, W) (default: argmax over K)."""
+        return logits.argmax(0)
+
+    def file_values(self, labels: np.ndarray) -> np.ndarray:
+        """Class indices (D, H, W) -> the values written to ``predictions/<split>/`` (default: as they
+        are); the inverse of :meth:`label_values`."""
+        return labels
 
     def reference(self, batch: dict[str, Any], i: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Case ``i``'s label map (D, H, W) as stored in its label file and that file's affine, or
@@ -248,7 +267,7 @@ class SegmentationEvaluator(Evaluator):
         from medfuse.reports.plots import plot_overlay
 
         logits = out["logits"]  # (B, K, D, H, W)
-        self.num_classes = k = logits.shape[1]
+        self.num_classes = k = self.num_classes_of(logits)
         image = batch["image"].cpu()
         for i, cid in enumerate(batch["case_id"]):
             lg = case_logits(logits, batch, i).float().cpu()  # (K, D, H, W) processed grid
@@ -256,11 +275,11 @@ class SegmentationEvaluator(Evaluator):
             ref = self.reference(batch, i)
             if ref is not None:
                 target_np, t_affine = ref
-                pred_t = to_input_grid(lg, proc_affine, t_affine, target_np.shape).argmax(0)
+                pred_t = self.labels_of(to_input_grid(lg, proc_affine, t_affine, target_np.shape))
                 target = torch.from_numpy(target_np)
                 spacing = spacing_from_affine(t_affine)
             else:
-                pred_t = lg.argmax(0)
+                pred_t = self.labels_of(lg)
                 target = case_logits(batch["mask"], batch, i)[0].long().cpu()
                 spacing = spacing_from_affine(proc_affine)
             m = segmentation_case_metrics(pred_t[None], target[None], num_classes=k, spacing=spacing)
@@ -268,12 +287,12 @@ class SegmentationEvaluator(Evaluator):
                 self.per_case.setdefault(key, []).append(np.asarray(v))
             self.case_ids.append(str(cid))
             on_grid, affine = on_input_grid(lg, batch, i)
-            write_nifti(on_grid.argmax(0)[None].numpy().astype(np.uint8),
+            write_nifti(self.file_values(self.labels_of(on_grid).numpy())[None].astype(np.uint8),
                         output_path(self.out_dir, f"{cid}.nii.gz"), affine=affine)
             if self.shown < self.cfg.eval.overlays:
                 mask = case_logits(batch["mask"], batch, i)[0].cpu().numpy() if "mask" in batch else None
                 img = case_logits(image, batch, i)[0].numpy()
-                self.plots[f"overlay {cid}"] = plot_overlay(img, lg.argmax(0).numpy(), mask,
+                self.plots[f"overlay {cid}"] = plot_overlay(img, self.labels_of(lg).numpy(), mask,
                                                             self.out_path("plots", f"overlay_{cid}.png"))
                 self.shown += 1
 

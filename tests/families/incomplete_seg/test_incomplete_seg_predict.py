@@ -119,6 +119,6 @@ def test_evaluate_applies_the_same_postprocessing(run, small_et):
     for threshold in (0, 10):
         evaluate(run_dir, n_boot=5, overrides=[f"eval.postprocess.min_et_voxels={threshold}"])
         files = sorted((run_dir / "predictions" / "test").glob("*.nii.gz"))
-        found[threshold] = [int((_label(f) == 3).sum()) for f in files]  # canonical label 3 = ET
+        found[threshold] = [int((_label(f) == 4).sum()) for f in files]  # BraTS ET = 4, as predict writes
     assert found[0] and all(n == 3 for n in found[0])
     assert all(n == 0 for n in found[10])

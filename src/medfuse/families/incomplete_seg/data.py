@@ -7,7 +7,10 @@ name or a mapping ``{name: [label values]}``; the default ``auto`` reads the dat
 label names (BraTS classic and 2023+, MSD Task01, nnU-Net v2 region-based ``dataset.json``). The
 data module turns a raw mask into *canonical* labels ``0..R`` (= how many regions hold the voxel),
 so region ``r`` is ``mask >= r`` and a softmax over ``R + 1`` labels is still possible
-(:class:`IncompleteSegDataModule`, the family's data module).
+(:class:`IncompleteSegDataModule`, the family's data module). The network's region probabilities
+become canonical labels by one rule, :func:`region_labels` (count of regions with ``q > 0.5``), and
+canonical labels become the data set's own values by :func:`raw_label_values`; ``predict`` and
+``evaluate`` both write and score what these give.
 
 Modality subsets. :func:`modality_combinations` enumerates the ``2^M - 1`` non-empty subsets once
 each; :func:`random_keep` draws a proper subset per case (never empty); :func:`hybrid_masking` is
@@ -24,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -250,6 +254,35 @@ def canonical_to_raw(regions: dict[str, list[int]]) -> dict[int, int] | None:
             return None
         out[k] = diff.pop()
     return out
+
+
+REGION_THRESHOLD = 0.5
+"""A region holds a voxel when its probability is above this."""
+
+
+def region_labels(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Nested region probabilities (R on axis ``dim``, outer to inner) -> canonical labels ``0..R``:
+    the number of regions whose probability is above :data:`REGION_THRESHOLD` (so label ``k`` is
+    "inside the first k regions": 0 background, R the innermost region, e.g. ET).
+
+    The family's one region -> label rule: ``predict``'s files, ``evaluate``'s files and full-input
+    label metrics, and (as ``labels >= r``) its per-combination region scores and validation Dice
+    all come from it, so one model gives one prediction. Not the argmax of
+    ``IncompleteSegNet.labels_from_regions``: with q = (0.6, 0.3, 0.1) that is background
+    (P = 0.4), while WT holds the voxel.
+    """
+    return (q > REGION_THRESHOLD).sum(dim)
+
+
+def raw_label_values(labels: np.ndarray, regions: dict[str, list[int]]) -> np.ndarray:
+    """Canonical labels -> the data set's own label values (BraTS <= 2021: 0/2/1/4 for 0..3, BraTS
+    2023+: 0/2/1/3) by :func:`canonical_to_raw`; the canonical labels themselves when a canonical
+    label stands for several raw values (the regions do not allow a single value)."""
+    raw = canonical_to_raw(regions)
+    if raw is None:
+        return labels
+    lut = np.array([raw[k] for k in range(len(raw))], dtype=np.int64)
+    return lut[np.asarray(labels, dtype=np.int64)]
 
 
 class IncompleteSegDataModule(CaseDataModule):

@@ -4,7 +4,10 @@
 (``2^M - 1`` masked forwards per batch, sliding window with ``eval.roi_size``) and nothing else:
 Dice and HD95 per region for every combination (bootstrap CIs over cases, a table, heatmaps), and,
 from each case's own modality set (the complete combination when it has all modalities), the
-generic segmentation outputs: NIfTI predictions, overlays and canonical-label metrics.
+generic segmentation outputs: NIfTI predictions (the data set's own label values, as ``predict``
+writes them), overlays and canonical-label metrics. Every label map, scored or written, comes from
+the region probabilities by :func:`~medfuse.families.incomplete_seg.data.region_labels`, the rule
+``predict`` uses, so one model gives one prediction.
 
 :class:`IncompleteSegPredictor` segments a case from whichever modalities it has.
 
@@ -23,9 +26,12 @@ import torch
 from medfuse.engine.evaluate import SegmentationEvaluator, spacing_of
 from medfuse.families.incomplete_seg.compare import COMBINATIONS_FILE, save_combination_dice
 from medfuse.families.incomplete_seg.data import (
+    REGION_THRESHOLD,
     combination_mask,
     combination_name,
     modality_combinations,
+    raw_label_values,
+    region_labels,
 )
 from medfuse.families.incomplete_seg.task import region_targets
 
@@ -69,7 +75,7 @@ def suppress_small_et(q: torch.Tensor, min_voxels: int, shapes: torch.Tensor | N
         if shapes is not None:
             d, h, w = (int(v) for v in shapes[b].tolist())
             et = et[..., :d, :h, :w]
-        if int((et > 0.5).sum()) < min_voxels:
+        if int((et > REGION_THRESHOLD).sum()) < min_voxels:
             out = q.clone() if out is q else out
             out[b, -1] = 0.0
     return out
@@ -83,6 +89,11 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
     ``n``, ``modality_combinations`` (the table, also printed), ``combination_plots`` (heatmaps
     under ``plots/``), ``selection``, and ``full_input``: the generic segmentation report
     (canonical labels) of each case's own modality set, from the same forwards.
+
+    The generic segmentation path gets each case's region probabilities (moved between grids as
+    probabilities, as ``predict`` does) and makes labels with :meth:`labels_of` (the family's
+    :func:`~medfuse.families.incomplete_seg.data.region_labels`); the written files hold the data
+    set's own label values (:meth:`file_values`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -102,12 +113,24 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
 
         return canonical_labels(torch.from_numpy(mask), self.dm.raw_regions, "label file").numpy()
 
+    def num_classes_of(self, logits):
+        """Region probabilities (B, R, *S) score R + 1 canonical labels (background included)."""
+        return int(logits.shape[1]) + 1
+
+    def labels_of(self, logits):
+        """A case's region probabilities (R, *S) -> canonical labels (*S), by the family's one rule."""
+        return region_labels(logits, dim=0)
+
+    def file_values(self, labels):
+        """Canonical labels -> the data set's own label values (e.g. BraTS 0/1/2/4), as ``predict`` writes."""
+        return raw_label_values(labels, self.dm.raw_regions)
+
     def infer(self, batch):
         """One masked forward per modality combination that some case of the batch has.
 
-        Returns ``regions``: {combination index: (B, R, *S) bool on the CPU}, ``available``
-        (C, B) bool, and ``logits``: canonical label log-probabilities (B, R+1, *S) of each case's
-        own modality set (the generic segmentation outputs).
+        Returns ``regions``: {combination index: (B, R, *S) bool on the CPU, region r = canonical
+        label >= r}, ``available`` (C, B) bool, and ``own_regions``: region probabilities
+        (B, R, *S) of each case's own modality set (the generic segmentation outputs).
         """
         image = batch["image"]
         b = image.shape[0]
@@ -124,14 +147,15 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
             mask = self.cmask[c].expand(b, -1).to(image.device)  # (B, M)
             q = self.task.predict_regions(batch, mask)  # (B, R, *S)
             q = suppress_small_et(q, min_et, batch.get("spatial_shape"))  # off unless eval.postprocess asks
-            regions[c] = (q > 0.5).cpu()
+            labels = region_labels(q)[:, None]  # (B, 1, *S) canonical, the rule predict writes
+            regions[c] = (region_targets(labels, self.num_regions) > 0.5).cpu()
             if bool(own[c].any()):
                 main = torch.zeros_like(q) if main is None else main
                 sel = own[c].to(q.device)
                 main[sel] = q[sel]
         if main is None:  # no case has any modality: nothing found
             main = torch.zeros(b, self.num_regions, *image.shape[2:], device=image.device)
-        return {"regions": regions, "available": available, "logits": self.task.model.labels_from_regions(main)}
+        return {"regions": regions, "available": available, "own_regions": main}
 
     def update(self, batch, out):
         from medfuse.metrics import segmentation_case_metrics
@@ -149,7 +173,8 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
                 dice[js, c], hd[js, c] = m["dice"], m["hd95"]
         self.dice_rows += list(dice)
         self.hd_rows += list(hd)
-        super().update(batch, {"logits": out["logits"]})  # predictions, overlays, label metrics
+        # predictions, overlays, label metrics: labels_of/file_values turn the probabilities into labels
+        super().update(batch, {"logits": out["own_regions"]})
 
     def compute(self):
         from rich.console import Console

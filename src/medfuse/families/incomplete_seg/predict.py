@@ -12,6 +12,8 @@ from medfuse.data.paths import output_path
 from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.families.incomplete_seg.data import (
     canonical_to_raw,
+    raw_label_values,
+    region_labels,
     resolve_predict_inputs,
 )
 from medfuse.families.incomplete_seg.evaluate import suppress_small_et
@@ -77,7 +79,6 @@ class IncompleteSegPredictor(Predictor):
         from medfuse.engine.evaluate import case_logits, on_input_grid
 
         mods = list(self.dm.modalities)
-        raw = canonical_to_raw(self.dm.raw_regions)
         q_all = suppress_small_et(out["regions"].float().cpu(), self.cfg.eval.postprocess.min_et_voxels,
                                   batch.get("spatial_shape"))  # (B, R, *S)
         csv_path = output_path(out_dir, "predictions.csv")
@@ -85,9 +86,8 @@ class IncompleteSegPredictor(Predictor):
             csv_path.write_text("case_id,modalities,prediction\n")
         for j, case_id in enumerate(batch["case_id"]):
             q, affine = on_input_grid(case_logits(q_all, batch, j), batch, j)  # (R, *S0) on the input grid
-            label = (q > 0.5).sum(0).numpy()  # canonical labels (nested regions)
-            if raw is not None:
-                label = np.vectorize(raw.get)(label)
+            # the family's one rule (as evaluate's files and scores): canonical labels -> data set values
+            label = raw_label_values(region_labels(q, dim=0).numpy(), self.dm.raw_regions)
             write_nifti(label[None].astype(np.uint8), output_path(out_dir, f"{case_id}.nii.gz"), affine=affine)
             if self.cfg.eval.save_probabilities:
                 write_nifti(q.numpy().astype(np.float32), output_path(out_dir, f"{case_id}_regions.nii.gz"),

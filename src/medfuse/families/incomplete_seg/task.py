@@ -50,6 +50,7 @@ from medfuse.families.incomplete_seg.data import (
     hybrid_masking,
     modality_combinations,
     random_keep,
+    region_labels,
 )
 from medfuse.losses.ntxent import multilevel_nt_xent
 from medfuse.losses.reconstruction import ReconstructionLoss
@@ -289,7 +290,8 @@ class IncompleteSegTask(SegmentationTask):
             roi = self.params.val_roi_size
             q = infer_padded(lambda x, pres=pres, roi=roi: net.predict_regions(x, pres, roi), image[idx],
                              1 if roi is not None else self.size_divisor)
-            scores.append(hard_dice(q > 0.5, target[idx]))  # (n, R)
+            pred = region_targets(region_labels(q)[:, None], net.num_regions) > 0.5  # evaluate's and predict's rule
+            scores.append(hard_dice(pred, target[idx]))  # (n, R)
         return torch.cat(scores)
 
     def validation_step(self, batch, batch_idx):
