@@ -346,3 +346,21 @@ def test_ci_level_sets_the_default_coverage_inside_the_block():
     assert default_ci() == 0.95
     assert inner["high"] - inner["low"] < base["high"] - base["low"]
     assert explicit == base
+
+
+def test_cluster_bootstrap_resamples_patients_not_their_items():
+    """20 slices of 2 patients (0.9 and 0.1 each): resampling slices pretends there are 20 independent
+    values; resampling patients gives the honest, wide interval. Same point estimate."""
+    from medfuse.metrics import bootstrap_ci, cluster_mean_ci, segmentation_report
+
+    values = np.r_[np.full(10, 0.9), np.full(10, 0.1)] + np.linspace(0, 0.01, 20)
+    groups = ["a"] * 10 + ["b"] * 10
+    items = bootstrap_ci(lambda x: x.mean(-1), values, n_boot=500, vectorized=True)
+    pats = cluster_mean_ci(values, groups, n_boot=500)
+    assert pats["value"] == pytest.approx(items["value"]) and pats["n"] == 2 and pats["n_items"] == 20
+    assert pats["low"] < 0.15 and pats["high"] > 0.85  # either patient alone
+    assert items["low"] > 0.3 and items["high"] < 0.7
+    rep = segmentation_report({"dice": values[:, None]}, ["t"], n_boot=200, groups=groups)
+    assert rep["dice"]["n"] == 2 and rep["per_class"]["t"]["dice"]["n_items"] == 20 and rep["n_patients"] == 2
+    with pytest.raises(ValueError, match="groups"):
+        cluster_mean_ci(values, groups[:5])

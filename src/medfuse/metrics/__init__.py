@@ -4,7 +4,7 @@ DESIGN "Evaluation honesty": every reported metric carries ``n`` and a bootstrap
 ``{"value", "low", "high", "n", "n_boot"}`` by :func:`bootstrap_ci` and the ``*_report`` functions.
 """
 
-from .bootstrap import bootstrap_ci, ci_level, default_ci, to_numpy
+from .bootstrap import bootstrap_ci, ci_level, cluster_mean_ci, default_ci, to_numpy
 from .classification import (
     CLASSIFICATION_METRICS,
     accuracy,
@@ -35,6 +35,7 @@ __all__ = [
     "balanced_accuracy",
     "bootstrap_ci",
     "classification_report",
+    "cluster_mean_ci",
     "concat_case_metrics",
     "confusion_matrix",
     "confusion_stats",

@@ -140,3 +140,37 @@ def bootstrap_ci(
     else:
         low = high = math.nan
     return {"value": value, "low": low, "high": high, "n": int(n), "n_boot": len(stats)}
+
+
+def _ratio_of_sums(x: np.ndarray) -> np.ndarray:
+    """(R, G, 2) per-group [sum, count] -> (R,) pooled means."""
+    return x[..., 0].sum(-1) / x[..., 1].sum(-1)
+
+
+def cluster_mean_ci(values: Any, groups: Any, n_boot: int = 1000, ci: float | None = None,
+                    seed: int = 0) -> dict[str, float | int]:
+    """Mean of ``values`` with a bootstrap interval that resamples whole groups (patients).
+
+    Several scored items of one patient (NSCLC slices, BUS-BRA images) are not independent: a
+    bootstrap over items would pretend they are and give too narrow an interval. Each resample
+    draws patients with replacement and pools all their items; the point estimate is the plain mean
+    over items, as without groups.
+
+    Args:
+        values: (N,) item scores (finite).
+        groups: (N,) the group (patient id) of each item.
+
+    Returns:
+        :func:`bootstrap_ci`'s dict with ``n`` = the number of groups, plus ``n_items`` = N.
+    """
+    v = to_numpy(values).astype(np.float64).reshape(-1)
+    g = np.asarray([str(x) for x in to_numpy(groups).reshape(-1)]) if len(v) else np.empty(0, dtype=str)
+    if len(g) != len(v):
+        raise ValueError(f"{len(g)} groups for {len(v)} values")
+    keys, inverse = np.unique(g, return_inverse=True)
+    sums = np.bincount(inverse, weights=v, minlength=len(keys))
+    counts = np.bincount(inverse, minlength=len(keys)).astype(np.float64)
+    out = bootstrap_ci(_ratio_of_sums, np.stack([sums, counts], axis=-1), n_boot=n_boot, ci=ci, seed=seed,
+                       vectorized=True)
+    out["n_items"] = int(len(v))
+    return out

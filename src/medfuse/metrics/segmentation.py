@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bootstrap import bootstrap_ci, to_numpy
+from .bootstrap import bootstrap_ci, cluster_mean_ci, to_numpy
 
 SEG_METRICS = ("dice", "iou", "hd95")
 
@@ -125,6 +125,7 @@ def segmentation_report(
     class_names: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Mean and bootstrap CI (over cases) of every per-case metric, per class and overall.
 
@@ -134,6 +135,9 @@ def segmentation_report(
         class_names: K' names of the scored classes (default ``"1"...`` numbering the columns).
         n_boot: bootstrap resamples.
         seed: bootstrap seed.
+        groups: (N,) the patient of each case when a patient has several scored cases (slices,
+            images): the bootstrap resamples patients (:func:`~medfuse.metrics.bootstrap.cluster_mean_ci`),
+            ``n`` counts patients and ``n_items`` the cases. None: cases are independent.
 
     Returns:
         ``{metric: ci, "per_class": {name: {metric: ci}}, "class_names", "n"}`` where each ``ci`` is
@@ -156,22 +160,33 @@ def segmentation_report(
 
     out: dict[str, Any] = {}
     per_class: dict[str, dict[str, Any]] = {name: {} for name in names}
+    group = None if groups is None else np.asarray([str(g) for g in groups])
+    if group is not None and len(group) != n_cases:
+        raise ValueError(f"{len(group)} groups for {n_cases} cases")
+
+    def mean_ci(vals: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
+        if group is None:
+            return bootstrap_ci(_mean, vals, n_boot=n_boot, seed=seed, vectorized=True)
+        return cluster_mean_ci(vals, group[keep], n_boot=n_boot, seed=seed)
+
     for metric, values in arrays.items():
         values = np.where(np.isfinite(values), values, np.nan)
         for c, name in enumerate(names):
             col = values[:, c]
-            ok = col[~np.isnan(col)]
-            entry = bootstrap_ci(_mean, ok, n_boot=n_boot, seed=seed, vectorized=True)
-            entry["n_nan"] = int(col.size - ok.size)
+            keep = ~np.isnan(col)
+            entry = mean_ci(col[keep], keep)
+            entry["n_nan"] = int(col.size - keep.sum())
             per_class[name][metric] = entry
         has_value = ~np.isnan(values).all(axis=1)
         case_means = np.nanmean(values[has_value], axis=1) if has_value.any() else np.empty(0)
-        entry = bootstrap_ci(_mean, case_means, n_boot=n_boot, seed=seed, vectorized=True)
+        entry = mean_ci(case_means, has_value)
         entry["n_nan"] = int(np.isnan(values).sum())
         out[metric] = entry
     out["per_class"] = per_class
     out["class_names"] = names
     out["n"] = int(n_cases)
+    if group is not None:
+        out["n_patients"] = int(len(set(group.tolist())))
     return out
 
 

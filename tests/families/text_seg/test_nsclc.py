@@ -164,3 +164,10 @@ def test_config_trains_one_cpu_epoch(replica, tmp_path):
     assert dice and 0.0 <= dice[-1] <= 1.0
     splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
     assert set(splits) == {p for p, _, _ in PATIENTS if p != "R01-005"}  # split by patient
+    # evaluate scores slices, but the bootstrap resamples patients: n is the number of test patients
+    from medfuse.engine.evaluate import evaluate
+
+    report = evaluate(run, n_boot=50)
+    dice = report["metrics"]["dice"]
+    test_patients = [p for p, s in splits.items() if s == "test"]
+    assert dice["n"] == len(test_patients) and dice["n_items"] > dice["n"]

@@ -58,6 +58,8 @@ class Record:
         fields: text fields (the ``text`` column and the attribute columns).
         box: (x0, y0, x1, y1) in original pixels from the CSV, or ``None``.
         slice_index: slice of a volume file, or ``None`` for a 2D file.
+        patient_id: the patient (several records of one patient are resampled together by the
+            evaluation bootstrap).
     """
 
     case_id: str
@@ -66,6 +68,7 @@ class Record:
     fields: dict[str, str]
     box: tuple[float, float, float, float] | None = None
     slice_index: int | None = None
+    patient_id: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +109,8 @@ def records_from_cases(cases: list, modality: str, need_mask: bool = True) -> li
             slice_index = int(float(sl)) if sl != "" else None
         except ValueError:
             raise DataError(c.case_id, f"slice '{sl}' is not an integer", "give the slice index (0-based)") from None
-        out.append(Record(c.case_id, c.images[modality], c.mask, fields, _parse_box(c.case_id, fields), slice_index))
+        out.append(Record(c.case_id, c.images[modality], c.mask, fields, _parse_box(c.case_id, fields), slice_index,
+                          patient_id=c.patient_id))
     return out
 
 

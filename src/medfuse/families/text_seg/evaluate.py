@@ -200,7 +200,8 @@ class TextSegEvaluator(Evaluator):
         from medfuse.metrics import segmentation_report
 
         res = self.base
-        rep = segmentation_report({k: res.array(k)[:, None] for k in METRICS}, ["target"], self.n_boot, self.seed)
+        rep = segmentation_report({k: res.array(k)[:, None] for k in METRICS}, ["target"], self.n_boot, self.seed,
+                                  groups=self.patients(res))
         metrics = {k: rep[k] for k in METRICS}
         self.base_metrics = metrics
         out_dir = self.run_dir / "predictions" / self.split
@@ -235,6 +236,22 @@ class TextSegEvaluator(Evaluator):
                                   + ", ".join(f"{k} {v}" for k, v in cf.fields_changed.items()) + ")")
         return entry
 
+    def patients(self, res: SplitScores) -> list[str] | None:
+        """The patient of each scored case when a patient has several (NSCLC slices, BUS-BRA images):
+        the bootstrap then resamples patients, since one patient's cases are not independent. None
+        when every patient has one case (the plain bootstrap over cases is the same thing)."""
+        recs = self.dm.record_index(self.split)
+        groups = [recs[c].patient_id or c for c in res.case_id]
+        return groups if len(set(groups)) < len(groups) else None
+
+    def mean_ci(self, values: np.ndarray, groups: list[str] | None) -> dict[str, Any]:
+        """Mean of per-case values with its bootstrap CI (over patients when ``groups`` is given)."""
+        from medfuse.metrics import bootstrap_ci, cluster_mean_ci
+
+        if groups is not None:
+            return cluster_mean_ci(values, groups, n_boot=self.n_boot, seed=self.seed)
+        return bootstrap_ci(lambda x: x.mean(-1), values, n_boot=self.n_boot, seed=self.seed, vectorized=True)
+
     def counterfactual_of(self, spec: str, seen: SplitScores) -> Counterfactual:
         """The wrong texts of ``spec`` for the split (the data module's seed), with counts, checked
         against the texts the pass ``seen`` was given."""
@@ -253,7 +270,6 @@ class TextSegEvaluator(Evaluator):
         from rich.console import Console
         from rich.table import Table
 
-        from medfuse.metrics import bootstrap_ci
         from medfuse.reports import format_ci
 
         if self.base_metrics is None:
@@ -271,9 +287,8 @@ class TextSegEvaluator(Evaluator):
             d1 = res.array("dice")
             changed = sum(a != b for a, b in zip(base.text, res.text, strict=True))
             fields = self.counterfactual_of(spec, res).fields_changed
-            mean = lambda x: x.mean(-1)  # noqa: E731 - vectorised bootstrap statistic
-            cf = bootstrap_ci(mean, d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
-            drop = bootstrap_ci(mean, d0 - d1, n_boot=self.n_boot, seed=self.seed, vectorized=True)
+            groups = self.patients(base)
+            cf, drop = self.mean_ci(d1, groups), self.mean_ci(d0 - d1, groups)
             rel = 100.0 * drop["value"] / max(float(d0.mean()), 1e-8)
             out[spec] = {"dice": cf, "dice_drop": drop, "relative_drop_percent": rel, "texts_changed": changed,
                          "fields_changed": fields, "n": len(d1)}
