@@ -445,3 +445,35 @@ def test_train_evaluate_counterfactual_and_predict_end_to_end(trained_run, tmp_p
     assert len(list(csv.DictReader((out / "predictions.csv").open()))) == 3
     mask = np.array(Image.open(out / f"{rows[0]['case_id']}_mask.png"))
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_predict_refuses_manifests_it_cannot_honour(trained_run, tmp_path):
+    """A box off the image, a NaN box, an empty manifest and another image column: one line each
+    (they used to predict on a clamped box, say 'x1 < x0', write an empty predictions.csv, or use
+    the other column silently)."""
+    import csv
+
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    run, data = trained_run
+    row = next(csv.DictReader((data / "manifest.csv").open()))
+    fields = [k for k in row if k in ("size", "echogenicity", "margin", "position")]
+
+    def manifest(name, rows, column="image_us"):
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case_id", column, "box", *fields])
+            w.writeheader()
+            for box in rows:
+                w.writerow({"case_id": row["case_id"], column: str(data / row["image_us"]), "box": box,
+                            **{k: row[k] for k in fields}})
+        return str(path)
+
+    cases = {"off": (manifest("off", ["-50 -50 -10 -10"]), "lies outside its"),
+             "nan": (manifest("nan", ["nan 1 5 5"]), "not 4 finite numbers"),
+             "empty": (manifest("empty", []), "lists no case"),
+             "column": (manifest("column", [row["box"]], column="image_xx"), "has no image_us column")}
+    for name, (path, message) in cases.items():
+        with pytest.raises(DataError, match=message):
+            predict(run, [path], tmp_path / f"out_{name}")

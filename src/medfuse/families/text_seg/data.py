@@ -86,6 +86,8 @@ def _parse_box(case_id: str, extra: dict[str, Any]) -> tuple[float, float, float
         x0, y0, x1, y1 = (float(v) for v in parts)
     except ValueError:
         raise DataError(case_id, f"box {parts} is not 4 numbers", "write the box as 'x0 y0 x1 y1' in pixels") from None
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        raise DataError(case_id, f"box {parts} is not 4 finite numbers", "write the box as 'x0 y0 x1 y1' in pixels")
     if not (x1 >= x0 and y1 >= y0):
         raise DataError(case_id, f"box {parts} has x1 < x0 or y1 < y0", "write the box as 'x0 y0 x1 y1'")
     return (x0, y0, x1, y1)
@@ -271,6 +273,10 @@ class TextSegDataset(Dataset):
         if box is None:
             what = "a box column" if p.box_source == "csv" or mask is None else "a non-empty mask"
             raise DataError(rec.case_id, "has no box prompt", f"give it {what}")
+        x0, y0, x1, y1 = box
+        if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+            raise DataError(rec.case_id, f"box {list(box)} lies outside its {w} x {h} image",
+                            "give the box as 'x0 y0 x1 y1' in this image's pixels")
         item["box"] = box
         if p.cache_in_memory:
             self._cache[i] = item

@@ -47,8 +47,13 @@ class TextSegPredictor(Predictor):
             raise DataError(" ".join(inputs), "text_seg predicts from one manifest CSV",
                             "give a CSV with case_id, image_<modality>, box and the text (or template) columns")
         table = validate_table(load_cases(inputs[0]))
-        mod = self.dm.modality if self.dm.modality in table.modalities else table.modalities[0]
-        return records_from_cases(table.cases, mod, need_mask=False)
+        if not table.cases:
+            raise DataError(inputs[0], "lists no case", "add one row per image to predict")
+        if self.dm.modality not in table.modalities:
+            raise DataError(inputs[0], f"has no image_{self.dm.modality} column (the run was trained on "
+                            f"'{self.dm.modality}'; the manifest has {table.modalities})",
+                            f"name the image column image_{self.dm.modality}")
+        return records_from_cases(table.cases, self.dm.modality, need_mask=False)
 
     def batches(self, cases: list[Any]):
         """Records -> batches of the run's preprocessing, boxes from the CSV, on the task's device."""
