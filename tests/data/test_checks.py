@@ -228,3 +228,12 @@ def test_brats_4d_modality_file_reported_as_channels(tmp_path):
     problems = check_dataset(tmp_path)
     assert [(p.rule, Path(p.path).name) for p in problems] == [("channels", f"{cid}_flair.nii.gz")]
     assert "has 2 channels" in problems[0].message and "one 3D volume per modality" in problems[0].fix
+
+
+def test_brats_folder_whose_files_name_another_case_is_not_skipped_silently(tmp_path):
+    for cid, name in (("B_001", "B_001"), ("B_002", "B_999")):  # B_002 was renamed, its files were not
+        for k in ("flair", "t1", "t1ce", "t2"):
+            _image(tmp_path / cid / f"{name}_{k}.nii.gz", seed=0)
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) .* not named after the folder \(e.g. B_002/B_999_flair"):
+        problems = check_dataset(tmp_path)
+    assert problems == []

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from medfuse.data.layouts.cases import Case, CaseTable
@@ -43,8 +44,20 @@ def brats_case_dirs(root: Path) -> list[tuple[Path, dict[str, tuple[str, Path]]]
     return out
 
 
+def _misnamed(root: Path, found: list[tuple[Path, dict]]) -> list[Path]:
+    """NIfTI files in folders under ``root`` that are not case folders (no file named after the folder)."""
+    cases = {d for d, _ in found}
+    return [f for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in cases)
+            for f in sorted(d.glob("*.nii*"))[:1]]
+
+
 def load_brats(root: Path) -> CaseTable:
     found = brats_case_dirs(root)
+    skipped = _misnamed(root, found)
+    if skipped:  # a renamed case folder would otherwise vanish from the data without a word
+        warnings.warn(f"{len(skipped)} folder(s) under {root} hold NIfTI files not named after the folder "
+                      f"(e.g. {skipped[0].relative_to(root)}) and are skipped; a BraTS case folder <case>/ holds "
+                      "<case>_flair.nii.gz ... or <case>-t2f.nii.gz ...", stacklevel=2)
     schemes = {s for _, files in found for s, _ in files.values()}
     if len(schemes) > 1:
         raise DataError(
