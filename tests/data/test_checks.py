@@ -237,3 +237,15 @@ def test_brats_folder_whose_files_name_another_case_is_not_skipped_silently(tmp_
     with pytest.warns(UserWarning, match=r"1 folder\(s\) .* not named after the folder \(e.g. B_002/B_999_flair"):
         problems = check_dataset(tmp_path)
     assert problems == []
+
+
+def test_case_id_problems_show_the_id_readably_and_on_one_line():
+    import os
+
+    from medfuse.data.paths import case_id_problem
+
+    assert case_id_problem("rec 001 ü") == "case id 'rec 001 ü' has characters outside A-Z a-z 0-9 . _ -"
+    assert "'caf\\udce9'" in case_id_problem(os.fsdecode(b"caf\xe9"))  # an undecodable byte, escaped
+    shown = case_id_problem("a\x1bb\nc")
+    assert "\n" not in shown and "\x1b" not in shown and "'a\\x1bb\\nc'" in shown
+    assert case_id_problem("case_001-a.2") is None

@@ -35,15 +35,18 @@ def case_id_problem(case_id: object) -> str | None:
     text = str(case_id)
     if CASE_ID_PATTERN.fullmatch(text):
         return None
-    shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    # readable characters as they are (a user must recognise their own id: 'rec 001 ü'); control
+    # characters and undecodable bytes (surrogates) escaped, so the line stays one printable line
+    shown = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                    for ch in text)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     if not text:
         return "the case id is empty"
     if "/" in text or "\\" in text or text.startswith("."):
-        return f"case id {shown!r} looks like a path"
+        return f"case id '{shown}' looks like a path"
     if len(text) > 128:
-        return f"case id {shown!r} is longer than 128 characters"
-    return f"case id {shown!r} has characters outside A-Z a-z 0-9 . _ -"
+        return f"case id '{shown}' is longer than 128 characters"
+    return f"case id '{shown}' has characters outside A-Z a-z 0-9 . _ -"
 
 
 def check_case_id(case_id: object, where: str | Path) -> str:
