@@ -133,7 +133,8 @@ def test_uniform_series_reads_in_order_with_its_spacing(tmp_path):
 @pytest.mark.parametrize(("zs", "words"), [
     ([0.0, 3.0, 9.0, 12.0], "missing 1 slice"),
     ([0.0, 3.0, 6.0, 15.0, 16.0], "non-uniform slice spacing"),
-    ([0.0, 3.0, 3.0, 6.0], "duplicate positions"),
+    ([0.0, 3.0, 3.0, 6.0], "2 images at 1 shared position "),
+    ([0.0, 0.0, 3.0, 3.0, 6.0, 6.0, 9.0, 9.0], r"8 images at 4 shared positions \(up to 2 per position"),  # 2 b-values
 ])
 def test_gaps_uneven_and_duplicates_are_refused(tmp_path, zs, words):
     write_series(tmp_path / "ct", zs)

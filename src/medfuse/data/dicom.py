@@ -368,11 +368,16 @@ def _read_series(where: Path, headers: list[Header], opts: DicomOptions, other: 
     step = pos[-1] - pos[0]
     if n > 1:
         dz = np.diff(z)
-        if np.min(dz) < 1e-3:
-            k = int(np.argmin(dz))
-            raise DicomError(where, f"series {first.series_uid} has {int(np.sum(dz < 1e-3)) + 1} images at "
-                             f"duplicate positions (first z={z[k]:.2f} mm; several echoes, phases or copies?)",
-                             "split the series or set data.dicom.series")
+        if np.min(dz) < 1e-3:  # z is sorted: runs of equal positions
+            starts = np.r_[True, dz >= 1e-3]
+            sizes = np.diff(np.r_[np.flatnonzero(starts), len(z)])
+            shared = sizes[sizes > 1]
+            first_z = float(z[np.flatnonzero(starts)[np.argmax(sizes > 1)]])
+            raise DicomError(where, f"series {first.series_uid} has {int(shared.sum())} images at {len(shared)} shared "
+                             f"position{'s' if len(shared) > 1 else ''} (up to {int(shared.max())} per position, first z={first_z:.2f} mm; several "
+                             "echoes, b-values, phases or copies in one series?)",
+                             "split the series into one image per position (e.g. by echo or b-value with dcm2niix) "
+                             "and give the one to use")
         d = float(np.min(dz))
         tol = max(0.01, 0.01 * d)
         if np.max(dz) - d > tol:
