@@ -86,3 +86,17 @@ def test_eval_ci_is_honoured(trained):
     w, n = wide["metrics"]["roc_auc"], narrow["metrics"]["roc_auc"]
     assert w["value"] == n["value"]
     assert (n["high"] - n["low"]) < (w["high"] - w["low"])  # a 50% interval is narrower than a 95% one
+
+
+def test_segmentation_cis_resample_patients_when_a_patient_has_several_cases():
+    """BraTS follow-ups or several scans of one patient are not independent cases: the evaluator
+    hands their patients to the bootstrap; one case per patient keeps the plain case bootstrap."""
+    from types import SimpleNamespace
+
+    from medfuse.engine.evaluate import SegmentationEvaluator
+
+    cases = {c: SimpleNamespace(patient_id=p) for c, p in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("c1", None))}
+    ev = SimpleNamespace(_cases=cases, case_ids=["a1", "a2", "b1", "c1"])
+    assert SegmentationEvaluator.patient_groups(ev) == ["A", "A", "B", "c1"]
+    ev.case_ids = ["a1", "b1", "c1"]
+    assert SegmentationEvaluator.patient_groups(ev) is None

@@ -324,9 +324,17 @@ class SegmentationEvaluator(Evaluator):
 
         merged = {key: np.concatenate(v) for key, v in self.per_case.items()}
         per_case = self.write_per_case(self.class_names()[1:])
-        rep = segmentation_report(merged, self.class_names()[1:], n_boot=self.n_boot, seed=self.seed)
-        extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n") if k in rep}
+        rep = segmentation_report(merged, self.class_names()[1:], n_boot=self.n_boot, seed=self.seed,
+                                  groups=self.patient_groups())
+        extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n", "n_patients") if k in rep}
         return {"metrics": rep, **extra, "per_case": per_case}
+
+    def patient_groups(self) -> list[str] | None:
+        """The patient of each scored case when some patient has several (BraTS follow-ups, several
+        scans): the bootstrap then resamples patients, since one patient's cases are not
+        independent. None when every case is its own patient."""
+        groups = [str(getattr(self._cases.get(c), "patient_id", None) or c) for c in self.case_ids]
+        return groups if len(set(groups)) < len(groups) else None
 
 
 class RetrievalEvaluator(Evaluator):
