@@ -1,5 +1,6 @@
 """``msd`` layout: the Medical Segmentation Decathlon (``dataset.json`` with ``modality``,
-``labels``, ``training``, ``test``; multi-modal 4D files).
+``labels``, ``training``, ``test``; multi-modal 4D files). The ``test`` list's images have no labels
+and are left out of the cases (as nnU-Net's ``imagesTs``); give them to ``medfuse predict``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def load_msd(source: Path) -> CaseTable:
                     'give every entry an "image" path',
                 )
             label = entry.get("label") if isinstance(entry, dict) else None
+            if split == "test" and not label:
+                continue  # MSD's test images carry no labels: nothing to score (predict reads them as files)
             image_path = abs_path(root, image)
             case_id = _case_stem(Path(image_path).name)
             cases.append(
