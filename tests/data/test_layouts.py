@@ -141,6 +141,21 @@ def test_nnunet(tmp_path):
     assert not table.patient_ids_given and all(c.patient_id == c.case_id for c in table.cases)
 
 
+def test_nnunet_file_ending_that_matches_nothing_or_not_everything(tmp_path):
+    spec = {"channel_names": {"0": "T2"}, "labels": {"background": 0, "x": 1}, "numTraining": 3, "file_ending": ".nii"}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    for cid in ("a", "b", "c"):
+        _vol(tmp_path / "imagesTr" / f"{cid}_0000.nii.gz")
+        _vol(tmp_path / "labelsTr" / f"{cid}.nii.gz", value=0)
+    with pytest.raises(DataError, match=r"file_ending.*'\.nii', but no imagesTr file .* holds \.nii\.gz files"):
+        load_cases(tmp_path)  # it used to find 0 cases, and data check said OK
+    spec["file_ending"] = ".nii.gz"
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    (tmp_path / "imagesTr" / "c_0000.nii.gz").rename(tmp_path / "imagesTr" / "c_0000.nii")
+    with pytest.warns(UserWarning, match="numTraining is 3, but 2 imagesTr cases end in '.nii.gz'"):
+        assert [c.case_id for c in load_cases(tmp_path).cases] == ["a", "b"]
+
+
 def test_msd_4d(tmp_path):
     spec = {
         "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},

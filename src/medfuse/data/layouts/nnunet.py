@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,28 @@ def load_nnunet(source: Path) -> CaseTable:
                     mask=str(mask) if has_mask else None,
                 )
             )
+    _check_count(source, root / "imagesTr", ending, [c for c in cases if c.split is None], meta.get("numTraining"))
     return CaseTable(
         root=root, layout="nnunet", modalities=modalities, cases=cases, mask_labels=mask_labels, source=source
     )
+
+
+def _check_count(source: Path, images: Path, ending: str, found: list, declared: Any) -> None:
+    """Refuse an imagesTr without one file of ``file_ending`` (a wrong ending found nothing and
+    trained on nothing); warn when fewer training cases match it than ``numTraining`` declares
+    (a case saved with another ending would drop out without a word)."""
+    if not found:
+        endings = sorted({"".join(p.suffixes) for p in images.iterdir() if p.is_file() and p.suffixes})
+        raise DataError(f"{source} (key 'file_ending')", f"is '{ending}', but no imagesTr file <case>_0000{ending} "
+                        f"exists (imagesTr holds {', '.join(endings) or 'no'} files)",
+                        "set file_ending to the images' ending, e.g. \".nii.gz\"")
+    try:
+        n = int(declared)
+    except (TypeError, ValueError):
+        return
+    if n > len(found):
+        warnings.warn(f"{source}: numTraining is {n}, but {len(found)} imagesTr cases end in '{ending}'; the "
+                      "others are left out (another file ending?)", stacklevel=3)
 
 
 def _nnunet_case_ids(folder: Path, ending: str) -> list[str]:
