@@ -219,3 +219,33 @@ def test_a_broken_cot_line_is_named_by_its_number(tmp_path):
     path.write_text(json.dumps({"image": "train_1_a_1.nii.gz", "thinking": "ok"}) + "\n\n{broken\n")
     with pytest.raises(DataError, match=r"vqa.jsonl \(line 3\).*not valid JSON"):
         read_cot(path)
+
+
+def test_a_missing_first_reconstruction_keeps_the_next_one(tmp_path):
+    """reconstructions: first keeps the first reconstruction ON DISK (a partial download used to lose
+    the whole patient when its _1 volume was missing)."""
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    (root / "train" / "train_1" / "train_1_a" / "train_1_a_1.nii.gz").unlink()
+    with pytest.warns(UserWarning, match="not under"):
+        steps = _steps(root, None)
+    assert set(steps) == {"train_1_a_2", "train_2_a_1", "train_3_a_1"}
+
+
+@pytest.mark.parametrize("slope", ["abc", "nan", "0"])
+def test_a_bad_rescale_row_is_refused_naming_the_metadata_csv(tmp_path, slope):
+    from medfuse.errors import DataError
+    from medfuse.families.ct_encoder.data import read_ctrate
+    from medfuse.families.ct_encoder.params import CTEncoderDataParams
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3, v1=True)
+    meta = root / "metadata" / "train_metadata.csv"
+    rows = list(csv.DictReader(meta.open(encoding="utf-8-sig")))
+    rows[0]["RescaleSlope"] = slope
+    with meta.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    p = CTEncoderDataParams(reports="radiology_text_reports/train_reports.csv",
+                            metadata="metadata/train_metadata.csv", labels=None, cot=None, hu="metadata")
+    with pytest.raises(DataError, match=rf"train_metadata.csv.*train_1_a_1 are '{slope}'.*not finite numbers"):
+        read_ctrate(root, p)

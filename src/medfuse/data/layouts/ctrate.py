@@ -4,8 +4,10 @@ metadata CSV).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 from medfuse.data.layouts.cases import Case, CaseTable, read_csv_rows, safe_id
 from medfuse.errors import DataError
@@ -68,3 +70,16 @@ def load_ctrate(root: Path) -> CaseTable:
     return CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases,
                      patient_ids_given=any(CTRATE_NAME.match(c.case_id) for c in cases), source=reports[0],
                      notes=notes)
+
+
+def rescale_of(row: dict[str, Any], where: Path | str, stem: str) -> list[float]:
+    """[slope, intercept] of a metadata row (empty = 1, 0), finite, slope non-zero; else a one-line DataError."""
+    try:
+        hu = [float(row.get("RescaleSlope") or 1.0), float(row.get("RescaleIntercept") or 0.0)]
+    except ValueError:
+        hu = [float("nan")] * 2
+    if not all(math.isfinite(v) for v in hu) or hu[0] == 0:
+        raise DataError(where, f"RescaleSlope/RescaleIntercept of {stem} are {row.get('RescaleSlope')!r}/"
+                        f"{row.get('RescaleIntercept')!r}, not finite numbers with a non-zero slope",
+                        "fix the row (CT-RATE v1: slope 1, intercept -1024)")
+    return hu

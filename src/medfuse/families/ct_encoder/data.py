@@ -62,7 +62,7 @@ import torch
 from medfuse.config import Config, validate_params
 from medfuse.data.datamodule import CaseDataModule, SeededDataset, SeededSampler, data_root, resolve_splits
 from medfuse.data.layouts import Case, CaseTable, read_csv_rows
-from medfuse.data.layouts.ctrate import CTRATE_NAME, VOLUME_SUFFIXES, volume_stem
+from medfuse.data.layouts.ctrate import CTRATE_NAME, VOLUME_SUFFIXES, rescale_of, volume_stem
 from medfuse.data.paths import check_case_id
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.cot import (
@@ -193,14 +193,14 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     for i, r in enumerate(reports, start=2):
         stem = volume_stem(r["VolumeName"])
         m = CTRATE_NAME.match(stem)
+        if stem not in index:  # before the scan counts as kept: its next reconstruction may be on disk
+            missing.append(stem)
+            continue
         if p.reconstructions == "first" and m:
             scan = (m["patient"], m["scan"])
             if scan in seen_scans:
                 continue  # another reconstruction of a scan already listed: same report, same patient
             seen_scans.add(scan)
-        if stem not in index:
-            missing.append(stem)
-            continue
         if stem not in mask_index:
             raise DataError(masks / r["VolumeName"], f"no region mask for volume {stem}",
                             "give every volume a mask of the same name in data.params.masks")
@@ -216,7 +216,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
             if row is None:
                 raise DataError(meta_path or "metadata", f"no RescaleSlope/RescaleIntercept for {stem}",
                                 "add the row, or set data.params.hu=none if the volumes are in HU")
-            hu = [float(row.get("RescaleSlope") or 1.0), float(row.get("RescaleIntercept") or 0.0)]
+            hu = rescale_of(row, meta_path or "metadata", stem)
         elif p.hu == "fixed":
             hu = [float(p.hu_slope), float(p.hu_intercept)]
         lab = label_rows.get(stem)
