@@ -364,3 +364,13 @@ def test_cluster_bootstrap_resamples_patients_not_their_items():
     assert rep["dice"]["n"] == 2 and rep["per_class"]["t"]["dice"]["n_items"] == 20 and rep["n_patients"] == 2
     with pytest.raises(ValueError, match="groups"):
         cluster_mean_ci(values, groups[:5])
+
+
+def test_nan_similarities_are_not_retrieved():
+    """NaN embeddings (a diverged model) must not score a perfect recall."""
+    from medfuse.metrics.retrieval import recall_at_k, retrieval_ranks
+
+    assert recall_at_k(np.full((5, 5), np.nan), ks=(1,)) == {"R@1": 0.0}
+    sim = np.eye(4)
+    sim[2, 0] = np.nan
+    assert retrieval_ranks(sim).tolist() == [0, 0, 4, 0]

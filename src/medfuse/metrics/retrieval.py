@@ -27,7 +27,8 @@ def retrieval_ranks(sim: Any, gt: Any = None) -> np.ndarray:
             gallery indices, or a boolean matrix (Nq, Ng) allowing several positives per query.
 
     Returns:
-        int array (Nq,); rank 0 means retrieved first. A query without any positive gets rank Ng.
+        int array (Nq,); rank 0 means retrieved first. A query without any positive, or with a
+        non-finite score, gets rank Ng (not retrieved).
     """
     s = to_numpy(sim).astype(np.float64)
     if s.ndim != 2:
@@ -52,7 +53,10 @@ def retrieval_ranks(sim: Any, gt: Any = None) -> np.ndarray:
     best_pos = np.where(positive, s, -np.inf).max(axis=1, keepdims=True)  # (Nq, 1)
     # items (positives excluded) that score at least as high as the best positive
     ahead = ((s >= best_pos) & ~positive).sum(axis=1)
-    return np.where(positive.any(axis=1), ahead, ng).astype(np.int64)
+    # a query with a NaN/inf score cannot be ranked: it counts as not retrieved (NaN compared False
+    # everywhere, so a NaN model used to score a perfect recall and win model selection)
+    rankable = positive.any(axis=1) & np.isfinite(s).all(axis=1)
+    return np.where(rankable, ahead, ng).astype(np.int64)
 
 
 def _recall(ranks: np.ndarray, k: int) -> float:
