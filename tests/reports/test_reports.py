@@ -267,3 +267,20 @@ def test_paired_comparisons_render_as_tables():
     assert "0.100 [0.090, 0.110] (n=12)" in page and "<td>mean of incomplete</td>" in page
     assert "no rows" not in page
     assert "Paired comparisons" not in render_html({"ablation": [{"name": "full"}]})
+
+
+def test_plots_save_under_a_run_folder_given_with_dotdot(tmp_path, monkeypatch):
+    """`medfuse evaluate ../runs/x` failed: any '..' in the plot's full path was refused."""
+    import matplotlib.pyplot as plt
+
+    from medfuse.errors import RunDirError
+    from medfuse.reports.plots import _save
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    fig = plt.figure()
+    out = _save(fig, Path("..") / "runs" / "x" / "plots" / "a.png")
+    assert (tmp_path / "runs" / "x" / "plots" / "a.png").is_file() and out.name == "a.png"
+    with pytest.raises(RunDirError, match="file name"):
+        _save(fig, Path("runs") / "..")
+    plt.close(fig)

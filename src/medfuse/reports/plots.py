@@ -30,10 +30,11 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, out_png: str | Path) -> Path:
     """Write ``fig`` to ``out_png``: callers build it with :func:`medfuse.data.paths.output_path`
-    inside the run; a path that climbs with ``..`` is refused here too."""
+    inside the run (which refuses a case id that climbs out); a file name that is itself ``..`` or
+    empty is refused here too. A run folder given as ``../runs/x`` is fine."""
     out = Path(out_png)
-    if ".." in out.parts:
-        raise RunDirError(out, "a plot path may not climb out of its folder with '..'", "use plain file names")
+    if out.name in ("", ".", ".."):
+        raise RunDirError(out, "a plot path must end in a file name", "use plain file names")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
