@@ -28,7 +28,7 @@ def retrieval_ranks(sim: Any, gt: Any = None) -> np.ndarray:
 
     Returns:
         int array (Nq,); rank 0 means retrieved first. A query without any positive, or with a
-        non-finite score, gets rank Ng (not retrieved).
+        NaN score, gets rank Ng (not retrieved).
     """
     s = to_numpy(sim).astype(np.float64)
     if s.ndim != 2:
@@ -53,9 +53,10 @@ def retrieval_ranks(sim: Any, gt: Any = None) -> np.ndarray:
     best_pos = np.where(positive, s, -np.inf).max(axis=1, keepdims=True)  # (Nq, 1)
     # items (positives excluded) that score at least as high as the best positive
     ahead = ((s >= best_pos) & ~positive).sum(axis=1)
-    # a query with a NaN/inf score cannot be ranked: it counts as not retrieved (NaN compared False
-    # everywhere, so a NaN model used to score a perfect recall and win model selection)
-    rankable = positive.any(axis=1) & np.isfinite(s).all(axis=1)
+    # a query with a NaN score cannot be ranked: it counts as not retrieved (NaN compared False
+    # everywhere, so a NaN model used to score a perfect recall and win model selection); -inf is
+    # a legitimate "never retrieve this item" (e.g. the query itself)
+    rankable = positive.any(axis=1) & ~np.isnan(s).any(axis=1)
     return np.where(rankable, ahead, ng).astype(np.int64)
 
 

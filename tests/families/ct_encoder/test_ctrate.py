@@ -249,3 +249,21 @@ def test_a_bad_rescale_row_is_refused_naming_the_metadata_csv(tmp_path, slope):
                             metadata="metadata/train_metadata.csv", labels=None, cot=None, hu="metadata")
     with pytest.raises(DataError, match=rf"train_metadata.csv.*train_1_a_1 are '{slope}'.*not finite numbers"):
         read_ctrate(root, p)
+
+
+def test_a_region_mask_value_beyond_the_vocabulary_is_one_line_naming_the_mask(tmp_path):
+    """The masks hold 1..4 but regions.json names 3: it crashed inside region attention with a
+    traceback ('region mask values must be in 0..3')."""
+    from medfuse.config import load_config
+    from medfuse.engine.build import build_datamodule
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    (root / "regions.json").write_text(json.dumps({"region_names": dict(list(REGIONS.items())[:3])}))
+    cfg = load_config(CONFIGS / "ct_encoder_ctrate.yaml", [f"data.root={root}", f"output_dir={tmp_path / 'runs'}",
+                                                          *TINY, "model.params.num_regions=3", "data.split.val=0.34",
+                                                          "data.split.test=0.0"])
+    dm = build_datamodule(cfg, tmp_path / "run")
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"masks/train_\d_a_1\.nii\.gz: \[label\] .*values \{4\}"):
+        next(iter(dm.train_dataloader()))

@@ -385,13 +385,15 @@ class SplitLesiond(mt.MapTransform):
         return d
 
 
-def ct_transforms(cfg: Config, train: bool, lesions: bool = False):
+def ct_transforms(cfg: Config, train: bool, lesions: bool = False, regions: int | None = None):
     """The platform chain (load, orient, space, window, crop/pad) with the HU step after loading;
-    with ``lesions`` the lesion masks ride along as a second mask channel and come out as ``lesion``."""
+    with ``lesions`` the lesion masks ride along as a second mask channel and come out as ``lesion``;
+    with ``regions`` (R) a region mask holding a value outside 0..R is refused naming its file."""
     from medfuse.data.transforms import MedfuseCompose, build_transforms
 
-    base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True)
     omni = validate_params(CTEncoderDataParams, cfg.data.params, "data.params").source == "omniabnorm"
+    values = None if regions is None or omni else list(range(int(regions) + 1))
+    base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True, mask_values=values)
     steps = [OmniAbnormLoadd(lesions) if omni else base.transforms[0], Hounsfieldd(), *base.transforms[1:]]
     if lesions:
         steps = [steps[0], steps[1], *([] if omni else [AttachLesiond()]), *steps[2:], SplitLesiond()]
@@ -454,7 +456,8 @@ class CTEncoderDataModule(CaseDataModule):
                 raise DataError(self.cfg.data.root or "data", f"the {split} split is empty",
                                 "add cases or change data.split fractions")
             items = [case_item(c) for c in self.cases[split]]
-            tf = ct_transforms(self.cfg, train=(split == "train"), lesions=self.has_lesions)
+            tf = ct_transforms(self.cfg, train=(split == "train"), lesions=self.has_lesions,
+                               regions=len(self.vocab.names))
             self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
         return self._datasets[split]
 
@@ -476,7 +479,7 @@ class CTEncoderDataModule(CaseDataModule):
         key = "train:eval"
         if key not in self._datasets:
             items = [case_item(c) for c in self.cases["train"]]
-            tf = ct_transforms(self.cfg, train=False, lesions=self.has_lesions)
+            tf = ct_transforms(self.cfg, train=False, lesions=self.has_lesions, regions=len(self.vocab.names))
             self._datasets[key] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
         ds = self._datasets[key]
         return DataLoader(ds, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,

@@ -53,7 +53,7 @@ class CTEncoderPredictor(Predictor):
         from medfuse.data.datamodule import collate
         from medfuse.families.ct_encoder.data import case_item, ct_transforms
 
-        tf = ct_transforms(self.cfg, train=False)  # no lesion masks at prediction time
+        tf = ct_transforms(self.cfg, train=False, regions=self.task.model.num_regions)  # no lesion masks here
         for c in cases:
             yield to_device(collate([tf(case_item(c))]), self.task.device)
 
