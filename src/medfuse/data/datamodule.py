@@ -293,6 +293,19 @@ class CaseDataModule(L.LightningDataModule):
     def has_mask(self) -> bool:
         return any(c.mask for c in self.table.cases)
 
+    @property
+    def class_values(self) -> list[int] | None:
+        """The label-file value of each class index a segmentation model trains on, from
+        ``table.mask_labels`` as this data module holds them when the loaders are built
+        (:func:`~medfuse.data.labels.label_class_values`: class k = the k-th declared value;
+        None: the file values are the class indices). A family that renames ``table.mask_labels``
+        to its own classes 0..K-1 (incomplete_seg's canonical labels) maps its masks itself."""
+        if self.cfg.task != "segmentation":
+            return None
+        from medfuse.data.labels import label_class_values
+
+        return label_class_values(self.table.mask_labels, self.cfg.data.num_classes)
+
     def dataset(self, split: str) -> Dataset:
         from medfuse.data.cache import build_dataset
         from medfuse.data.transforms import build_transforms, case_to_item
@@ -304,7 +317,7 @@ class CaseDataModule(L.LightningDataModule):
                                 "add cases or change data.split fractions")
             tf = build_transforms(self.cfg.data.transforms, self.modalities, train=(split == "train"),
                                   has_mask=self.has_mask, mask_values=self.mask_values,
-                                  crop_eval=self.cfg.task != "segmentation")
+                                  crop_eval=self.cfg.task != "segmentation", mask_classes=self.class_values)
             items = [case_to_item(c, self.modalities) for c in cases]
             cache = self.cfg.data.cache_dir
             self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache))

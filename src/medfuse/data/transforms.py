@@ -32,6 +32,12 @@ from monai.data import MetaTensor
 from medfuse.config import IntensityConfig, TransformsConfig
 from medfuse.data.checks import CHANNEL_FIX, dims_problem, mask_value_problem, nonfinite_problem
 from medfuse.data.io import read_image
+from medfuse.data.labels import (  # noqa: F401 - moved to labels.py, still importable here
+    classes_to_values,
+    label_class_values,
+    label_file_dtype,
+    values_to_classes,
+)
 from medfuse.errors import ConfigError, DataError, MedfuseError
 
 # Two affines closer than this (mm, per entry) describe the same grid: NIfTI stores them as float32.
@@ -124,6 +130,8 @@ class LoadCased(mt.MapTransform):
         keys: the image key.
         mask_key: the mask key.
         mask_values: the label values a mask may hold (None: any whole number).
+        mask_classes: the file value of each class index (:func:`label_class_values`); a mask's
+            values become their class indices (None: the values are the class indices).
 
     Raises:
         DataError: a file is missing or unreadable, a multi-channel file lacks a valid channel
@@ -132,12 +140,14 @@ class LoadCased(mt.MapTransform):
     """
 
     def __init__(self, modalities: Sequence[str], load_mask: bool = True, keys: str = "image",
-                 mask_key: str = "mask", mask_values: Sequence[int] | None = None) -> None:
+                 mask_key: str = "mask", mask_values: Sequence[int] | None = None,
+                 mask_classes: Sequence[int] | None = None) -> None:
         super().__init__(keys)
         self.modalities = list(modalities)
         self.load_mask = load_mask
         self.mask_key = mask_key
         self.mask_values = None if mask_values is None else [int(v) for v in mask_values]
+        self.mask_classes = None if mask_classes is None else [int(v) for v in mask_classes]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -199,7 +209,7 @@ class LoadCased(mt.MapTransform):
 
     def _mask(self, path: str, ref: MetaTensor, cache: dict[str, tuple[np.ndarray, np.ndarray]],
               case: str = "?") -> MetaTensor:
-        """The label map as int32 (1, i, j, k) on ``ref``'s grid."""
+        """The label map as int32 (1, i, j, k) on ``ref``'s grid (class indices with ``mask_classes``)."""
         arr, affine = cache[path] if path in cache else _read(path)
         if arr.shape[0] != 1:
             raise DataError(path, f"a mask must have one channel, this one has {arr.shape[0]}",
@@ -211,6 +221,8 @@ class LoadCased(mt.MapTransform):
         raise_first([mask_value_problem(values, counts, self.mask_values, path, case)])
         if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
             raise DataError(path, "mask values do not fit in int32", "store small integer class labels")
+        if self.mask_classes is not None:  # declared values (e.g. 0/255) -> class indices 0..K-1
+            arr = values_to_classes(arr, self.mask_classes, path)
         mask = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int32)),
                           affine=torch.as_tensor(affine), meta={"filename_or_obj": path})
         if _same_grid(mask, ref):
@@ -387,7 +399,7 @@ def _check(cfg: TransformsConfig, modalities: list[str]) -> None:
 
 def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: bool,
                      has_mask: bool, mask_values: Sequence[int] | None = None,
-                     crop_eval: bool = True) -> MedfuseCompose:
+                     crop_eval: bool = True, mask_classes: Sequence[int] | None = None) -> MedfuseCompose:
     """Assemble the dict-transform chain for items made by :func:`case_to_item`.
 
     Order: :class:`LoadCased` -> ``Orientationd(cfg.orientation)`` -> ``Spacingd`` (``cfg.spacing``
@@ -421,6 +433,8 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
             another value is refused when its case is read. None: any whole number.
         crop_eval: an eval chain centre-crops/pads to ``cfg.spatial_size`` (fixed-size batches for
             classification/contrastive); False keeps whole volumes (segmentation).
+        mask_classes: the file value of each class index (:func:`label_class_values`): masks are
+            turned into class indices when read. None: the file values are the class indices.
 
     Returns:
         A Compose (raising MedfuseErrors unwrapped) mapping an item to ``{"image": (M, D, H, W)
@@ -436,7 +450,8 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
     keys = [img, mask] if has_mask else [img]
     both = dict(keys=keys, allow_missing_keys=True)
     modes = ("bilinear", "nearest")[: len(keys)]
-    t: list[Any] = [LoadCased(modalities, load_mask=has_mask, keys=img, mask_values=mask_values)]
+    t: list[Any] = [LoadCased(modalities, load_mask=has_mask, keys=img, mask_values=mask_values,
+                              mask_classes=mask_classes)]
     if cfg.orientation:
         t.append(mt.Orientationd(axcodes=cfg.orientation, labels=None, **both))
     if cfg.spacing:
@@ -465,6 +480,8 @@ def build_transforms(cfg: TransformsConfig, modalities: list[str], *, train: boo
              "has_mask": has_mask, "crop_eval": bool(crop_eval or train), "items": 2}
     if mask_values is not None:  # cached items were checked against these values
         shape["mask_values"] = sorted(int(v) for v in mask_values)
+    if mask_classes is not None and has_mask:  # cached masks hold class indices
+        shape["mask_classes"] = [int(v) for v in mask_classes]
     compose.fingerprint = json.dumps(shape, sort_keys=True)
     return compose
 

@@ -192,14 +192,19 @@ def build_datamodule(cfg: Config, run_dir: Path | None = None):
 
 
 def auto_model_args(dm: Any, cfg: Config) -> dict[str, Any]:
-    """Model arguments derived from the data: channel count, class count, modality names, feature cache."""
+    """Model arguments derived from the data: channel count, class count, modality names, feature cache.
+
+    A segmentation model has one class per declared mask value (``mask_labels``; class k = the k-th
+    value in increasing order, :func:`~medfuse.data.labels.label_class_values`), unless
+    ``data.num_classes`` says otherwise.
+    """
     num_classes = cfg.data.num_classes
     kind = resolve(cfg).task
     if num_classes is None:
         if kind == "classification" and dm.table.class_names:
             num_classes = len(dm.table.class_names)
         elif kind == "segmentation" and dm.table.mask_labels:
-            num_classes = len(dm.table.mask_labels)
+            num_classes = len({int(v) for v in dm.table.mask_labels.values()})
     cache = str(Path(cfg.data.cache_dir) / "features") if cfg.data.cache_dir else None
     return {"in_channels": len(dm.modalities), "num_classes": num_classes, "modalities": list(dm.modalities),
             "feature_cache": cache}

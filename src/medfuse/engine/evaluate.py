@@ -204,6 +204,22 @@ def on_input_grid(x: torch.Tensor, batch: dict[str, Any], i: int) -> tuple[torch
     return to_input_grid(x.float(), affine, dst, shape), dst
 
 
+def label_class_names(mask_labels: dict[str, int] | None, values: list[int] | None, k: int) -> list[str]:
+    """Names of the class indices 0..k-1: class j's is the declared label (``mask_labels``, name ->
+    value) whose value is ``values[j]`` (``values`` None: j itself); a class without one gets its
+    value as its name (``class_<j>`` where that is a declared name already)."""
+    by_value: dict[int, str] = {}
+    for name, v in (mask_labels or {}).items():
+        by_value.setdefault(int(v), str(name))
+    declared = set(by_value.values())
+    names = []
+    for j in range(k):
+        v = values[j] if values is not None and j < len(values) else j
+        generic = str(v) if str(v) not in declared else f"class_{j}"
+        names.append(by_value.get(v, generic))
+    return names
+
+
 class SegmentationEvaluator(Evaluator):
     """Label maps -> per-case Dice/HD95 with CIs on the label file's own grid, NIfTI predictions on
     the input's grid, overlays, ``metrics_per_case.csv``.
@@ -213,6 +229,12 @@ class SegmentationEvaluator(Evaluator):
     and scored there against the label file as stored (HD95 in mm of that grid); the prediction is
     written as ``predictions/<split>/<case_id>.nii.gz`` with the input image's shape and affine.
     A case without a label file is scored on the processed grid.
+
+    Declared mask labels that are not 0..K-1 (e.g. {0, 255}, {0, 1, 2, 4}) are the classes 0..K-1
+    in increasing value order (:attr:`class_values`, as the data module trained them): a label file
+    is scored after :meth:`label_values` turns its values into class indices, the written files
+    hold the declared values again (:meth:`file_values`), and class k is named by the label whose
+    value is class k's (:meth:`class_names`).
 
     ``out["logits"]`` holds per-voxel outputs, moved between grids as they are; :meth:`labels_of`
     turns them into class indices wherever a label map is needed (scores, written files, overlays),
@@ -231,9 +253,21 @@ class SegmentationEvaluator(Evaluator):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._cases = {c.case_id: c for c in self.dm.cases.get(self.split, [])}
 
+    @property
+    def class_values(self) -> list[int] | None:
+        """The label-file value of each class index (None: the values are the class indices), from
+        the data module's ``mask_labels`` and ``data.num_classes``
+        (:func:`~medfuse.data.labels.label_class_values`)."""
+        from medfuse.data.labels import label_class_values
+
+        return label_class_values(self.dm.table.mask_labels, self.cfg.data.num_classes)
+
     def label_values(self, mask: np.ndarray) -> np.ndarray:
-        """A label file's values -> the class indices the model predicts (default: as stored)."""
-        return mask
+        """A label file's values -> the class indices the model predicts (default: class k = the
+        k-th declared value, :attr:`class_values`; as stored when the values are the indices)."""
+        from medfuse.data.labels import values_to_classes
+
+        return values_to_classes(mask, self.class_values, "label file")
 
     def num_classes_of(self, logits: torch.Tensor) -> int:
         """How many classes (background included) a batch's outputs (B, K, D, H, W) score (default: K)."""
@@ -244,9 +278,17 @@ class SegmentationEvaluator(Evaluator):
         return logits.argmax(0)
 
     def file_values(self, labels: np.ndarray) -> np.ndarray:
-        """Class indices (D, H, W) -> the values written to ``predictions/<split>/`` (default: as they
-        are); the inverse of :meth:`label_values`."""
-        return labels
+        """Class indices (D, H, W) -> the values written to ``predictions/<split>/`` (default: the
+        declared value of each class, :attr:`class_values`); the inverse of :meth:`label_values`."""
+        from medfuse.data.labels import classes_to_values
+
+        return classes_to_values(labels, self.class_values)
+
+    def file_dtype(self, k: int) -> type:
+        """The dtype of the written label maps (uint8 unless a value needs more)."""
+        from medfuse.data.transforms import label_file_dtype
+
+        return label_file_dtype(self.class_values, k)
 
     def reference(self, batch: dict[str, Any], i: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Case ``i``'s label map (D, H, W) as stored in its label file and that file's affine, or
@@ -257,8 +299,14 @@ class SegmentationEvaluator(Evaluator):
         path = case.mask if case is not None else None
         if not path or not isinstance(path, (str, Path)) or not Path(path).exists():
             return None
+        from medfuse.errors import DataError
+
         vol = read_image(path)
-        return self.label_values(np.asarray(vol.array[0]).round().astype(np.int64)), np.asarray(vol.affine)
+        try:
+            labels = self.label_values(np.asarray(vol.array[0]).round().astype(np.int64))
+        except DataError as e:  # name the label file
+            raise DataError(path, e.problem, e.fix) from None
+        return labels, np.asarray(vol.affine)
 
     def update(self, batch, out):
         from medfuse.data.io import write_nifti
@@ -287,7 +335,7 @@ class SegmentationEvaluator(Evaluator):
                 self.per_case.setdefault(key, []).append(np.asarray(v))
             self.case_ids.append(str(cid))
             on_grid, affine = on_input_grid(lg, batch, i)
-            write_nifti(self.file_values(self.labels_of(on_grid).numpy())[None].astype(np.uint8),
+            write_nifti(self.file_values(self.labels_of(on_grid).numpy())[None].astype(self.file_dtype(k)),
                         output_path(self.out_dir, f"{cid}.nii.gz"), affine=affine)
             if self.shown < self.cfg.eval.overlays:
                 mask = case_logits(batch["mask"], batch, i)[0].cpu().numpy() if "mask" in batch else None
@@ -316,8 +364,11 @@ class SegmentationEvaluator(Evaluator):
         return table
 
     def class_names(self) -> list[str]:
-        k = self.num_classes or 0
-        return list(self.dm.table.mask_labels) if self.dm.table.mask_labels else [str(i) for i in range(k)]
+        """The name of each scored class index 0..K-1 (background first): the declared label whose
+        value is that class's (:attr:`class_values`), whatever order the labels were declared in;
+        a class without a declared label (``data.num_classes`` above the declared labels) is named
+        by its value."""
+        return label_class_names(self.dm.table.mask_labels, self.class_values, self.num_classes or 0)
 
     def compute(self):
         from medfuse.metrics import segmentation_report
@@ -333,7 +384,9 @@ class SegmentationEvaluator(Evaluator):
         """The patient of each scored case when some patient has several (BraTS follow-ups, several
         scans): the bootstrap then resamples patients, since one patient's cases are not
         independent. None when every case is its own patient."""
-        groups = [str(getattr(self._cases.get(c), "patient_id", None) or c) for c in self.case_ids]
+        cases = [self._cases.get(c) for c in self.case_ids]
+        groups = [str((case.patient_id if case is not None else None) or c)
+                  for c, case in zip(self.case_ids, cases, strict=True)]
         return groups if len(set(groups)) < len(groups) else None
 
 

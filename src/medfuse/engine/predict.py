@@ -257,18 +257,31 @@ class ClassificationPredictor(Predictor):
 class SegmentationPredictor(Predictor):
     """One label map per case, ``<case_id>.nii.gz`` (nnU-Net naming) on the input image's own grid:
     its shape and affine exactly (orientation and spacing undone,
-    :func:`~medfuse.engine.evaluate.on_input_grid`). With ``eval.save_probabilities`` also
-    ``<case_id>_probs.nii.gz`` (K softmax channels, float32, same grid)."""
+    :func:`~medfuse.engine.evaluate.on_input_grid`). The label map holds the data set's declared
+    values (``mask_labels``, e.g. 0/255: class k is the k-th declared value,
+    :func:`~medfuse.data.labels.label_class_values`), as the files ``evaluate`` writes. With
+    ``eval.save_probabilities`` also ``<case_id>_probs.nii.gz`` (K softmax channels in class order,
+    float32, same grid)."""
+
+    def class_values(self) -> list[int] | None:
+        """The label value written for each class index (None: the index itself), from the run's (or
+        package's) ``mask_labels`` and ``data.num_classes``."""
+        from medfuse.data.labels import label_class_values
+
+        return label_class_values(self.dm.table.mask_labels, self.cfg.data.num_classes)
 
     def write(self, batch, out, out_dir):
         from medfuse.data.io import write_nifti
+        from medfuse.data.labels import classes_to_values, label_file_dtype
         from medfuse.engine.evaluate import case_logits, on_input_grid
 
         logits = out["logits"]  # (B, K, D, H, W)
+        values = self.class_values()
+        dtype = label_file_dtype(values, int(logits.shape[1]))
         for j, cid in enumerate(batch["case_id"]):
             lg, affine = on_input_grid(case_logits(logits, batch, j).float().cpu(), batch, j)
-            write_nifti(lg.argmax(0)[None].numpy().astype(np.uint8), output_path(out_dir, f"{cid}.nii.gz"),
-                        affine=affine)
+            labels = classes_to_values(lg.argmax(0).numpy(), values)  # (D, H, W) declared values
+            write_nifti(labels[None].astype(dtype), output_path(out_dir, f"{cid}.nii.gz"), affine=affine)
             if self.cfg.eval.save_probabilities:
                 write_nifti(lg.softmax(0).numpy().astype(np.float32), output_path(out_dir, f"{cid}_probs.nii.gz"),
                             affine=affine)

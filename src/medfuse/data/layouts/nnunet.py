@@ -68,13 +68,13 @@ def load_nnunet(source: Path) -> CaseTable:
 
 
 def _check_count(source: Path, images: Path, ending: str, found: list, declared: Any) -> None:
-    """Refuse an imagesTr without one file of ``file_ending`` (a wrong ending found nothing and
-    trained on nothing); warn when fewer training cases match it than ``numTraining`` declares
+    """Refuse an imagesTr whose files all have another ending than ``file_ending`` (a wrong ending
+    found nothing and trained on nothing); warn when fewer training cases match it than ``numTraining`` declares
     (a case saved with another ending would drop out without a word)."""
-    if not found:
-        endings = sorted({"".join(p.suffixes) for p in images.iterdir() if p.is_file() and p.suffixes})
+    endings = sorted({"".join(p.suffixes) for p in images.iterdir() if p.is_file() and p.suffixes})
+    if not found and endings:  # files are there, but none has the declared ending
         raise DataError(f"{source} (key 'file_ending')", f"is '{ending}', but no imagesTr file <case>_0000{ending} "
-                        f"exists (imagesTr holds {', '.join(endings) or 'no'} files)",
+                        f"exists (imagesTr holds {', '.join(endings)} files)",
                         "set file_ending to the images' ending, e.g. \".nii.gz\"")
     try:
         n = int(declared)
