@@ -285,3 +285,20 @@ def test_predict_reads_dicom_with_the_package_or_run_settings_and_data_dicom_ove
         assert pred.shape == (128, 128, 5)  # 0..12 mm at 3 mm: the resampled grid of 5 slices
     with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
         predict(package, [first], tmp_path / "out", overrides=["data.root=/x"])
+
+
+def test_predict_refuses_a_case_without_every_modality(tmp_path):
+    """A 2-modality baseline run given one of them: refused in one line (it was filled with zeros)."""
+    from medfuse.data.layouts import Case
+    from medfuse.engine.predict import Predictor
+
+    class _DM:
+        modalities = ["T1", "T2"]
+
+    pred = Predictor.__new__(Predictor)
+    pred.dm = _DM()
+    with pytest.raises(DataError, match=r"t1_0000.nii.gz: case c1 has no T2 image; the run was trained on T1, T2"):
+        pred.check_complete([Case(case_id="c1", patient_id="c1", images={"T1": "t1_0000.nii.gz"})])
+    pred.check_complete([Case(case_id="c2", patient_id="c2", images={"T1": "a", "T2": "b"})])
+    pred.partial_modalities = True
+    pred.check_complete([Case(case_id="c1", patient_id="c1", images={"T1": "t1_0000.nii.gz"})])

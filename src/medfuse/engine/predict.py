@@ -167,6 +167,25 @@ class Predictor:
         self.check_dims(cases)
         return cases
 
+    partial_modalities: ClassVar[bool] = False
+    """Whether a case may lack some of the run's modalities (a family built for missing modalities,
+    such as incomplete_seg, says True); otherwise such a case is refused before anything runs (it
+    used to be filled with zeros and predicted without a word)."""
+
+    def check_complete(self, cases: list[Any]) -> None:
+        """Refuse a case without every modality the run was trained on (unless :attr:`partial_modalities`)."""
+        from medfuse.data.layouts import Case
+
+        if self.partial_modalities:
+            return
+        mods = list(self.dm.modalities)
+        for c in (c for c in cases if isinstance(c, Case)):  # a family's own records check themselves
+            missing = [m for m in mods if not c.images.get(m)]
+            if missing:
+                where = next((v for v in c.images.values() if v), c.case_id)
+                raise DataError(where, f"case {c.case_id} has no {' / '.join(missing)} image; the run was trained on "
+                                f"{', '.join(mods)}", f"give every modality ({', '.join(mods)}) for each case")
+
     def check_dims(self, cases: list[Any]) -> None:
         """Refuse a 2D image (one slice) when the run was trained on 3D volumes, and the reverse.
 
@@ -221,6 +240,7 @@ class Predictor:
         """Predict every case of ``inputs`` into ``out_dir`` (a progress bar over cases when ``progress``)."""
         output_dir(out_dir)
         cases = self.cases(list(inputs), modalities)
+        self.check_complete(cases)
         from rich.progress import Progress
 
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:

@@ -35,6 +35,8 @@ class ContextSegPredictor(SegmentationPredictor):
     weights id (a package whose encoder builds other weights on this machine is refused).
     """
 
+    partial_modalities = True  # its cases check RAW [CONTEXT] themselves (derived context needs none)
+
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
         return {"num_classes": int(dm.num_classes),

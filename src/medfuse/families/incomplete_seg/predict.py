@@ -35,6 +35,8 @@ class IncompleteSegPredictor(Predictor):
     the data module otherwise reads from the data set's labels.
     """
 
+    partial_modalities = True  # any subset of the modalities is a valid input (UniMRSeg)
+
     postprocess_keys = ("min_et_voxels",)
 
     @classmethod
