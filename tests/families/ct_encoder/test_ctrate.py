@@ -267,3 +267,13 @@ def test_a_region_mask_value_beyond_the_vocabulary_is_one_line_naming_the_mask(t
     dm.setup("fit")
     with pytest.raises(DataError, match=r"masks/train_\d_a_1\.nii\.gz: \[label\] .*values \{4\}"):
         next(iter(dm.train_dataloader()))
+
+
+def test_region_ids_that_no_mask_value_can_match_are_refused(tmp_path):
+    """regions.json numbering 11..14 while the masks hold 1..4 trained without a region level, silently."""
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    (root / "regions.json").write_text(json.dumps({"region_names": {str(10 + int(k)): v for k, v in REGIONS.items()}}))
+    with pytest.raises(DataError, match=r"regions.json.*numbers the regions \[11, 12, 13, 14\].*1\.\.4"):
+        _steps(root, None)

@@ -138,6 +138,11 @@ def region_vocab(root: Path, p: CTEncoderDataParams) -> RegionVocab:
                           f"set data.params.region_names (id -> name) or write {root / 'regions.json'}")
     if isinstance(names, list):
         names = {i + 1: n for i, n in enumerate(names)}
+    ids = sorted(int(k) for k in names)
+    if ids != list(range(1, len(ids) + 1)):  # region k is mask value k: other ids would never match a mask
+        where = "data.params.region_names" if p.region_names else (path or "region_names")
+        raise DataError(where, f"numbers the regions {ids[:6]}{'...' if len(ids) > 6 else ''}, but region k is "
+                        f"the region masks' value k", f"number the {len(ids)} regions 1..{len(ids)} as in the masks")
     return RegionVocab(names, p.region_groups or meta.get("region_groups"))
 
 
