@@ -286,7 +286,7 @@ class SegmentationEvaluator(Evaluator):
 
     def file_dtype(self, k: int) -> type:
         """The dtype of the written label maps (uint8 unless a value needs more)."""
-        from medfuse.data.transforms import label_file_dtype
+        from medfuse.data.labels import label_file_dtype
 
         return label_file_dtype(self.class_values, k)
 
@@ -384,10 +384,11 @@ class SegmentationEvaluator(Evaluator):
         """The patient of each scored case when some patient has several (BraTS follow-ups, several
         scans): the bootstrap then resamples patients, since one patient's cases are not
         independent. None when every case is its own patient."""
+        from medfuse.metrics import repeated_groups
+
         cases = [self._cases.get(c) for c in self.case_ids]
-        groups = [str((case.patient_id if case is not None else None) or c)
-                  for c, case in zip(self.case_ids, cases, strict=True)]
-        return groups if len(set(groups)) < len(groups) else None
+        return repeated_groups((case.patient_id if case is not None else None) or c
+                               for c, case in zip(self.case_ids, cases, strict=True))
 
 
 class RetrievalEvaluator(Evaluator):

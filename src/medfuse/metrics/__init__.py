@@ -4,7 +4,7 @@ DESIGN "Evaluation honesty": every reported metric carries ``n`` and a bootstrap
 ``{"value", "low", "high", "n", "n_boot"}`` by :func:`bootstrap_ci` and the ``*_report`` functions.
 """
 
-from .bootstrap import bootstrap_ci, ci_level, cluster_mean_ci, default_ci, to_numpy
+from .bootstrap import bootstrap_ci, ci_level, cluster_mean_ci, default_ci, mean_ci, repeated_groups, to_numpy
 from .classification import (
     CLASSIFICATION_METRICS,
     accuracy,
@@ -40,9 +40,11 @@ __all__ = [
     "confusion_matrix",
     "confusion_stats",
     "macro_f1",
+    "mean_ci",
     "per_class_auc",
     "quadratic_kappa",
     "recall_at_k",
+    "repeated_groups",
     "retrieval_ranks",
     "retrieval_report",
     "roc_auc",

@@ -174,3 +174,19 @@ def cluster_mean_ci(values: Any, groups: Any, n_boot: int = 1000, ci: float | No
                        vectorized=True)
     out["n_items"] = int(len(v))
     return out
+
+
+def repeated_groups(groups: Any) -> list[str] | None:
+    """``groups`` as strings when some group (patient) holds several items, else None: with one
+    item per group the plain bootstrap over items is the same as over groups."""
+    g = [str(x) for x in groups]
+    return g if len(set(g)) < len(g) else None
+
+
+def mean_ci(values: Any, groups: Any = None, n_boot: int = 1000, ci: float | None = None,
+            seed: int = 0) -> dict[str, float | int]:
+    """Mean of ``values`` (N,) with its bootstrap interval: over items, or over groups (patients)
+    when ``groups`` (N,) is given (:func:`cluster_mean_ci`)."""
+    if groups is not None:
+        return cluster_mean_ci(values, groups, n_boot=n_boot, ci=ci, seed=seed)
+    return bootstrap_ci(lambda x: x.mean(-1), values, n_boot=n_boot, ci=ci, seed=seed, vectorized=True)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bootstrap import bootstrap_ci, cluster_mean_ci, to_numpy
+from .bootstrap import mean_ci, to_numpy
 
 SEG_METRICS = ("dice", "iou", "hd95")
 
@@ -115,11 +115,6 @@ def concat_case_metrics(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, n
     return {key: np.concatenate([to_numpy(b[key]) for b in batches], axis=0) for key in batches[0]}
 
 
-def _mean(x: np.ndarray) -> np.ndarray:
-    """Mean over cases, (R, n) -> (R,), for the vectorised bootstrap."""
-    return x.mean(-1)
-
-
 def segmentation_report(
     per_case: dict[str, Any],
     class_names: Sequence[str] | None = None,
@@ -164,22 +159,20 @@ def segmentation_report(
     if group is not None and len(group) != n_cases:
         raise ValueError(f"{len(group)} groups for {n_cases} cases")
 
-    def mean_ci(vals: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
-        if group is None:
-            return bootstrap_ci(_mean, vals, n_boot=n_boot, seed=seed, vectorized=True)
-        return cluster_mean_ci(vals, group[keep], n_boot=n_boot, seed=seed)
+    def ci_of(vals: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
+        return mean_ci(vals, None if group is None else group[keep], n_boot=n_boot, seed=seed)
 
     for metric, values in arrays.items():
         values = np.where(np.isfinite(values), values, np.nan)
         for c, name in enumerate(names):
             col = values[:, c]
             keep = ~np.isnan(col)
-            entry = mean_ci(col[keep], keep)
+            entry = ci_of(col[keep], keep)
             entry["n_nan"] = int(col.size - keep.sum())
             per_class[name][metric] = entry
         has_value = ~np.isnan(values).all(axis=1)
         case_means = np.nanmean(values[has_value], axis=1) if has_value.any() else np.empty(0)
-        entry = mean_ci(case_means, has_value)
+        entry = ci_of(case_means, has_value)
         entry["n_nan"] = int(np.isnan(values).sum())
         out[metric] = entry
     out["per_class"] = per_class

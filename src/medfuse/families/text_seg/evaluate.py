@@ -238,19 +238,12 @@ class TextSegEvaluator(Evaluator):
 
     def patients(self, res: SplitScores) -> list[str] | None:
         """The patient of each scored case when a patient has several (NSCLC slices, BUS-BRA images):
-        the bootstrap then resamples patients, since one patient's cases are not independent. None
-        when every patient has one case (the plain bootstrap over cases is the same thing)."""
+        the bootstrap then resamples patients, since one patient's cases are not independent (None:
+        one case per patient)."""
+        from medfuse.metrics import repeated_groups
+
         recs = self.dm.record_index(self.split)
-        groups = [recs[c].patient_id or c for c in res.case_id]
-        return groups if len(set(groups)) < len(groups) else None
-
-    def mean_ci(self, values: np.ndarray, groups: list[str] | None) -> dict[str, Any]:
-        """Mean of per-case values with its bootstrap CI (over patients when ``groups`` is given)."""
-        from medfuse.metrics import bootstrap_ci, cluster_mean_ci
-
-        if groups is not None:
-            return cluster_mean_ci(values, groups, n_boot=self.n_boot, seed=self.seed)
-        return bootstrap_ci(lambda x: x.mean(-1), values, n_boot=self.n_boot, seed=self.seed, vectorized=True)
+        return repeated_groups(recs[c].patient_id or c for c in res.case_id)
 
     def counterfactual_of(self, spec: str, seen: SplitScores) -> Counterfactual:
         """The wrong texts of ``spec`` for the split (the data module's seed), with counts, checked
@@ -270,6 +263,7 @@ class TextSegEvaluator(Evaluator):
         from rich.console import Console
         from rich.table import Table
 
+        from medfuse.metrics import mean_ci
         from medfuse.reports import format_ci
 
         if self.base_metrics is None:
@@ -288,7 +282,8 @@ class TextSegEvaluator(Evaluator):
             changed = sum(a != b for a, b in zip(base.text, res.text, strict=True))
             fields = self.counterfactual_of(spec, res).fields_changed
             groups = self.patients(base)
-            cf, drop = self.mean_ci(d1, groups), self.mean_ci(d0 - d1, groups)
+            cf = mean_ci(d1, groups, n_boot=self.n_boot, seed=self.seed)
+            drop = mean_ci(d0 - d1, groups, n_boot=self.n_boot, seed=self.seed)
             rel = 100.0 * drop["value"] / max(float(d0.mean()), 1e-8)
             out[spec] = {"dice": cf, "dice_drop": drop, "relative_drop_percent": rel, "texts_changed": changed,
                          "fields_changed": fields, "n": len(d1)}
