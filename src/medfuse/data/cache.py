@@ -28,6 +28,7 @@ from monai.utils import convert_to_tensor
 
 from medfuse.data.dicom import current_options
 from medfuse.data.dicom_headers import looks_like_dicom
+from medfuse.data.io import SUPPORTED_SUFFIXES, image_suffix
 from medfuse.data.transforms import raise_user_error
 from medfuse.fileio import atomic_open, claim
 
@@ -35,6 +36,10 @@ __all__ = ["CachedDataset", "CaseDataset", "build_dataset", "file_state_hash"]
 
 # Key under which CachedDataset keeps MetaTensor geometry while the item sits in the disk cache.
 _META_KEY = "_medfuse_meta"
+
+
+# Suffixes read by other readers: such a file is never a DICOM series (its header is not opened).
+_NOT_DICOM = frozenset(SUPPORTED_SUFFIXES) - {".dcm"}
 
 
 def _files_state(folder: Path, files: list[Path]) -> list[list[Any]]:
@@ -49,7 +54,7 @@ def _path_state(path: str) -> tuple[list[Any], bool]:
         if p.is_dir():
             return [path, _files_state(p, sorted(f for f in p.rglob("*") if f.is_file()))], True
         st = os.stat(p)
-        if looks_like_dicom(p):
+        if image_suffix(p) not in _NOT_DICOM and looks_like_dicom(p):  # no marker read for NIfTI & co
             return [path, st.st_size, st.st_mtime_ns,
                     _files_state(p.parent, sorted(f for f in p.parent.iterdir() if f.is_file()))], True
         return [path, st.st_size, st.st_mtime_ns], False
