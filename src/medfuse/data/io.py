@@ -8,7 +8,9 @@ Formats (chosen by suffix; a directory is a DICOM series):
 
 * ``.nii`` / ``.nii.gz`` (nibabel). 4D files ``(X, Y, Z, C)`` such as MSD Task01 give ``C`` channels;
   5D vector files ``(X, Y, Z, 1, C)`` as written by ITK likewise; RGB NIfTI gives 3 channels.
-  ``scl_slope`` / ``scl_inter`` are applied by nibabel.
+  ``scl_slope`` / ``scl_inter`` are applied by nibabel. The affine is the sform (the qform where
+  only it is set); a header with neither (both codes 0), or whose qform and sform place the grid
+  more than half a voxel apart, is refused: readers disagree on such files.
 * DICOM folder or ``.dcm`` file (pydicom, :mod:`medfuse.data.dicom`): a file reads its own series,
   a folder must hold one series (or ``data.dicom.series`` names it); geometry is validated from
   ImagePositionPatient/ImageOrientationPatient (gaps, uneven spacing, duplicates, mixed
@@ -145,7 +147,8 @@ def write_nifti(volume: Volume | np.ndarray, path: str | Path, affine: np.ndarra
 
     The affine (``affine`` if given, else the volume's, else identity) is stored as both sform and
     qform (code 1, scanner). The sform is exact to float32, the precision of the NIfTI-1 header;
-    the qform cannot hold shears, which nibabel strips from it. ``C == 1`` writes a 3D file.
+    the qform cannot hold shears, so an affine with one is written as the sform alone (qform code
+    0) rather than as a qform that disagrees with it. ``C == 1`` writes a 3D file.
     int64 data that fits is stored as int32 and bool as uint8 for tool compatibility.
 
     Args:
@@ -177,6 +180,9 @@ def write_nifti(volume: Volume | np.ndarray, path: str | Path, affine: np.ndarra
     img = nib.Nifti1Image(data, aff, dtype=data.dtype)
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
+    apart, voxel = _grid_apart(img.get_qform(), img.get_sform(), data.shape)
+    if apart > 1e-3 * voxel:  # a shear the qform cannot hold: a qform without it would disagree
+        img.set_qform(None, code=0)
     img.header.set_xyzt_units("mm")
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(out))
@@ -257,6 +263,7 @@ def _read_nifti(path: Path, channels_last_4d: bool) -> Volume:
         check_declared_size(path, tuple(int(n) for n in hdr.get_data_shape()), hdr.get_data_dtype(),
                             offset=int(hdr.get_data_offset()),
                             compressed=image_suffix(path) != ".nii", what="NIfTI header")
+        affine_source = _nifti_geometry(path, hdr)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
         header = img.header
@@ -283,8 +290,50 @@ def _read_nifti(path: Path, channels_last_4d: bool) -> Volume:
         "dtype_on_disk": str(header.get_data_dtype()),
         "rescale_applied": slope != 1.0 or inter != 0.0,
         "hu": None,
+        "affine_source": affine_source,
     }
     return _finish(data.transpose(3, 2, 1, 0), affine, path, meta)  # (i, j, k, c) -> (C, D, H, W)
+
+
+def _grid_apart(q: np.ndarray, s: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float]:
+    """How far apart two (4, 4) affines place the grid: the largest distance in mm between a corner
+    voxel of ``shape`` (i, j, k, ...) under ``q`` and under ``s``, and the smallest voxel size of ``s``."""
+    n = [max(int(x), 1) for x in (tuple(shape) + (1, 1, 1))[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, n[0] - 1) for j in (0, n[1] - 1)
+                        for k in (0, n[2] - 1)]).T  # (4, 8) voxel indices of the grid corners
+    apart = float(np.linalg.norm((q @ corners - s @ corners)[:3], axis=0).max())
+    return apart, float(np.linalg.norm(s[:3, :3], axis=0).min())
+
+
+def _nifti_geometry(path: Path, hdr) -> str:
+    """Which header field gives the voxel-to-world affine: ``"sform"`` or ``"qform"``.
+
+    Readers disagree where the header is ambiguous (nibabel prefers the sform, ITK may take the
+    qform; with both codes 0 nibabel falls back to an ANALYZE-style affine with x flipped, ITK to
+    an identity direction at the origin), so such a file is refused instead of read one way:
+
+    * ``qform_code`` and ``sform_code`` both 0: the header gives no orientation or origin;
+    * both set, and some corner voxel of the grid lands more than half the smallest voxel size
+      apart under the two affines.
+
+    Raises:
+        DataError: naming the file, the codes or the distance, and how to repair the header.
+    """
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode == 0 and scode == 0:
+        raise DataError(path, "header gives no orientation or origin (qform_code and sform_code are both 0), "
+                        "so tools disagree on where its voxels lie",
+                        "re-convert the scan from DICOM (e.g. dcm2niix), or, if its orientation is known, write "
+                        "it into the header (nibabel: img.set_sform(affine, code=1))")
+    if qcode == 0 or scode == 0:
+        return "sform" if scode else "qform"
+    apart, voxel = _grid_apart(hdr.get_qform(), hdr.get_sform(), hdr.get_data_shape())
+    if not np.isfinite(apart) or apart > 0.5 * voxel:
+        raise DataError(path, f"qform and sform disagree: a corner voxel lies {apart:.3g} mm apart under the two "
+                        f"(voxel size {voxel:.3g} mm), so tools disagree on where its voxels lie",
+                        "make them agree (fslorient -copysform2qform, or nibabel: img.set_qform(img.get_sform(), "
+                        "code=1)), or set qform_code to 0 if the sform is right")
+    return "sform"
 
 
 # ------------------------------------------------------------------------------ SimpleITK, DICOM
