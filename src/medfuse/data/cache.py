@@ -7,6 +7,10 @@ of every file it names (an edited image invalidates its entry; a DICOM item also
 series' files and the ``data.dicom`` options), and loaded with
 ``torch.load(weights_only=True)`` (MetaTensor geometry is stored as plain tensors and rebuilt), so
 no cache file ever runs code.
+
+Both datasets carry the ``data.dicom`` options they read with and set them around every item (key
+and read alike), so a DataLoader worker reads as the main process does whether it was forked or
+spawned (a spawned worker starts a fresh interpreter, without the main process's options).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.utils import convert_to_tensor
 
-from medfuse.data.dicom import current_options
+from medfuse.data.dicom import DicomOptions, as_dicom_options, current_options, use_dicom_options
 from medfuse.data.dicom_headers import looks_like_dicom
 from medfuse.data.io import SUPPORTED_SUFFIXES, image_suffix
 from medfuse.data.transforms import raise_user_error
@@ -80,14 +85,20 @@ def file_state_hash(item: Mapping[str, Any]) -> bytes:
 
 
 class _UserErrors:
-    """Dataset mixin: a MedfuseError from the transform is raised as itself, not in a RuntimeError."""
+    """Dataset mixin: each item is keyed and read with :attr:`dicom_options` (None: the options in
+    force in the reading process), and a MedfuseError from the transform is raised as itself, not in
+    a RuntimeError."""
+
+    dicom_options: DicomOptions | None = None
 
     def _transform(self, index: int) -> Any:
-        try:
-            return super()._transform(index)  # type: ignore[misc]
-        except RuntimeError as exc:
-            raise_user_error(exc)
-            raise
+        opts = self.dicom_options
+        with nullcontext() if opts is None else use_dicom_options(opts):
+            try:
+                return super()._transform(index)  # type: ignore[misc]
+            except RuntimeError as exc:
+                raise_user_error(exc)
+                raise
 
 
 class CaseDataset(_UserErrors, Dataset):
@@ -169,8 +180,8 @@ def _restore_meta(item: Any) -> Any:
     return out
 
 
-def build_dataset(items: list[dict[str, Any]], transform: Any,
-                  cache_dir: str | Path | None = None) -> torch.utils.data.Dataset:
+def build_dataset(items: list[dict[str, Any]], transform: Any, cache_dir: str | Path | None = None,
+                  dicom: DicomOptions | Mapping[str, Any] | Any | None = None) -> torch.utils.data.Dataset:
     """A dataset over ``items``, optionally caching the deterministic transforms on disk.
 
     Args:
@@ -180,13 +191,21 @@ def build_dataset(items: list[dict[str, Any]], transform: Any,
             (PersistentDataset) there. Its key is :func:`file_state_hash` of the item (so an edited
             image or mask invalidates its entry) plus the chain's ``fingerprint`` (so a changed
             transforms config, or a train vs eval chain, never reuses another's entries).
+        dicom: the ``data.dicom`` options (a :class:`~medfuse.data.dicom.DicomOptions`, a dict or
+            the config section) every item is keyed and read with, in whichever process reads it;
+            None: those in force now (:func:`~medfuse.data.dicom.current_options`). They travel
+            with the dataset into DataLoader workers, spawned ones included.
 
     Returns:
         The dataset; ``ds[i]`` is the transformed item.
     """
+    opts = current_options() if dicom is None else as_dicom_options(dicom)
     if cache_dir is None:
-        return CaseDataset(data=items, transform=transform)
+        ds: Any = CaseDataset(data=items, transform=transform)
+        ds.dicom_options = opts
+        return ds
     ds = CachedDataset(data=items, transform=transform, cache_dir=Path(cache_dir), hash_func=file_state_hash)
+    ds.dicom_options = opts
     fingerprint = getattr(transform, "fingerprint", None) or type(transform).__name__
     digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:16].encode()
     ds.set_transform_hash(lambda _transforms: b"-" + digest)

@@ -320,7 +320,8 @@ class CaseDataModule(L.LightningDataModule):
                                   crop_eval=self.cfg.task != "segmentation", mask_classes=self.class_values)
             items = [case_to_item(c, self.modalities) for c in cases]
             cache = self.cfg.data.cache_dir
-            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache))
+            # data.dicom travels with the dataset: a spawned DataLoader worker has no other way to see it
+            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=cache, dicom=self.cfg.data.dicom))
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:

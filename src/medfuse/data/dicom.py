@@ -117,21 +117,28 @@ def current_options() -> DicomOptions:
 
 
 def set_dicom_options(options: DicomOptions | dict[str, Any] | None) -> None:
-    """Set the options for every later read in this context (``data.dicom`` of a run's config)."""
-    _OPTIONS.set(_as_options(options))
+    """Set the options for every later read in this context (``data.dicom`` of a run's config).
+
+    This is state of the calling process only: a DataLoader worker started with ``spawn`` (the
+    macOS and Windows default) starts at the defaults, so a dataset carries its own options
+    (:func:`medfuse.data.cache.build_dataset`) and sets them around each item it reads.
+    """
+    _OPTIONS.set(as_dicom_options(options))
 
 
 @contextmanager
 def use_dicom_options(options: DicomOptions | dict[str, Any] | None) -> Iterator[DicomOptions]:
     """Read DICOM with ``options`` inside the ``with`` block."""
-    token = _OPTIONS.set(_as_options(options))
+    token = _OPTIONS.set(as_dicom_options(options))
     try:
         yield current_options()
     finally:
         _OPTIONS.reset(token)
 
 
-def _as_options(options: DicomOptions | dict[str, Any] | Any | None) -> DicomOptions:
+def as_dicom_options(options: DicomOptions | dict[str, Any] | Any | None) -> DicomOptions:
+    """``options`` as a :class:`DicomOptions`: a dict or a config section (``data.dicom``) of its
+    fields, or None for the defaults."""
     if options is None:
         return DicomOptions()
     if isinstance(options, DicomOptions):
