@@ -447,20 +447,20 @@ def _mask_values(table: CaseTable, mask: Volume, path: str, cid: str) -> list[Pr
     return problems
 
 
-AIR_HU = -1024.0
-BELOW_AIR = 600.0
-
-
 def hu_problem(array: np.ndarray, path: str, cid: str) -> Problem | None:
-    """The ``hu`` rule: a CT whose 1st percentile is more than 600 HU below air (-1024) was rescaled
-    twice (CT-RATE v2 files are already in HU; applying the metadata slope/intercept again shifts them)."""
+    """The ``hu`` rule: a CT whose air (:func:`medfuse.data.hu.air_level`: the 1st percentile with the
+    fill outside the scan circle left out) lies more than 600 HU below -1024 was rescaled twice
+    (CT-RATE v2 files are already in HU; applying the metadata slope/intercept again shifts them)."""
+    from medfuse.data.hu import AIR_HU, BELOW_AIR, air_level
+
     if array.size == 0:
         return None
-    p1 = float(np.percentile(array[..., ::4, ::4].astype(np.float32), 1))
-    if p1 >= AIR_HU - BELOW_AIR:
+    p1, fill = air_level(array)
+    if not p1 < AIR_HU - BELOW_AIR:
         return None
-    return Problem(path, "hu", f"CT of case '{cid}' has its 1st percentile at {p1:.0f} HU, far below air "
-                   f"({AIR_HU:.0f})", case_id=cid)
+    left_out = f" (the voxels at the minimum, {fill:.0f}, left out as fill)" if fill is not None else ""
+    return Problem(path, "hu", f"CT of case '{cid}' has its 1st percentile at {p1:.0f} HU{left_out}, far below "
+                   f"air ({AIR_HU:.0f})", case_id=cid)
 
 
 def _cellmap_rules(table: CaseTable, case: Case) -> list[Problem]:

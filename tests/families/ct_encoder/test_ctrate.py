@@ -277,3 +277,18 @@ def test_region_ids_that_no_mask_value_can_match_are_refused(tmp_path):
     (root / "regions.json").write_text(json.dumps({"region_names": {str(10 + int(k)): v for k, v in REGIONS.items()}}))
     with pytest.raises(DataError, match=r"regions.json.*numbers the regions \[11, 12, 13, 14\].*1\.\.4"):
         _steps(root, None)
+
+
+def test_data_check_leaves_the_fill_outside_the_scan_circle_out_of_the_hu_rule(tmp_path):
+    """A v2 volume padded with -3024 outside the scan circle is in HU; one rescaled twice is still caught."""
+    root = make_ctrate(tmp_path / "dataset", n_patients=2)
+    yy, xx = np.mgrid[:SHAPE[1], :SHAPE[2]]
+    outside = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 > 15.5**2  # ~21% of each slice, as on a GE scanner
+    for i, shift in ((1, 0), (2, -1024)):
+        vol = root / "train" / f"train_{i}" / f"train_{i}_a" / f"train_{i}_a_1.nii.gz"
+        arr = nib.load(str(vol)).get_fdata().transpose(2, 1, 0) + shift
+        arr[:, outside] = -3024
+        _nifti(arr.astype(np.int16), vol)
+    rules = {(p.case_id, p.rule) for p in check_dataset(root)}
+    assert ("train_2_a_1", "hu") in rules
+    assert ("train_1_a_1", "hu") not in rules

@@ -4,6 +4,7 @@ metadata CSV).
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from pathlib import Path
@@ -70,6 +71,35 @@ def load_ctrate(root: Path) -> CaseTable:
     return CaseTable(root=root, layout="ctrate", modalities=["ct"], cases=cases,
                      patient_ids_given=any(CTRATE_NAME.match(c.case_id) for c in cases), source=reports[0],
                      notes=notes)
+
+
+def read_csv_records(path: Path | str) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a CSV as :func:`read_csv_rows` reads them (BOM-safe, stripped header names and
+    cells), each with the physical line its record starts on (the header is line 1; blank lines are
+    skipped). A quoted field may span several lines, as CT-RATE's multi-line findings do, so a row's
+    place among the records is not its line in the file."""
+    path, end = Path(path), 0
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            names = next(reader, None)
+            if names is None:
+                return []
+            rows, end = [], reader.line_num
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:
+                    continue
+                raw: dict[str | None, Any] = dict(zip(names, row, strict=False))
+                for key in names[len(row):]:
+                    raw[key] = None  # a short row: the missing cells read empty (csv.DictReader's restval)
+                rows.append((start, {k.strip(): (v or "").strip() for k, v in raw.items() if k}))
+            return rows
+    except csv.Error as e:  # the record that starts after the last one read
+        raise DataError(f"{path} (line {end + 1})", f"cannot be read as CSV ({e})",
+                        "fix that record (e.g. its quotes) or save the file as UTF-8 CSV") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot be read as CSV ({e})", "save it as UTF-8 CSV") from e
 
 
 def rescale_of(row: dict[str, Any], where: Path | str, stem: str) -> list[float]:

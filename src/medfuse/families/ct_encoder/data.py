@@ -33,8 +33,10 @@ for a case without one). The lesion mask rides through every transform as a seco
 applying slope/intercept again is CT-CLIP's issues #28/#50): ``data.params.hu`` is ``none`` (files
 are HU), ``metadata`` (slope/intercept per volume from the metadata CSV) or ``fixed``
 (``hu_slope``/``hu_intercept``). It runs right after loading, before windowing. A file whose
-NIfTI header already rescales, or values that fall far below air (-1024 HU) after conversion,
-raise a DataError instead of silently training on doubly shifted volumes.
+NIfTI header already rescales, air far below -1024 HU after conversion (rescaled twice) or, under
+``hu: none``, air far above it (stored values, CT-RATE v1: air near 0) raise a DataError instead of
+silently training on shifted volumes (:mod:`medfuse.families.ct_encoder.hu`; ``hu_check: false`` skips the air checks).
+CSV errors name the file line a record starts on (quoted findings span several lines).
 
 Spacing, window and crop/pad come from ``data.transforms`` (``spacing``, ``intensity.ct``
 ``kind: ct_window``, ``spatial_size``; the seed's size is (64, 512, 512) and [0, 1] after
@@ -61,8 +63,14 @@ import torch
 
 from medfuse.config import Config, validate_params
 from medfuse.data.datamodule import CaseDataModule, SeededDataset, SeededSampler, data_root, resolve_splits
-from medfuse.data.layouts import Case, CaseTable, read_csv_rows
-from medfuse.data.layouts.ctrate import CTRATE_NAME, VOLUME_SUFFIXES, rescale_of, volume_stem
+from medfuse.data.layouts import Case, CaseTable
+from medfuse.data.layouts.ctrate import (
+    CTRATE_NAME,
+    VOLUME_SUFFIXES,
+    read_csv_records,
+    rescale_of,
+    volume_stem,
+)
 from medfuse.data.paths import check_case_id
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.cot import (
@@ -74,10 +82,10 @@ from medfuse.families.ct_encoder.cot import (
     read_cot,
     region_sentences,
 )
+from medfuse.families.ct_encoder.hu import Hounsfieldd
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
 
 _NOT_LABELS = {"VolumeName", "case_id", "volumename"}
-AIR_HU = -1024.0
 
 
 def check_params(cfg: Config) -> CTEncoderDataParams:
@@ -93,7 +101,7 @@ def check_params(cfg: Config) -> CTEncoderDataParams:
     return p
 
 
-_csv = read_csv_rows  # BOM-safe, stripped headers and cells
+_csv = read_csv_records  # BOM-safe, stripped headers and cells; each row with the file line it starts on
 
 
 def _optional(root: Path, p: CTEncoderDataParams, key: str) -> Path | None:
@@ -149,6 +157,24 @@ def region_vocab(root: Path, p: CTEncoderDataParams) -> RegionVocab:
 # ------------------------------------------------------------------------------------- the table
 
 
+def _labels_of(entry: tuple[int, dict[str, str]] | None, abnormalities: list[str], path: Path | None,
+               stem: str) -> list[float]:
+    """The abnormality vector of a volume from its labels CSV row (an empty cell or no row: NaN); a
+    cell that is no number is refused naming the file line its record starts on."""
+    if entry is None:
+        return [float("nan")] * len(abnormalities)
+    line, row = entry
+    out = []
+    for a in abnormalities:
+        cell = row.get(a, "")
+        try:
+            out.append(float(cell) if cell != "" else float("nan"))
+        except ValueError:
+            raise DataError(f"{path} (line {line})", f"label {a!r} of {stem} is {cell!r}, not a number",
+                            "write 0 or 1 (empty: unknown)") from None
+    return out
+
+
 def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, RegionVocab, list[str]]:
     """Read a CT-RATE-style folder into cases (nothing but CSV/JSON is opened).
 
@@ -163,7 +189,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     if not reports_path.is_file():
         raise DataError(reports_path, "reports CSV not found", "set data.params.reports (e.g. train_reports.csv)")
     reports = _csv(reports_path)
-    if not reports or "VolumeName" not in reports[0]:
+    if not reports or "VolumeName" not in reports[0][1]:
         raise DataError(reports_path, "has no VolumeName column (or no rows)", "use CT-RATE's reports CSV columns")
     masks = root / str(p.masks)
     if not masks.is_dir():
@@ -176,13 +202,13 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     mask_index = {volume_stem(f.name): f for f in masks.rglob("*") if f.is_file()}
 
     meta_path = _optional(root, p, "metadata")
-    meta = {volume_stem(r.get("VolumeName", "")): r for r in _csv(meta_path)} if meta_path else {}
+    meta = {volume_stem(r.get("VolumeName", "")): (n, r) for n, r in _csv(meta_path)} if meta_path else {}
     if p.hu == "metadata" and not meta:
         raise ConfigError("data.params.hu", "is 'metadata' but no metadata CSV was found",
                           "set data.params.metadata, or hu=none if the volumes are already in HU")
     labels_path = _optional(root, p, "labels")
-    label_rows = {volume_stem(r.get("VolumeName", "")): r for r in _csv(labels_path)} if labels_path else {}
-    abnormalities = [c for c in next(iter(label_rows.values()), {}) if c not in _NOT_LABELS]
+    label_rows = {volume_stem(r.get("VolumeName", "")): (n, r) for n, r in _csv(labels_path)} if labels_path else {}
+    abnormalities = [c for c in next(iter(label_rows.values()), (0, {}))[1] if c not in _NOT_LABELS]
     cot: dict[str, dict[str, Any]] = {}
     cot_files = _cot_paths(root, p)
     for cot_path in cot_files:
@@ -195,7 +221,7 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
                    if (m := CTRATE_NAME.match(key))}
 
     cases, missing, seen_scans = [], [], set()
-    for i, r in enumerate(reports, start=2):
+    for line, r in reports:  # line: where the record starts in the file (findings span several lines)
         stem = volume_stem(r["VolumeName"])
         m = CTRATE_NAME.match(stem)
         if stem not in index:  # before the scan counts as kept: its next reconstruction may be on disk
@@ -213,19 +239,18 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
         findings = r.get("Findings_EN") or r.get("findings") or ""
         impression = r.get("Impressions_EN") or r.get("impression") or rec.get("impression") or findings
         if not impression:
-            raise DataError(f"{reports_path} (line {i})", f"volume {stem} has neither findings nor impression",
+            raise DataError(f"{reports_path} (line {line})", f"volume {stem} has neither findings nor impression",
                             "fill Findings_EN/Impressions_EN or drop the row")
         hu = None
         if p.hu == "metadata":
-            row = meta.get(stem)
-            if row is None:
+            if stem not in meta:
                 raise DataError(meta_path or "metadata", f"no RescaleSlope/RescaleIntercept for {stem}",
                                 "add the row, or set data.params.hu=none if the volumes are in HU")
-            hu = rescale_of(row, meta_path or "metadata", stem)
+            meta_line, row = meta[stem]
+            hu = rescale_of(row, f"{meta_path} (line {meta_line})", stem)
         elif p.hu == "fixed":
             hu = [float(p.hu_slope), float(p.hu_intercept)]
-        lab = label_rows.get(stem)
-        labels = [float(lab[a]) if lab and lab.get(a, "") != "" else float("nan") for a in abnormalities]
+        labels = _labels_of(label_rows.get(stem), abnormalities, labels_path, stem)
         cases.append(Case(
             case_id=stem, patient_id=m["patient"] if m else stem, images={"ct": str(index[stem])},
             mask=str(mask_index[stem]), text=impression,
@@ -316,42 +341,6 @@ class OmniAbnormLoadd(mt.MapTransform):
         return d
 
 
-class Hounsfieldd(mt.MapTransform):
-    """Convert stored values to HU once: ``x * slope + intercept`` from ``item["hu"]`` (None: as is).
-
-    Raises:
-        DataError: the NIfTI header already rescales while a CSV/fixed conversion is configured, or
-            the converted volume's 1st percentile lies far below air (a second rescale).
-    """
-
-    def __init__(self, keys: str = "image"):
-        super().__init__(keys)
-
-    def __call__(self, data):
-        d = dict(data)
-        hu = d.pop("hu", None)
-        if hu is None:
-            return d
-        path = next((p for p in d.get("image_path", []) if p), "image")
-        if str(path).endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            # nibabel moves the header's scl_slope/scl_inter onto the array proxy (the header copy reads NaN)
-            proxy = nib.load(str(path)).dataobj
-            slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
-            if slope != 1.0 or inter != 0.0:
-                raise DataError(path, f"the NIfTI header already rescales (slope {slope}, intercept {inter}), "
-                                "so the CSV slope/intercept would be applied twice",
-                                "set data.params.hu=none (the file is read in HU)")
-        for key in self.key_iterator(d):
-            d[key] = d[key] * float(hu[0]) + float(hu[1])
-            p1 = float(np.percentile(np.asarray(d[key].detach().cpu())[..., ::4], 1))
-            if p1 < AIR_HU - 600:
-                raise DataError(path, f"1st percentile is {p1:.0f} HU after slope/intercept, far below air",
-                                "the file is probably in HU already (CT-RATE v2): set data.params.hu=none")
-        return d
-
-
 class AttachLesiond(mt.MapTransform):
     """Right after loading: read ``item["lesion"]`` (a lesion-mask path, or None) onto the image grid
     and stack it as channel 1 of the region mask, so that every spatial step (orientation, spacing,
@@ -396,14 +385,20 @@ def ct_transforms(cfg: Config, train: bool, lesions: bool = False, regions: int 
     with ``regions`` (R) a region mask holding a value outside 0..R is refused naming its file."""
     from medfuse.data.transforms import MedfuseCompose, build_transforms
 
-    omni = validate_params(CTEncoderDataParams, cfg.data.params, "data.params").source == "omniabnorm"
+    p = validate_params(CTEncoderDataParams, cfg.data.params, "data.params")
+    omni = p.source == "omniabnorm"
+    check_air = p.hu_check and not omni  # OmniAbnorm-CT slices are windowed JPEGs (0..255), not HU
     values = None if regions is None or omni else list(range(int(regions) + 1))
     base = build_transforms(cfg.data.transforms, ["ct"], train=train, has_mask=True, mask_values=values)
-    steps = [OmniAbnormLoadd(lesions) if omni else base.transforms[0], Hounsfieldd(), *base.transforms[1:]]
+    steps = [OmniAbnormLoadd(lesions) if omni else base.transforms[0], Hounsfieldd(check_air=check_air),
+             *base.transforms[1:]]
     if lesions:
         steps = [steps[0], steps[1], *([] if omni else [AttachLesiond()]), *steps[2:], SplitLesiond()]
     chain = MedfuseCompose(steps)
-    chain.fingerprint = base.fingerprint + "|hu-once" + ("|lesions" if lesions else "") + ("|omni" if omni else "")
+    # "|air": items cached before volumes read as HU were checked (a v1 volume may sit in such a cache)
+    air = "|air" if check_air and p.hu == "none" else ""
+    chain.fingerprint = (base.fingerprint + "|hu-once" + air + ("|lesions" if lesions else "")
+                         + ("|omni" if omni else ""))
     return chain
 
 
@@ -463,7 +458,8 @@ class CTEncoderDataModule(CaseDataModule):
             items = [case_item(c) for c in self.cases[split]]
             tf = ct_transforms(self.cfg, train=(split == "train"), lesions=self.has_lesions,
                                regions=len(self.vocab.names))
-            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
+            self._datasets[split] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir,
+                                                                    dicom=self.cfg.data.dicom))
         return self._datasets[split]
 
     @property
@@ -485,7 +481,8 @@ class CTEncoderDataModule(CaseDataModule):
         if key not in self._datasets:
             items = [case_item(c) for c in self.cases["train"]]
             tf = ct_transforms(self.cfg, train=False, lesions=self.has_lesions, regions=len(self.vocab.names))
-            self._datasets[key] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir))
+            self._datasets[key] = SeededDataset(build_dataset(items, tf, cache_dir=self.cfg.data.cache_dir,
+                                                                    dicom=self.cfg.data.dicom))
         ds = self._datasets[key]
         return DataLoader(ds, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
                           sampler=SeededSampler(len(ds), derive_seed(self.cfg.train.seed, key), shuffle=False),

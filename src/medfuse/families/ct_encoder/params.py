@@ -115,6 +115,10 @@ class CTEncoderDataParams(Params):
         "none", description="HU conversion, applied once: none (files in HU, CT-RATE v2), metadata (CSV), fixed")
     hu_slope: float = Field(1.0, description="slope of hu: fixed")
     hu_intercept: float = Field(0.0, description="intercept of hu: fixed")
+    hu_check: bool = Field(
+        True, description="refuse a CT whose air (1st percentile, fill left out) contradicts hu: above -524 under "
+                          "none (stored values, v1), below -1624 after conversion (rescaled twice); false only for "
+                          "data without air (e.g. cropped to the body)")
     reconstructions: Literal["first", "all"] = Field(
         "first", description="keep the first reconstruction per CT-RATE scan, or all")
     lesions: str | None = Field(
