@@ -45,64 +45,31 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medfuse.data.io import Volume, read_image
 from medfuse.data.layouts import Case, CaseTable, case_where, load_cases
-from medfuse.data.paths import CASE_ID_FIX, case_id_problem
+from medfuse.data.paths import case_id_problem
+from medfuse.data.rules import (  # noqa: F401 - the per-file rules live in rules.py, importable here too
+    CHANNEL_FIX,
+    FIXES,
+    MIN_MASK_INSIDE,
+    MIN_OVERLAP,
+    Problem,
+    dims_problem,
+    hu_problem,
+    mask_outside_problem,
+    mask_value_problem,
+    nonfinite_problem,
+    overlap_problem,
+)
 from medfuse.data.seg import read_label
-from medfuse.data.split import LEAK_FIX, leak_text, patient_splits
+from medfuse.data.split import leak_text, patient_splits
 from medfuse.errors import DataError, MedfuseError
 
-FIXES = {
-    "layout": "point at a manifest, a dataset.json or a dataset folder (see docs/data-formats.md)",
-    "case-id": CASE_ID_FIX,
-    "dims": "give every modality and the mask of a case as 3D volumes (or all as 2D images)",
-    "missing": "restore the file or correct its path in the dataset description",
-    "unreadable": "re-export the file (it is corrupt, truncated or not a supported image) or remove the case",
-    "channels": "store one channel per declared modality, or correct the modality list",
-    "grid": "resample this case's modalities and mask onto one grid (e.g. MONAI ResampleToMatch) or fix the header",
-    "nonfinite": "replace NaN/Inf voxels (e.g. with 0) or re-export the image",
-    "label": "remap the mask values to the declared labels, or declare them (mask_labels, or labels in dataset.json)",
-    "empty-mask": "check the segmentation, or set mask_required: false if empty masks are expected",
-    "duplicate-id": "give every case a unique case_id",
-    "leak": LEAK_FIX,
-    "geometry": "re-export the crop with the raw volume's translation and scale (OME-NGFF, nm), or drop it",
-    "hu": "the file is already in HU and was rescaled again: re-export it, or convert with slope 1, intercept 0",
-}
-# A multi-volume file given for one modality without a channel choice (shared with the loader's error).
-CHANNEL_FIX = ("give one 3D volume per modality, or in a manifest choose one with a channel_{m} column "
-               "(0..{last})")
-
 _READ_ERRORS = (DataError, OSError, ValueError, EOFError, zlib.error)
-
-
-@dataclass
-class Problem:
-    """One integrity problem.
-
-    Attributes:
-        path: the file at fault (or the dataset description for table-wide rules).
-        rule: the rule name, e.g. ``"grid"``.
-        message: what is wrong, naming the case.
-        fix: what to do (default: the rule's usual fix).
-        case_id: the case concerned, when there is one.
-    """
-
-    path: str
-    rule: str
-    message: str
-    fix: str = ""
-    case_id: str | None = None
-
-    def line(self) -> str:
-        """``PATH: [rule] message. Fix: ...`` on one line."""
-        fix = (self.fix or FIXES.get(self.rule, "")).rstrip(".")
-        text = f"{self.path}: [{self.rule}] {self.message.rstrip('.')}" + (f". Fix: {fix}" if fix else "")
-        return " ".join(text.split())
 
 
 def check_dataset(
@@ -338,8 +305,10 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
             ref = (m, vol)
         elif path != case.images[ref[0]]:
             flat = dims_problem(f"image '{ref[0]}'", ref[1].shape, f"image '{m}'", vol.shape, path, cid)
-            grid = [] if table.resample_modalities else _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol,
-                                                               affine_atol)
+            grid = _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol, affine_atol)
+            if grid and table.resample_modalities:  # declared: resampled onto the first, if it overlaps it
+                far = overlap_problem(f"image '{ref[0]}'", _geom(ref[1]), f"image '{m}'", _geom(vol), path, cid)
+                grid = [far] if far else []
             problems.extend([flat] if flat else grid)
     if case.mask is None:
         if table.mask_required and case.split != "test":
@@ -360,49 +329,6 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
         problems.extend([flat] if flat else _grid(ref, ("mask", mask), case.mask, cid, grid_atol, affine_atol))
     problems.extend(_mask_values(table, mask, case.mask, cid))
     return problems
-
-
-def nonfinite_problem(array: np.ndarray, path: str, what: str, cid: str) -> Problem | None:
-    """The ``nonfinite`` rule on one array (any layout): NaN/Inf voxels, or None."""
-    if array.dtype.kind not in "fc":
-        return None
-    n_nan = int(np.isnan(array).sum())
-    n_inf = int(np.isinf(array).sum())
-    if not n_nan and not n_inf:
-        return None
-    return Problem(path, "nonfinite", f"{what} of case '{cid}' has {n_nan + n_inf} of {array.size} voxels "
-                   f"non-finite ({n_nan} NaN, {n_inf} Inf)", case_id=cid)  # fmt: skip
-
-
-def dims_problem(ref_name: str, ref_shape: tuple[int, ...], name: str, shape: tuple[int, ...], path: str,
-                 cid: str) -> Problem | None:
-    """The ``dims`` rule: one of two (C, D, H, W) shapes is a single slice (2D) and the other is 3D."""
-    if (ref_shape[1] == 1) == (shape[1] == 1):
-        return None
-    flat, deep = (name, ref_name) if shape[1] == 1 else (ref_name, name)
-    n = max(ref_shape[1], shape[1])
-    return Problem(path, "dims", f"{flat} of case '{cid}' is a 2D image (one slice) but {deep} is a 3D volume "
-                   f"({n} slices)", case_id=cid)
-
-
-def mask_value_problem(values: np.ndarray, counts: np.ndarray, declared: list[int] | None, path: str,
-                       cid: str) -> Problem | None:
-    """The ``label`` rule on a mask's unique ``values`` (with their voxel ``counts``): values outside
-    the ``declared`` label values, or non-integer values. None when fine or nothing is declared."""
-    whole = np.mod(values, 1) == 0 if values.dtype.kind in "fc" else np.ones(values.shape, bool)
-    if declared is None:
-        if whole.all():
-            return None
-        bad = ~whole
-        tail = "; a mask holds whole-number labels"
-    else:
-        bad = ~np.isin(values, np.asarray(sorted(set(declared)))) | ~whole
-        tail = f", outside the declared labels {{{', '.join(str(v) for v in sorted(set(declared)))}}}"
-    if not bad.any():
-        return None
-    shown = ", ".join(f"{v:g}" for v in values[bad][:10].tolist()) + (" ..." if bad.sum() > 10 else "")
-    return Problem(path, "label", f"mask of case '{cid}' has values {{{shown}}} in {int(counts[bad].sum())} voxels"
-                   f"{tail}", case_id=cid)  # fmt: skip
 
 
 def _grid(
@@ -430,6 +356,11 @@ def _grid(
                     f"({a.path}): {'; '.join(diffs)}", case_id=cid)]  # fmt: skip
 
 
+def _geom(v: Volume) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(affine (4, 4), shape (i, j, k)) of a (C, D, H, W) volume."""
+    return v.affine, tuple(int(n) for n in v.shape[:0:-1])
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
@@ -445,22 +376,6 @@ def _mask_values(table: CaseTable, mask: Volume, path: str, cid: str) -> list[Pr
     if table.mask_required and not np.any(np.nan_to_num(arr) if arr.dtype.kind in "fc" else arr):
         problems.append(Problem(path, "empty-mask", f"mask of case '{cid}' is all zero", case_id=cid))
     return problems
-
-
-def hu_problem(array: np.ndarray, path: str, cid: str) -> Problem | None:
-    """The ``hu`` rule: a CT whose air (:func:`medfuse.data.hu.air_level`: the 1st percentile with the
-    fill outside the scan circle left out) lies more than 600 HU below -1024 was rescaled twice
-    (CT-RATE v2 files are already in HU; applying the metadata slope/intercept again shifts them)."""
-    from medfuse.data.hu import AIR_HU, BELOW_AIR, air_level
-
-    if array.size == 0:
-        return None
-    p1, fill = air_level(array)
-    if not p1 < AIR_HU - BELOW_AIR:
-        return None
-    left_out = f" (the voxels at the minimum, {fill:.0f}, left out as fill)" if fill is not None else ""
-    return Problem(path, "hu", f"CT of case '{cid}' has its 1st percentile at {p1:.0f} HU{left_out}, far below "
-                   f"air ({AIR_HU:.0f})", case_id=cid)
 
 
 def _cellmap_rules(table: CaseTable, case: Case) -> list[Problem]:

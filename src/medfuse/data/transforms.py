@@ -30,13 +30,20 @@ import torch
 from monai.data import MetaTensor
 
 from medfuse.config import IntensityConfig, TransformsConfig
-from medfuse.data.checks import CHANNEL_FIX, dims_problem, mask_value_problem, nonfinite_problem
 from medfuse.data.io import read_image
 from medfuse.data.labels import (  # noqa: F401 - moved to labels.py, still importable here
     classes_to_values,
     label_class_values,
     label_file_dtype,
     values_to_classes,
+)
+from medfuse.data.rules import (
+    CHANNEL_FIX,
+    dims_problem,
+    mask_outside_problem,
+    mask_value_problem,
+    nonfinite_problem,
+    overlap_problem,
 )
 from medfuse.errors import ConfigError, DataError, MedfuseError
 
@@ -100,6 +107,11 @@ def raise_first(problems: list[Any]) -> None:
     from medfuse.data.checks import raise_first as _raise
 
     _raise([p for p in problems if p is not None])
+
+
+def _geom(x: MetaTensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(affine (4, 4), shape (i, j, k)) of a (C, i, j, k) MetaTensor."""
+    return x.affine.detach().cpu().numpy().astype(np.float64), tuple(int(n) for n in x.shape[1:])
 
 
 def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
@@ -169,6 +181,9 @@ class LoadCased(mt.MapTransform):
                 if x is not None:
                     raise_first([dims_problem(f"image '{ref_m}'", _cdhw(ref), f"image '{m}'", _cdhw(x),
                                               str(p), str(case))])
+                    if not _same_grid(x, ref):
+                        raise_first([overlap_problem(f"image '{ref_m}'", _geom(ref), f"image '{m}'", _geom(x),
+                                                     str(p), str(case))])
             resample = mt.ResampleToMatch(mode="bilinear", padding_mode="zeros")
             chans_out = [torch.zeros_like(ref.as_tensor()) if x is None
                          else x.as_tensor() if _same_grid(x, ref)
@@ -227,6 +242,7 @@ class LoadCased(mt.MapTransform):
                           affine=torch.as_tensor(affine), meta={"filename_or_obj": path})
         if _same_grid(mask, ref):
             return mask
+        raise_first([mask_outside_problem("its image", _geom(ref), arr[0], np.asarray(affine, np.float64), path, case)])
         out = mt.ResampleToMatch(mode="nearest", padding_mode="zeros")(mask.float(), img_dst=ref)
         return MetaTensor(out.as_tensor().round().to(torch.int32), affine=ref.affine.clone(),
                           meta={"filename_or_obj": path})

@@ -176,3 +176,40 @@ def _as_output_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
 def _finish(arr: np.ndarray, affine: np.ndarray, path: Path, meta: dict) -> Volume:
     arr = np.ascontiguousarray(_as_output_dtype(np.asarray(arr), path))
     return Volume(arr, np.asarray(affine, dtype=np.float64), str(path), meta)
+
+
+# ------------------------------------------------------------------------------------ field of view
+
+
+def voxel_lattice(ijk: tuple[int, ...], per_axis: int = 16) -> np.ndarray:
+    """Voxel indices ``(N, 3)`` of an evenly spaced lattice over a grid of shape ``ijk`` = (i, j, k),
+    at most ``per_axis`` per axis, the first and last voxels included."""
+    axes = [np.unique(np.linspace(0, max(int(n), 1) - 1, min(max(int(n), 1), per_axis)).round()) for n in ijk[:3]]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def inside_fraction(ijk_points: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray,
+                    grid_ijk: tuple[int, ...]) -> float:
+    """The fraction of points that fall inside another grid's field of view.
+
+    Args:
+        ijk_points: (N, 3) voxel indices (i, j, k) of points under ``affine``.
+        affine: (4, 4) RAS affine of the points' grid.
+        grid_affine: (4, 4) RAS affine of the grid whose field of view is tested.
+        grid_ijk: that grid's shape (i, j, k): its field of view is the box of its voxels,
+            ``-0.5 .. n - 0.5`` along each axis.
+
+    Returns:
+        The fraction in [0, 1] (1.0 for no points); 0.0 when ``grid_affine`` is singular.
+    """
+    pts = np.asarray(ijk_points, dtype=np.float64).reshape(-1, 3)
+    if not len(pts):
+        return 1.0
+    homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1).T  # (4, N)
+    try:
+        to_grid = np.linalg.inv(np.asarray(grid_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    except np.linalg.LinAlgError:
+        return 0.0
+    idx = (to_grid @ homog)[:3]  # (3, N) in the tested grid's voxel index space
+    n = np.asarray([max(int(x), 1) for x in grid_ijk[:3]], dtype=np.float64)[:, None]
+    return float(((idx > -0.5 - 1e-6) & (idx < n - 0.5 + 1e-6)).all(0).mean())
