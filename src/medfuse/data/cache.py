@@ -37,7 +37,7 @@ from medfuse.data.io import SUPPORTED_SUFFIXES, image_suffix
 from medfuse.data.transforms import raise_user_error
 from medfuse.fileio import atomic_open, claim
 
-__all__ = ["CachedDataset", "CaseDataset", "build_dataset", "file_state_hash"]
+__all__ = ["CachedDataset", "CaseDataset", "build_dataset", "file_state_hash", "path_state"]
 
 # Key under which CachedDataset keeps MetaTensor geometry while the item sits in the disk cache.
 _META_KEY = "_medfuse_meta"
@@ -51,7 +51,7 @@ def _files_state(folder: Path, files: list[Path]) -> list[list[Any]]:
     return [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def _path_state(path: str) -> tuple[list[Any], bool]:
+def path_state(path: str) -> tuple[list[Any], bool]:
     """([path, size, mtime_ns], reads DICOM) of a file; a folder (DICOM series) lists every file
     inside it, and so does a DICOM file's own folder (one file of a series is read with its series)."""
     p = Path(path)
@@ -76,7 +76,7 @@ def file_state_hash(item: Mapping[str, Any]) -> bytes:
     (``on_gap``, ``series``, ...), which change what is read.
     """
     paths = [p for p in item.get("image", []) if p] + ([item["mask"]] if item.get("mask") else [])
-    states = [_path_state(str(p)) for p in paths]
+    states = [path_state(str(p)) for p in paths]
     payload: dict[str, Any] = {"item": item, "files": [state for state, _ in states]}
     if any(dicom for _, dicom in states):
         payload["dicom"] = asdict(current_options())

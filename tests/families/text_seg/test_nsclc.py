@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 hd = pytest.importorskip("highdicom")
 
@@ -139,6 +140,72 @@ def test_tumour_slices_become_records_on_the_ct_grid(replica):
     assert read_label(recs[0].mask, recs[0].image).meta["reader"] == "pydicom"  # the early-Slicer fallback
 
 
+def _spy_read_label(monkeypatch) -> list[tuple[str, str | None]]:
+    from medfuse.data import seg as seg_module
+
+    calls: list[tuple[str, str | None]] = []
+    real = seg_module.read_label
+
+    def spy(path, image=None):
+        calls.append((str(path), None if image is None else str(image)))
+        return real(path, image)
+
+    monkeypatch.setattr(seg_module, "read_label", spy)  # every CT / SEG volume of text_seg goes through it
+    return calls
+
+
+def test_a_shuffled_first_epoch_reads_each_series_once(replica, monkeypatch):
+    """Training's first (shuffled) epoch with cache_in_memory: the first slice of a patient loads all its
+    slices while the CT is in memory (it used to read the CT and the SEG again for every slice: 12 reads)."""
+    from medfuse.config import validate_params
+    from medfuse.families.text_seg.data import TextSegDataset, tumour_slice_records
+    from medfuse.families.text_seg.params import TextSegDataParams
+
+    recs = tumour_slice_records(load_cases(replica).cases[:2], "ct")  # 2 patients x 3 slices
+    params = validate_params(TextSegDataParams, {"image_size": 32, "mask_size": 32, "intensity": "ct",
+                                                 "two_and_half_d": True, "text_template": "{histology}"},
+                             "data.params")
+    ds = TextSegDataset(recs, params, train=True)
+    calls = _spy_read_label(monkeypatch)
+    items = {recs[i].case_id: ds[(i, i)] for i in (4, 0, 3, 1, 5, 2)}
+    assert len(items) == 6 and all(it["mask"].sum() > 0 for it in items.values())
+    assert len(calls) <= 2 * 2, calls  # at most each patient's CT and its SEG on the CT, once
+    again = TextSegDataset(recs, params.model_copy(update={"cache_in_memory": False}), train=True)
+    for i in (4, 0, 3, 1, 5, 2):  # the same pixels, item by item, without the in-memory cache
+        assert torch.equal(again[(i, i)]["image"], items[recs[i].case_id]["image"])
+        assert torch.equal(again[(i, i)]["mask"], items[recs[i].case_id]["mask"])
+
+
+def test_volume_cache_is_bounded_and_sees_edited_files(replica, monkeypatch):
+    import os
+
+    from medfuse.families.text_seg import data as ts_data
+
+    monkeypatch.setattr(ts_data, "VOLUMES", ts_data.VolumeCache(max_items=2))
+    calls = _spy_read_label(monkeypatch)
+    cases = load_cases(replica).cases[:3]
+    a = ts_data._volume(cases[0].images["ct"])
+    assert not a.flags.writeable  # shared between records: read-only
+    assert ts_data._volume(cases[0].images["ct"]) is a and len(calls) == 1
+    ts_data._volume(cases[0].mask, cases[0].images["ct"])  # the SEG on the CT's grid: another entry
+    assert ts_data._volume(cases[0].mask, cases[0].images["ct"]) is not a and len(calls) == 2
+    ts_data._volume(cases[1].images["ct"])  # a third volume: the least recently used (the CT) goes
+    assert len(ts_data.VOLUMES) == 2
+    ts_data._volume(cases[0].images["ct"])
+    assert len(calls) == 4
+    f = sorted(Path(cases[0].images["ct"]).glob("*.dcm"))[0]  # an edited slice: the series is read again
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        ts_data._volume(cases[0].images["ct"])
+        assert len(calls) == 5
+    finally:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    big = ts_data.VolumeCache(max_bytes=10)  # a volume over the byte bound is not kept
+    big.get("x", None, lambda: np.zeros(100, np.uint8))
+    assert len(big) == 0
+
+
 def test_planted_faults_are_caught(tmp_path):
     root = make_nsclc(tmp_path / "nsclc", gap_patient="R01-002", trunc_patient="AMC-001", two_segments="R01-003")
     problems = check_dataset(root)
@@ -149,25 +216,80 @@ def test_planted_faults_are_caught(tmp_path):
     assert "missing 1 slice" in line and "\n" not in line
 
 
-def test_config_trains_one_cpu_epoch(replica, tmp_path):
+def _count_opens(folders: list[Path]):
+    """A stand-in for ``open`` counting the files opened under ``folders`` (pydicom, the DICOM marker
+    checks and the layout all open files through it), and the counter."""
+    import builtins
+    import collections
+
+    real, counts, roots = builtins.open, collections.Counter(), [str(f) + "/" for f in folders]
+
+    def counting(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and any(str(file).startswith(r) for r in roots):
+            counts[str(file)] += 1
+        return real(file, *args, **kwargs)
+
+    return counting, counts
+
+
+@pytest.fixture(scope="module")
+def evaluated(replica, tmp_path_factory):
+    """One CPU epoch on the replica, then ``evaluate`` with the files opened under the test patients'
+    folders counted: (run, report, test patient ids, path -> opens)."""
+    import builtins
+
     from medfuse.config import load_config
+    from medfuse.engine.evaluate import evaluate
     from medfuse.engine.trainer import fit
 
+    tmp = tmp_path_factory.mktemp("nsclc_run")
     cfg = load_config(CONFIG, [
-        f"data.root={replica}", f"output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "data.batch_size=4",
+        f"data.root={replica}", f"output_dir={tmp / 'runs'}", "train.max_epochs=1", "data.batch_size=4",
         "data.num_workers=0", "data.params.image_size=64", "data.params.mask_size=64", "model.params.image_size=64",
         "model.params.tiny_dim=32", "model.params.token_dim=16", "data.split.val=0.2", "data.split.test=0.2",
         "train.accelerator=cpu"])
     run = fit(cfg)
+    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
+    test_patients = [p for p, s in splits.items() if s == "test"]
+    counting, opens = _count_opens([replica / "NSCLC Radiogenomics" / p for p in test_patients])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtins, "open", counting)
+        report = evaluate(run, n_boot=50)
+    return run, report, test_patients, opens
+
+
+def test_config_trains_one_cpu_epoch(evaluated):
+    run, report, test_patients, _ = evaluated
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     dice = [float(r["val/dice"]) for r in rows if r.get("val/dice") not in (None, "")]
     assert dice and 0.0 <= dice[-1] <= 1.0
     splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
     assert set(splits) == {p for p, _, _ in PATIENTS if p != "R01-005"}  # split by patient
     # evaluate scores slices, but the bootstrap resamples patients: n is the number of test patients
-    from medfuse.engine.evaluate import evaluate
-
-    report = evaluate(run, n_boot=50)
     dice = report["metrics"]["dice"]
-    test_patients = [p for p, s in splits.items() if s == "test"]
     assert dice["n"] == len(test_patients) and dice["n_items"] > dice["n"]
+
+
+def test_evaluate_reads_each_series_once(replica, evaluated):
+    """Scoring, writing and plotting a patient's 3 tumour slices read its CT series and SEG once, not once
+    per slice and step: 36 opens of the test patient's 7 files, within the bound of 41 (it used to be 294)."""
+    import builtins
+
+    from medfuse.data.seg import read_label
+
+    run, report, test_patients, opens = evaluated
+    assert report["n"] == 3 * len(test_patients) and sum(opens.values()) > 0
+    # what reading each test series once costs: the SEG on its CT's grid, the CT itself, and one header
+    # read of every file by the layout (which pairs each SEG with its CT)
+    folders = [replica / "NSCLC Radiogenomics" / p for p in test_patients]
+    counting, once = _count_opens(folders)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtins, "open", counting)
+        for folder in folders:
+            study = next(folder.iterdir())
+            seg, ct = next(study.glob("1000.*/1-1.dcm")), next(study.glob("3.000000-CT-*"))
+            read_label(seg, ct)
+            read_label(ct)
+    n_files = sum(1 for f in folders for p in f.rglob("*.dcm"))
+    bound = sum(once.values()) + n_files
+    assert sum(opens.values()) <= bound, (sum(opens.values()), bound)

@@ -1,10 +1,12 @@
-"""text_seg through a model package: masks and predictions.csv from ``model.zip`` equal the run's own,
-without the run folder or the training manifest."""
+"""text_seg prediction: masks and predictions.csv from ``model.zip`` equal the run's own, without the run
+folder or the training manifest; ``predict`` writes the file ``evaluate`` writes for a case (name and
+pixels); an output never replaces an input."""
 
 from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -51,8 +53,78 @@ def test_package_gives_the_runs_masks(run, tmp_path, monkeypatch):
         out = tmp_path / predict(str(pkg), [str(infer)], "pk")
     finally:
         shutil.move(str(away), tmp)
-    masks = sorted(p.name for p in own.glob("*_mask.png"))
-    assert len(masks) == 3 and masks == sorted(p.name for p in out.glob("*_mask.png"))
+    masks = sorted(p.name for p in own.glob("*.png"))
+    assert masks == sorted(f"{r['case_id']}.png" for r in rows) == sorted(p.name for p in out.glob("*.png"))
     for name in masks:
         assert (own / name).read_bytes() == (out / name).read_bytes()
     assert (own / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+
+
+FIELDS = ("size", "echogenicity", "margin", "position")
+
+
+def _manifest(path, data, rows, image=None) -> str:
+    """An inference CSV of demo rows (case_id, image_us, box, text fields); ``image``: case -> image path."""
+    keep = ["case_id", "image_us", "box", *[k for k in rows[0] if k in FIELDS]]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keep)
+        w.writeheader()
+        for r in rows:
+            img = (image or {}).get(r["case_id"]) or data / r["image_us"]
+            w.writerow({k: (str(img) if k == "image_us" else r[k]) for k in keep})
+    return str(path)
+
+
+def test_predict_writes_what_evaluate_writes(run, tmp_path):
+    """The same case, box and text: ``predict`` writes ``<case_id>.png`` with ``evaluate``'s pixels
+    (predict used to write ``<case_id>_mask.png``)."""
+    import numpy as np
+    from PIL import Image
+
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.engine.predict import predict
+
+    _, data, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    evaluate(copy, split="test", n_boot=10)
+    evaluated = copy / "predictions" / "test"
+    order = [r["case_id"] for r in csv.DictReader((evaluated / "per_case.csv").open())]  # the loader's batches
+    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open())}
+    out = predict(copy, [_manifest(tmp_path / "test.csv", data, [by_id[c] for c in order])], tmp_path / "pred")
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted(f"{c}.png" for c in order) == sorted(p.name for p in evaluated.glob("*.png"))
+    for name in names:
+        a, b = np.array(Image.open(out / name)), np.array(Image.open(evaluated / name))
+        assert a.shape == b.shape and np.array_equal(a, b), name
+    assert any(np.array(Image.open(out / n)).any() for n in names)  # not all empty
+
+
+def test_predict_never_replaces_an_input(run, tmp_path):
+    """Masks are named by case id, so an output folder holding the inputs (the demo's ``images/<case>.png``)
+    would overwrite them: refused before anything is written, naming the file."""
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    _, data, run_dir = run
+    rows = list(csv.DictReader((data / "manifest.csv").open()))[:2]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = {r["case_id"]: shutil.copy(data / r["image_us"], folder / f"{r['case_id']}.png") for r in rows}
+    before = {c: p.read_bytes() for c, p in images.items()}
+    manifest = _manifest(tmp_path / "infer.csv", data, rows, image=images)
+    with pytest.raises(DataError, match="would replace it") as e:
+        predict(run_dir, [manifest], folder)
+    assert str(images[rows[0]["case_id"]]) in str(e.value)
+    assert {c: p.read_bytes() for c, p in images.items()} == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in images.values())
+    # the manifest itself, as predictions.csv in the output folder (its images elsewhere)
+    other = tmp_path / "other"
+    other.mkdir()
+    inside = Path(_manifest(other / "predictions.csv", data, rows))
+    text = inside.read_text()
+    with pytest.raises(DataError, match="is the manifest"):
+        predict(run_dir, [str(inside)], other)
+    assert inside.read_text() == text and [p.name for p in other.iterdir()] == ["predictions.csv"]
+    out = predict(run_dir, [manifest], tmp_path / "elsewhere")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.png" for c in images), "predictions.csv"])

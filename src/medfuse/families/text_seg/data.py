@@ -16,6 +16,11 @@ Splits are by patient (:func:`medfuse.data.split.assign_splits`); ``split_by: im
 when patient ids exist, since BUS-BRA-like data hold several images per patient and a per-image
 split leaks patients into the test set (the peer's flaw).
 
+A volume is read once for all its slices in a pass (:class:`VolumeCache`: the last few volumes read,
+keyed by their files' size and mtime); with ``cache_in_memory`` the first slice of a volume that
+:class:`TextSegDataset` loads loads all of that volume's slices, so a shuffled first epoch also reads
+each series once.
+
 Each item: ``image`` (3, S, S) in [0, 1] (MedSAM preprocessing, 2.5D optional), ``mask``
 (1, m, m) binary, ``box`` (4,) in model-input pixels, ``text`` (str), ``orig_size`` (2,).
 Counterfactual text (``FIELD=shuffle|VALUE``) replaces one field of the split's text before
@@ -25,6 +30,7 @@ rendering; :meth:`TextSegDataModule.loader` applies it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -38,11 +44,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfuse.config import validate_params
 from medfuse.data.datamodule import CaseDataModule, SeededSampler, collate, derive_seed, load_table
+from medfuse.data.dicom import current_options, use_dicom_options
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.text_seg.params import TextSegDataParams
 
-__all__ = ["Record", "SplitRecords", "TextSegDataModule", "TextSegDataset", "apply_counterfactual",
-           "records_from_cases"]
+__all__ = ["VOLUMES", "Record", "SplitRecords", "TextSegDataModule", "TextSegDataset", "VolumeCache",
+           "apply_counterfactual", "records_from_cases"]
 
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 
@@ -165,14 +172,69 @@ def apply_counterfactual(records: list[Record], template: str | None, spec: str,
     return counterfactual_texts(records, template, spec, seed).texts
 
 
-def _volume(path: str, reference: str | None = None) -> np.ndarray:
-    """A volume's (C, D, H, W) voxels, kept for the next records of the same case (a CT series is read
-    once for all its slices). A DICOM SEG mask is placed on ``reference``'s grid (the case's CT)."""
-    from medfuse.data.seg import read_label
+class VolumeCache:
+    """The last few volumes read (least recently used first out), so that the slices of one series
+    read it once per pass over records grouped by series (NSCLC: a patient's tumour slices in a row).
 
-    arr = read_label(path, reference).array
-    arr.setflags(write=False)
-    return arr
+    An entry is keyed by the path, the reference grid (a SEG's CT), the size and mtime of every file
+    they read (an edited file is read again) and, for DICOM, the ``data.dicom`` options in force
+    (:func:`medfuse.data.cache.path_state`, as the disk cache keys them). Memory stays bounded: at
+    most ``max_items`` volumes and ``max_bytes`` in all (a volume larger than that is read each
+    time, as without the cache). Cached arrays are read-only.
+
+    Args:
+        max_items: volumes kept (a CT and its SEG are two).
+        max_bytes: total size kept.
+    """
+
+    def __init__(self, max_items: int = 4, max_bytes: int = 2 << 30):
+        from collections import OrderedDict
+
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @staticmethod
+    def key(path: str, reference: str | None) -> str:
+        from medfuse.data.cache import path_state
+        from medfuse.data.dicom import current_options
+
+        states = [path_state(str(f)) for f in (path, reference) if f is not None]
+        options = dataclasses.asdict(current_options()) if any(dicom for _, dicom in states) else None
+        return json.dumps([str(path), reference and str(reference), [s for s, _ in states], options],
+                          sort_keys=True, default=str)
+
+    def get(self, path: str, reference: str | None, read: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached volume of (``path``, ``reference``), or ``read()`` (kept when it fits)."""
+        key = self.key(path, reference)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        arr = read()
+        arr.setflags(write=False)
+        if self.max_items > 0 and arr.nbytes <= self.max_bytes:
+            self._items[key] = arr
+            while len(self._items) > self.max_items or sum(a.nbytes for a in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+        return arr
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+VOLUMES = VolumeCache()
+"""The process's :class:`VolumeCache` of :func:`_volume` (each DataLoader worker has its own)."""
+
+
+def _volume(path: str, reference: str | None = None) -> np.ndarray:
+    """A volume's (C, D, H, W) voxels, kept in :data:`VOLUMES` for the next records of the same case (a
+    CT series is read once for all its slices). A DICOM SEG mask is placed on ``reference``'s grid (the
+    case's CT)."""
+    from medfuse.data import seg
+
+    return VOLUMES.get(path, reference, lambda: seg.read_label(path, reference).array)
 
 
 def read_plane(path: str, slice_index: int | None, two_and_half_d: bool, case_id: str,
@@ -248,13 +310,32 @@ class TextSegDataset(Dataset):
         self.texts = {r.case_id: (texts or {}).get(r.case_id) or render_text(r, params.text_template)
                       for r in records}
         self._cache: dict[int, dict[str, Any]] = {}
+        self._series: dict[str, list[int]] = {}  # volume -> its slice records (read together when cached)
+        # data.dicom in force now travels with the dataset: a spawned DataLoader worker starts at the defaults
+        self.dicom = current_options()
+        for i, r in enumerate(records):
+            if r.slice_index is not None:
+                self._series.setdefault(r.image, []).append(i)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _load(self, i: int) -> dict[str, Any]:
+        """Record ``i``'s preprocessed pixels and box. With ``cache_in_memory``, the first record of a
+        volume loads all the volume's slice records while the volume is in :data:`VOLUMES`, so even a
+        shuffled first epoch reads each series once."""
         if i in self._cache:
             return self._cache[i]
+        with use_dicom_options(self.dicom):
+            item = self._read(i)
+            if self.p.cache_in_memory:
+                self._cache[i] = item
+                for j in self._series.get(self.records[i].image, []):
+                    if j not in self._cache:
+                        self._cache[j] = self._read(j)
+        return item
+
+    def _read(self, i: int) -> dict[str, Any]:
         from medfuse.families.text_seg.sam_prompt import medsam_image
 
         rec, p = self.records[i], self.p
@@ -278,8 +359,6 @@ class TextSegDataset(Dataset):
             raise DataError(rec.case_id, f"box {list(box)} lies outside its {w} x {h} image",
                             "give the box as 'x0 y0 x1 y1' in this image's pixels")
         item["box"] = box
-        if p.cache_in_memory:
-            self._cache[i] = item
         return item
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

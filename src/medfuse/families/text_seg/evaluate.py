@@ -34,6 +34,12 @@ from medfuse.families.text_seg.params import COUNTERFACTUAL_MODES, parse_counter
 METRICS = ("dice", "iou", "hd95")
 
 
+def mask_file(case_id: str) -> str:
+    """The file name of a case's predicted mask, ``<case_id>.png`` (0/255 on the image's own grid), for
+    ``evaluate`` (``predictions/<split>/``) and ``medfuse predict`` (``--out``) alike."""
+    return f"{case_id}.png"
+
+
 @dataclass
 class Counterfactual:
     """Wrong text for a split's records.
@@ -210,7 +216,7 @@ class TextSegEvaluator(Evaluator):
             wr = csv.writer(f)
             wr.writerow(["case_id", "text", "dice", "iou", "hd95_px"])
             for j, cid in enumerate(res.case_id):
-                Image.fromarray(res.pred[cid].astype(np.uint8) * 255).save(output_path(out_dir, f"{cid}.png"))
+                Image.fromarray(res.pred[cid].astype(np.uint8) * 255).save(output_path(out_dir, mask_file(cid)))
                 wr.writerow([cid, res.text[j], *(f"{res.scores[k][j]:.4f}" for k in METRICS)])
         overlay = plot_overlays(self.dm, self.split, res, self.run_dir / "plots" / "text_seg_overlays.png")
         self.plots["text seg overlays"] = overlay

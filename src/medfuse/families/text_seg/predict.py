@@ -1,4 +1,9 @@
-"""`medfuse predict` for text_seg: PNG masks and ``predictions.csv`` from a manifest CSV of images, boxes and texts."""
+"""`medfuse predict` for text_seg: PNG masks and ``predictions.csv`` from a manifest CSV of images, boxes and texts.
+
+Each mask is ``<case_id>.png`` (0/255) at the image's original size, the name and pixels that
+``medfuse evaluate`` writes under ``predictions/<split>/`` for the same case, box and text. An
+output file that would replace one of the inputs (an image, a mask, the manifest) is refused
+before anything is written."""
 
 from __future__ import annotations
 
@@ -15,16 +20,40 @@ from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
 from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.errors import DataError
+from medfuse.families.text_seg.evaluate import mask_file
 from medfuse.families.text_seg.params import TextSegDataParams
 
 
 class TextSegPredictor(Predictor):
-    """``medfuse predict RUN inputs.csv``: boxes and text from a manifest CSV -> ``<case>_mask.png`` at
-    each image's original size, and ``predictions.csv`` (case, text, box, area, mean probability)."""
+    """``medfuse predict RUN inputs.csv``: boxes and text from a manifest CSV -> ``<case_id>.png`` (0/255)
+    at each image's original size, and ``predictions.csv`` (case, text, box, area, mean probability).
+    A pixel is foreground where its logit is positive, as in ``evaluate``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[list[Any]] = []
+        self.out_dir: Path | None = None
+
+    def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
+            progress: bool = False) -> Path:
+        self.out_dir = Path(out_dir)  # for the check that no output replaces an input (cases())
+        return super().run(inputs, out_dir, modalities, progress)
+
+    def check_outputs(self, records: list[Any], manifest: str, out_dir: Path) -> None:
+        """Refuse a run whose outputs would replace an input file (the manifest's image sits in the
+        output folder under the name of a prediction, or the manifest is ``predictions.csv`` there)."""
+        inputs = {Path(manifest).resolve(): "the manifest"}
+        for r in records:
+            inputs.setdefault(Path(r.image).resolve(), f"the image of case {r.case_id}")
+            if r.mask:
+                inputs.setdefault(Path(r.mask).resolve(), f"the mask of case {r.case_id}")
+        outputs = [mask_file(r.case_id) for r in records] + ["predictions.csv"]
+        for name in outputs:
+            path = output_path(out_dir, name)
+            what = inputs.get(path.resolve())
+            if what is not None:
+                raise DataError(path, f"is {what}; the prediction '{name}' would replace it",
+                                "write the predictions to another folder (--out)")
 
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
@@ -53,7 +82,10 @@ class TextSegPredictor(Predictor):
             raise DataError(inputs[0], f"has no image_{self.dm.modality} column (the run was trained on "
                             f"'{self.dm.modality}'; the manifest has {table.modalities})",
                             f"name the image column image_{self.dm.modality}")
-        return records_from_cases(table.cases, self.dm.modality, need_mask=False)
+        records = records_from_cases(table.cases, self.dm.modality, need_mask=False)
+        if self.out_dir is not None:
+            self.check_outputs(records, inputs[0], self.out_dir)
+        return records
 
     def batches(self, cases: list[Any]):
         """Records -> batches of the run's preprocessing, boxes from the CSV, on the task's device."""
@@ -74,16 +106,16 @@ class TextSegPredictor(Predictor):
         logits = out["mask_logits"]
         for i, cid in enumerate(batch["case_id"]):
             h, w = (int(v) for v in batch["orig_size"][i])
-            prob = torch.sigmoid(F.interpolate(logits[i: i + 1].float(), size=(h, w), mode="bilinear",
-                                               align_corners=False))[0, 0].cpu().numpy()
-            pred = prob > 0.5
-            Image.fromarray(pred.astype(np.uint8) * 255).save(output_path(out_dir, f"{cid}_mask.png"))
+            logit = F.interpolate(logits[i: i + 1].float(), size=(h, w), mode="bilinear",
+                                  align_corners=False)[0, 0].cpu()
+            pred, prob = (logit > 0).numpy(), torch.sigmoid(logit).numpy()  # logit > 0 as evaluate
+            Image.fromarray(pred.astype(np.uint8) * 255).save(output_path(out_dir, mask_file(cid)))
             box = batch["box"][i].cpu().numpy() * np.array([w, h, w, h]) / self.dm.params.image_size
             self.rows.append([cid, batch["text"][i], " ".join(f"{v:.1f}" for v in box), int(pred.sum()),
                               f"{float(prob[pred].mean()) if pred.any() else 0.0:.4f}"])
 
     def finish(self, out_dir):
-        with (out_dir / "predictions.csv").open("w", newline="") as f:
+        with output_path(out_dir, "predictions.csv").open("w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["case_id", "text", "box", "area_px", "mean_prob"])
             wr.writerows(self.rows)
