@@ -10,7 +10,7 @@ in its :class:`~medfuse.registry.ModelEntry`.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,13 @@ def load_trained(run_dir: str | Path, which: str = "best", overrides: list[str] 
     return cfg, dm, task.to(device_for(cfg))
 
 
+def case_patients(cases: Mapping[str, Any], case_ids: Iterable[str]) -> list[str]:
+    """The patient id of each case id: ``cases[case_id].patient_id``, or the case id itself when
+    ``cases`` (case id -> case) lacks the case or the case has no patient id."""
+    found = [(str(c), cases.get(str(c))) for c in case_ids]
+    return [(case.patient_id if case is not None else None) or c for c, case in found]
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -88,6 +95,7 @@ class Evaluator:
         self.task, self.dm, self.cfg, self.run_dir, self.split, self.n_boot = task, dm, cfg, Path(run_dir), split, n_boot
         self.seed = cfg.train.seed
         self.plots: dict[str, Path] = {}
+        self.case_ids: list[str] = []  # the scored cases in order, filled by update()
         (self.run_dir / "plots").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -97,6 +105,21 @@ class Evaluator:
     def out_path(self, *parts: str) -> Path:
         """``run_dir/<parts>`` (e.g. ``"plots", f"overlay_{case_id}.png"``), refused unless inside the run."""
         return output_path(self.run_dir, *parts)
+
+    def patients_of(self, case_ids: Iterable[str]) -> list[str]:
+        """The patient id of each case of the split (:func:`case_patients` over the data module's
+        cases of the split)."""
+        cases = {c.case_id: c for c in self.dm.cases.get(self.split, [])}
+        return case_patients(cases, case_ids)
+
+    def patient_groups(self, case_ids: Iterable[str] | None = None) -> list[str] | None:
+        """The patient of each scored case (default: :attr:`case_ids`, the evaluated order) when
+        some patient has several (BraTS follow-ups, repeat scans, CT-RATE scans): the bootstrap
+        then resamples patients, since one patient's cases are not independent. None when every
+        case is its own patient (the plain bootstrap over cases is then the same)."""
+        from medfuse.metrics import repeated_groups
+
+        return repeated_groups(self.patients_of(self.case_ids if case_ids is None else case_ids))
 
     def batches(self, loader: Any = None) -> Iterator[dict[str, Any]]:
         """The batches of ``loader`` (default: the split's loader), on the task's device."""
@@ -146,7 +169,8 @@ class ClassificationEvaluator(Evaluator):
         labels = {c.case_id: c.label for c in self.dm.cases[self.split]}
         y = np.array([int(labels[c]) for c in self.case_ids])
         names = self.dm.table.class_names or [str(i) for i in range(probs.shape[1])]
-        rep = classification_report(y, probs, class_names=names, n_boot=self.n_boot, seed=self.seed)
+        groups = self.patient_groups()  # a patient's repeat scans are resampled together
+        rep = classification_report(y, probs, class_names=names, n_boot=self.n_boot, seed=self.seed, groups=groups)
         cm = rep.pop("confusion_matrix")
         self.plots["confusion matrix"] = plot_confusion(np.asarray(cm), names, self.out_path("plots", "confusion.png"))
         self.plots["ROC"] = plot_roc(y, probs, names, self.out_path("plots", "roc.png"))
@@ -160,7 +184,8 @@ class ClassificationEvaluator(Evaluator):
         n = rep.pop("n", len(y))
         per_class = rep.pop("per_class", None)
         rep.pop("class_names", None)
-        return {"metrics": rep, "per_class": per_class, "confusion_matrix": cm, "class_names": names, "n": n}
+        extra = {"n_patients": rep.pop("n_patients")} if "n_patients" in rep else {}
+        return {"metrics": rep, "per_class": per_class, "confusion_matrix": cm, "class_names": names, "n": n, **extra}
 
 
 def spacing_of(batch: dict[str, Any], i: int = 0) -> tuple[float, float, float] | None:
@@ -380,15 +405,13 @@ class SegmentationEvaluator(Evaluator):
         extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n", "n_patients") if k in rep}
         return {"metrics": rep, **extra, "per_case": per_case}
 
-    def patient_groups(self) -> list[str] | None:
-        """The patient of each scored case when some patient has several (BraTS follow-ups, several
-        scans): the bootstrap then resamples patients, since one patient's cases are not
-        independent. None when every case is its own patient."""
+    def patient_groups(self, case_ids: Iterable[str] | None = None) -> list[str] | None:
+        """The patient of each scored case (default :attr:`case_ids`) when some patient has several
+        (BraTS follow-ups, several scans): the bootstrap then resamples patients, since one
+        patient's cases are not independent. None when every case is its own patient."""
         from medfuse.metrics import repeated_groups
 
-        cases = [self._cases.get(c) for c in self.case_ids]
-        return repeated_groups((case.patient_id if case is not None else None) or c
-                               for c, case in zip(self.case_ids, cases, strict=True))
+        return repeated_groups(case_patients(self._cases, self.case_ids if case_ids is None else case_ids))
 
 
 class RetrievalEvaluator(Evaluator):
@@ -398,10 +421,12 @@ class RetrievalEvaluator(Evaluator):
         super().__init__(*args, **kwargs)
         self.image_emb: list[torch.Tensor] = []
         self.text_emb: list[torch.Tensor] = []
+        self.case_ids: list[str] = []
 
     def update(self, batch, out):
         self.image_emb.append(F.normalize(out["image_emb"].float(), dim=-1).cpu())  # (B, E)
         self.text_emb.append(F.normalize(out["text_emb"].float(), dim=-1).cpu())
+        self.case_ids += [str(c) for c in batch["case_id"]]
 
     def similarity(self) -> np.ndarray:
         """(N, N) cosine similarity of every image to every text of the split."""
@@ -410,9 +435,10 @@ class RetrievalEvaluator(Evaluator):
     def compute(self):
         from medfuse.metrics import retrieval_report
 
-        rep = retrieval_report(self.similarity(), n_boot=self.n_boot, seed=self.seed)
+        rep = retrieval_report(self.similarity(), n_boot=self.n_boot, seed=self.seed, groups=self.patient_groups())
         n = rep.pop("n", len(torch.cat(self.image_emb)))
-        return {"metrics": rep, "n": n}
+        extra = {"n_patients": rep.pop("n_patients")} if "n_patients" in rep else {}
+        return {"metrics": rep, "n": n, **extra}
 
 
 def evaluate(run_dir: str | Path, split: str = "test", n_boot: int | None = None,

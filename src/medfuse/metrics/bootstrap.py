@@ -2,6 +2,9 @@
 
 Cases are resampled with replacement, jointly across all arrays (the same indices for labels and
 scores), with a seeded :class:`numpy.random.Generator`, so an interval is reproducible from its seed.
+When one patient contributes several cases (scans, slices, reconstructions), the cases are not
+independent: ``bootstrap_ci(..., groups=)`` then resamples patients and takes all of their cases
+(any statistic), :func:`cluster_mean_ci` does the same for a mean.
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ def _finite_float(value: Any) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def _index_chunks(rng: np.random.Generator, n: int, n_boot: int):
-    """Resample indices in row chunks (bounded memory); the same stream for both code paths."""
-    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // max(n, 1)))
+def _index_chunks(rng: np.random.Generator, n: int, n_boot: int, width: int | None = None):
+    """Resample indices in row chunks (bounded memory); the same stream for both code paths.
+
+    Each row draws ``n`` indices in [0, n); ``width`` (default ``n``) is the length of the index
+    rows that a chunk turns into (the case count when ``n`` counts groups), which sets its size.
+    """
+    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // max(n if width is None else width, 1)))
     done = 0
     while done < n_boot:
         rows = min(chunk, n_boot - done)
@@ -71,8 +78,10 @@ def bootstrap_ci(
     ci: float | None = None,
     seed: int = 0,
     vectorized: bool = False,
+    groups: Any = None,
 ) -> dict[str, float | int]:
-    """Point estimate and percentile bootstrap interval of ``metric_fn`` over cases.
+    """Point estimate and percentile bootstrap interval of ``metric_fn`` over cases, or over groups
+    of cases (patients).
 
     The first axis of every array indexes cases; one resample draws ``n`` case indices with
     replacement and applies them to all arrays. A resample on which the metric is undefined
@@ -90,11 +99,20 @@ def bootstrap_ci(
         seed: seed of the numpy Generator. For a given seed and n, both code paths draw the same
             resamples.
         vectorized: see ``metric_fn``.
+        groups: None (cases are independent), or (N,) the group (patient id) of each case: a
+            cluster bootstrap. One resample then draws G groups with replacement (G = the number
+            of distinct groups, numbered in order of first appearance) and concatenates all cases
+            of the drawn groups, so its length varies from resample to resample. The point
+            estimate is still ``metric_fn`` on all N cases. With ``vectorized=True`` the resamples
+            of one chunk are batched by length, (R_len, len, ...) per call, so every row of a
+            batch is a whole resample (no padding). When every group holds one case the resamples,
+            and so the result, are those of ``groups=None`` (plus ``n_items``).
 
     Returns:
         ``{"value", "low", "high", "n", "n_boot"}``: ``value`` is ``metric_fn`` on the full data
         (NaN when undefined), ``low``/``high`` the interval (NaN when no resample was usable),
-        ``n`` the number of cases and ``n_boot`` the number of resamples used.
+        ``n`` the number of cases (of groups with ``groups``) and ``n_boot`` the number of
+        resamples used; with ``groups`` also ``n_items``, the number of cases.
     """
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array")
@@ -105,8 +123,12 @@ def bootstrap_ci(
     n = len(data[0])
     if any(len(a) != n for a in data):
         raise ValueError(f"arrays differ in length along axis 0: {[len(a) for a in data]}")
+    members = None if groups is None else _group_members(groups, n)
     if n == 0:
-        return {"value": math.nan, "low": math.nan, "high": math.nan, "n": 0, "n_boot": 0}
+        out: dict[str, float | int] = {"value": math.nan, "low": math.nan, "high": math.nan, "n": 0, "n_boot": 0}
+        if members is not None:
+            out["n_items"] = 0
+        return out
 
     rng = np.random.default_rng(seed)
     stats: list[float] = []
@@ -120,7 +142,9 @@ def bootstrap_ci(
                 value = _finite_float(metric_fn(*data))
         except (ValueError, ZeroDivisionError):
             value = math.nan
-        for idx in _index_chunks(rng, n, int(n_boot)):
+        batches = _index_chunks(rng, n, int(n_boot)) if members is None else \
+            _cluster_chunks(rng, members, int(n_boot))
+        for idx in batches:  # (rows, length) case indices, one resample per row
             if vectorized:
                 values = np.asarray(metric_fn(*(a[idx] for a in data)), dtype=np.float64).reshape(-1)
                 stats.extend(values[np.isfinite(values)].tolist())
@@ -139,7 +163,43 @@ def bootstrap_ci(
         low, high = float(low), float(high)
     else:
         low = high = math.nan
+    if members is not None:
+        return {"value": value, "low": low, "high": high, "n": len(members), "n_boot": len(stats),
+                "n_items": int(n)}
     return {"value": value, "low": low, "high": high, "n": int(n), "n_boot": len(stats)}
+
+
+def _group_members(groups: Any, n: int) -> list[np.ndarray]:
+    """The case indices of each group, groups in order of first appearance; ``groups`` (N,)."""
+    g = [str(x) for x in to_numpy(groups).reshape(-1)]
+    if len(g) != n:
+        raise ValueError(f"{len(g)} groups for {n} cases")
+    index: dict[str, list[int]] = {}
+    for i, key in enumerate(g):
+        index.setdefault(key, []).append(i)
+    return [np.asarray(v, dtype=np.int64) for v in index.values()]
+
+
+def _cluster_chunks(rng: np.random.Generator, members: list[np.ndarray], n_boot: int) -> Iterator[np.ndarray]:
+    """Cluster resamples as (rows, length) case-index arrays, one resample per row.
+
+    Each resample draws G = len(members) group indices with replacement (G per row, in the chunks
+    of :func:`_index_chunks`) and takes all cases of the drawn groups, in draw order, so its length
+    is the sum of the drawn groups' sizes. The resamples of one chunk are yielded by length, one
+    array per distinct length (a vectorised metric sees whole resamples, never padding); the order
+    in which values are collected does not change a percentile.
+    """
+    sizes = np.asarray([len(m) for m in members], dtype=np.int64)  # (G,)
+    flat = np.concatenate(members)  # (N,) case indices, grouped
+    starts = np.cumsum(sizes) - sizes  # (G,) where each group begins in ``flat``
+    for draws in _index_chunks(rng, len(members), n_boot, width=int(sizes.sum())):  # (rows, G)
+        lens = sizes[draws.reshape(-1)]  # (rows * G,) size of each drawn group
+        row_len = lens.reshape(draws.shape).sum(1)  # (rows,)
+        # position in ``flat`` of every drawn case: its group's start + 0..size-1
+        pos = np.repeat(starts[draws.reshape(-1)] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+        rows = np.split(flat[pos], np.cumsum(row_len)[:-1])  # one (row_len[r],) array per resample
+        for length in np.unique(row_len):
+            yield np.stack([rows[r] for r in np.nonzero(row_len == length)[0]])
 
 
 def _ratio_of_sums(x: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ conventions for edge cases:
   Binary problems (K == 2) use ``probs[:, 1]``.
 * Quadratic weighted kappa uses all K labels; it is NaN when undefined (e.g. one class everywhere).
 * Macro-F1 averages over the labels that occur in ``y_true`` or the predictions.
+
+Intervals resample cases, or patients when :func:`classification_report` is given ``groups``.
 """
 
 from __future__ import annotations
@@ -197,8 +199,9 @@ def classification_report(
     class_names: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """All classification metrics with bootstrap CIs over cases.
+    """All classification metrics with bootstrap CIs over cases, or over patients.
 
     Args:
         y_true: integer labels, shape (N,).
@@ -206,12 +209,17 @@ def classification_report(
         class_names: K display names (default ``"0"..."K-1"``).
         n_boot: bootstrap resamples per metric.
         seed: bootstrap seed (the same for every metric, so intervals are paired).
+        groups: (N,) the patient of each case when a patient has several cases (repeat scans):
+            the bootstrap resamples patients and takes all their cases
+            (:func:`~medfuse.metrics.bootstrap.bootstrap_ci` with ``groups``); each metric's ``n``
+            then counts patients and ``n_items`` cases. None: cases are independent.
 
     Returns:
         ``{metric: {"value", "low", "high", "n", "n_boot"}}`` for accuracy, balanced_accuracy,
-        macro_f1, roc_auc and qwk, plus ``"confusion_matrix"`` (K x K list of lists),
-        ``"per_class"`` (``{name: {"precision", "recall", "f1", "auc", "support"}}``, point values),
-        ``"class_names"`` and ``"n"``.
+        macro_f1, roc_auc and qwk (plus ``"n_items"`` with ``groups``), ``"confusion_matrix"``
+        (K x K list of lists), ``"per_class"`` (``{name: {"precision", "recall", "f1", "auc",
+        "support"}}``, point values), ``"class_names"``, ``"n"`` (cases) and, with ``groups``,
+        ``"n_patients"``.
     """
     y, p = _check(y_true, probs)
     if y.size == 0:
@@ -220,10 +228,14 @@ def classification_report(
     names = [str(c) for c in (class_names if class_names is not None else range(k))]
     if len(names) != k:
         raise ValueError(f"{len(names)} class names for {k} classes")
+    group = None if groups is None else [str(g) for g in groups]
+    if group is not None and len(group) != y.size:
+        raise ValueError(f"{len(group)} groups for {y.size} cases")
     out: dict[str, Any] = {}
     for name, fn in CLASSIFICATION_METRICS.items():
         # Intervals from the vectorised path; the point value is scikit-learn's own.
-        out[name] = bootstrap_ci(_BATCH_METRICS[name], y, p, n_boot=n_boot, seed=seed, vectorized=True)
+        out[name] = bootstrap_ci(_BATCH_METRICS[name], y, p, n_boot=n_boot, seed=seed, vectorized=True,
+                                 groups=group)
         out[name]["value"] = _finite(fn(y, p))
     pred = p.argmax(1)
     precision, recall, f1, support = _quiet(
@@ -243,4 +255,6 @@ def classification_report(
     out["confusion_matrix"] = confusion_matrix(y, p).tolist()
     out["class_names"] = names
     out["n"] = int(y.size)
+    if group is not None:
+        out["n_patients"] = len(set(group))
     return out

@@ -81,30 +81,40 @@ def recall_at_k(sim: Any, ks: Sequence[int] = (1, 5, 10, 50), gt: Any = None) ->
 
 
 def retrieval_report(
-    sim: Any, ks: Sequence[int] = (1, 5, 10, 50), n_boot: int = 1000, seed: int = 0
+    sim: Any, ks: Sequence[int] = (1, 5, 10, 50), n_boot: int = 1000, seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Image->text and text->image Recall@k with bootstrap CIs over queries.
+    """Image->text and text->image Recall@k with bootstrap CIs over queries, or over patients.
 
     Args:
         sim: paired similarity matrix (N, N); rows are images, columns texts, pair i is (i, i).
         ks: cut-offs; those larger than N are left out.
         n_boot: bootstrap resamples.
         seed: bootstrap seed.
+        groups: (N,) the patient of each pair when a patient has several (CT-RATE scans): every
+            rank is still computed against the whole gallery, but the bootstrap over the (N,)
+            per-query hits resamples patients (``n`` = patients, ``n_items`` = queries). None:
+            queries are independent.
 
     Returns:
-        ``{"image_to_text/R@k": ci, "text_to_image/R@k": ci, ..., "n": N}``, each ``ci`` being
-        ``{"value", "low", "high", "n", "n_boot"}``.
+        ``{"image_to_text/R@k": ci, "text_to_image/R@k": ci, ..., "n": N}`` (plus ``"n_patients"``
+        with ``groups``), each ``ci`` being ``{"value", "low", "high", "n", "n_boot"}``.
     """
     s = to_numpy(sim)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"retrieval_report needs a paired square matrix (N, N); got {s.shape}")
+    groups = None if groups is None else [str(g) for g in groups]
+    if groups is not None and len(groups) != s.shape[0]:
+        raise ValueError(f"{len(groups)} groups for {s.shape[0]} pairs")
     out: dict[str, Any] = {}
     for direction, matrix in (("image_to_text", s), ("text_to_image", s.T)):
         ranks = retrieval_ranks(matrix)
         for k in ks:
             if k <= s.shape[1]:
                 out[f"{direction}/R@{k}"] = bootstrap_ci(
-                    lambda r, k=k: (r < k).mean(-1), ranks, n_boot=n_boot, seed=seed, vectorized=True
+                    lambda r, k=k: (r < k).mean(-1), ranks, n_boot=n_boot, seed=seed, vectorized=True, groups=groups
                 )
     out["n"] = int(s.shape[0])
+    if groups is not None:
+        out["n_patients"] = len(set(groups))
     return out

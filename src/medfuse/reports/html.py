@@ -53,8 +53,19 @@ def format_value(x: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def format_count(d: Mapping[str, Any]) -> str | None:
+    """A metric entry's count: ``"40"``, or ``"4 patients, 12 cases"`` when its interval resampled
+    patients (``n`` patients and ``n_items`` cases differ); None without ``n``."""
+    n = d.get("n")
+    if n is None:
+        return None
+    items = d.get("n_items")
+    return f"{n} patients, {items} cases" if items is not None and items != n else str(n)
+
+
 def format_ci(d: Any, digits: int = 3, paren_n: bool = False) -> str:
-    """``"0.812 [0.701, 0.903] n=40"`` from ``{"value", "low", "high", "n"}``.
+    """``"0.812 [0.701, 0.903] n=40"`` from ``{"value", "low", "high", "n"}``; an interval over
+    patients (``n_items`` cases besides ``n`` patients) reads ``n=4 patients, 12 cases``.
 
     Missing or NaN bounds drop the interval, a missing ``n`` drops the count, a plain number is
     formatted alone, and an undefined value reads ``n/a``.
@@ -70,8 +81,9 @@ def format_ci(d: Any, digits: int = 3, paren_n: bool = False) -> str:
     low, high = as_float(d.get("low")), as_float(d.get("high"))
     if low is not None and high is not None and as_float(d.get("value")) is not None:
         text += f" [{low:.{digits}f}, {high:.{digits}f}]"
-    if d.get("n") is not None:
-        text += f" (n={d['n']})" if paren_n else f" n={d['n']}"
+    count = format_count(d)
+    if count is not None:
+        text += f" (n={count})" if paren_n else f" n={count}"
     return text
 
 
@@ -153,6 +165,8 @@ def _paired_tables(paired: Mapping[str, Any], first: str) -> list[str]:
             if label != "rows" and isinstance(entry, Mapping) and all(is_ci(entry.get(k)) for k in ("a", "b", "difference")):
                 body.append([f"mean of {label}", entry["a"], entry["b"], entry["difference"]])
         n = f" (n={cmp['n']} cases)" if cmp.get("n") is not None else ""
+        if cmp.get("n_patients") is not None:  # the paired intervals resampled patients
+            n = f" (n={cmp['n_patients']} patients, {cmp['n']} cases)"
         parts += [f"<h3>{html.escape(first)} vs {html.escape(str(name))}{html.escape(n)}</h3>",
                   _table([key, first, str(name), f"difference ({first} - {name})"], body)]
     return parts
@@ -174,7 +188,7 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, str | Path] | Non
         plots: ``{caption: png path}``; missing files are listed as missing instead of failing.
     """
     title = str(report.get("name") or "medfuse report")
-    meta = [f"{k}: {report[k]}" for k in ("family", "task", "split", "n") if report.get(k) is not None]
+    meta = [f"{k}: {report[k]}" for k in ("family", "task", "split", "n", "n_patients") if report.get(k) is not None]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

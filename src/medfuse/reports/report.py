@@ -8,6 +8,9 @@ Report dict schema (loose: every key is optional and unknown keys are kept in th
       "task": str,                 # e.g. "classification", "segmentation", "retrieval"
       "split": str,                # split the metrics were computed on, e.g. "test"
       "n": int,                    # number of cases
+      "n_patients": int,           # number of patients, when the CIs resampled patients (a patient
+                                   # with several cases); metric entries then have n = patients and
+                                   # n_items = cases
       "metrics": {name: {"value", "low", "high", "n", ...} | number},
       "per_class": {class_name: {metric: {"value", "low", "high", "n"} | number}},
       "splits": {split: {metric: {...}} | {"metrics": {metric: {...}}}},   # per-split tables
@@ -40,7 +43,7 @@ from rich.table import Table
 
 from medfuse.fileio import atomic_open
 
-from .html import as_float, format_value, is_ci, render_html
+from .html import as_float, format_count, format_value, is_ci, render_html
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -125,8 +128,8 @@ def metrics_table(report_metrics: Mapping[str, Any], title: str | None = None, d
             interval = (
                 f"[{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
             )
-            n = entry.get("n")
-            table.add_row(escape(str(name)), value, interval, "" if n is None else str(n))
+            n = format_count(entry)
+            table.add_row(escape(str(name)), value, interval, "" if n is None else n)
         elif isinstance(entry, int | float | np.number) and not isinstance(entry, bool):
             table.add_row(escape(str(name)), format_value(entry, digits), "", "")
     return table

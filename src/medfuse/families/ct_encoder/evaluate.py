@@ -37,7 +37,10 @@ linear probe and the nearest-neighbour baseline) and reports, from those passes:
   written to ``predictions/<split>_reports.csv``;
 * region-attention maps (last block, mean over heads) over slices for the first two cases.
 
-Every metric carries n and a 95% bootstrap CI over cases.
+Every metric carries n and a 95% bootstrap CI over cases; when a patient has several of the
+metric's cases (CT-RATE: several scans, or reconstructions, of one patient) the bootstrap resamples
+patients and takes all their cases (``n`` = patients, ``n_items`` = cases), the per-case values
+being computed as before (a retrieval rank against the whole gallery).
 """
 
 from __future__ import annotations
@@ -89,6 +92,20 @@ def localization_scores(attn: torch.Tensor, occupied: torch.Tensor) -> tuple[flo
     return (float((pred & occupied).sum()) / union if union else float("nan")), float(occupied[int(attn.argmax())])
 
 
+def _same_findings(y: np.ndarray) -> np.ndarray:
+    """(N, N) bool: volumes i != j with the same finding set; y: (N, K) 0/1 findings."""
+    yy = np.asarray(y) > 0.5
+    same = (yy[:, None, :] == yy[None, :, :]).all(-1)
+    np.fill_diagonal(same, False)
+    return same
+
+
+def volume_to_volume_queries(y: np.ndarray) -> np.ndarray:
+    """(N,) bool: the volumes whose finding set is not unique, the queries of
+    :func:`volume_to_volume_ranks` (in the same order); y: (N, K) 0/1 findings."""
+    return _same_findings(y).any(1)
+
+
 def volume_to_volume_ranks(img: torch.Tensor, y: np.ndarray) -> np.ndarray:
     """0-based rank of the best other volume with the same finding set, per volume that has one.
 
@@ -96,26 +113,26 @@ def volume_to_volume_ranks(img: torch.Tensor, y: np.ndarray) -> np.ndarray:
         img: (N, E) L2-normalised global embeddings; y: (N, K) 0/1 findings.
 
     Returns:
-        (Q,) ranks over the N - 1 other volumes, for the Q volumes whose finding set is not unique.
+        (Q,) ranks over the N - 1 other volumes, for the Q volumes whose finding set is not unique
+        (:func:`volume_to_volume_queries`).
     """
     from medfuse.metrics import retrieval_ranks
 
     sim = (img @ img.t()).numpy().astype(np.float64)
     np.fill_diagonal(sim, -np.inf)  # never retrieve the query itself
-    yy = np.asarray(y) > 0.5
-    same = (yy[:, None, :] == yy[None, :, :]).all(-1)
-    np.fill_diagonal(same, False)
+    same = _same_findings(y)
     q = same.any(1)
     return retrieval_ranks(sim[q], same[q]) if q.any() else np.zeros(0, dtype=np.int64)
 
 
-def _per_case(rows: list[tuple[int, float]]) -> np.ndarray:
-    """Mean value per case of (case index, value) rows, NaNs dropped; (cases,)."""
+def _per_case(rows: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean value per case of (case index, value) rows, NaNs dropped: (case indices (M,), means (M,))."""
     per: dict[int, list[float]] = {}
     for c, v in rows:
         if np.isfinite(v):
             per.setdefault(c, []).append(float(v))
-    return np.asarray([np.mean(v) for _, v in sorted(per.items())])
+    cases = sorted(per)
+    return np.asarray(cases, dtype=np.int64), np.asarray([np.mean(per[c]) for c in cases])
 
 
 class CTEncoderEvaluator(RetrievalEvaluator):
@@ -134,7 +151,6 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         self.labels: list[list[float]] = []
         self.pairs: list[tuple[int, int, str, torch.Tensor]] = []  # (case index, region id, sentence, region emb)
         self.maps: list[dict[str, Any]] | None = None  # None until the first batch was seen
-        self.case_ids: list[str] = []
         self.refs: list[str] = []  # the generator's targets
         self.hyps: list[str] = []  # generated reports
         self.global_feats: list[torch.Tensor] = []  # (B, L * C_f) frozen global features
@@ -172,7 +188,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         return self.task.infer(batch)
 
     def update(self, batch, out):
-        super().update(batch, out)
+        super().update(batch, out)  # embeddings and case ids
         n_regions = self.task.model.num_regions
         case0 = len(self.texts)
         self.texts += [str(t) for t in batch["text"]]
@@ -183,7 +199,6 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                     self.pairs.append((case0 + b, int(r), str(t), out["region_emb"][b, int(r) - 1].float().cpu()))
         if self.maps is None:
             self.maps = self.attention_maps(batch, out) if "region_attn" in out else []
-        self.case_ids += [str(c) for c in batch["case_id"]]
         self.refs += self.task.gen_targets(batch)
         self.global_feats.append(out["global"].float().cpu())
         if self.task.model.generator is not None:
@@ -236,12 +251,23 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                           "step": steps[0][0] if steps else ""})
         return shown
 
+    def groups(self, cases: np.ndarray | None = None) -> list[str] | None:
+        """The patient of each of ``cases`` (indices or a bool mask over the split's N cases; None:
+        all) when a patient has several of them, else None: the bootstrap groups of a metric over
+        those cases (:meth:`~medfuse.engine.evaluate.Evaluator.patient_groups`)."""
+        ids = np.asarray(self.case_ids, dtype=object)
+        return self.patient_groups(ids if cases is None else ids[cases])
+
     def compute(self):
         from medfuse.metrics import bootstrap_ci, retrieval_report
 
         sim = self.similarity()
-        metrics = retrieval_report(sim, ks=tuple(self.task.params.retrieval_ks), n_boot=self.n_boot, seed=self.seed)
+        groups = self.groups()
+        metrics = retrieval_report(sim, ks=tuple(self.task.params.retrieval_ks), n_boot=self.n_boot, seed=self.seed,
+                                   groups=groups)
         rep: dict[str, Any] = {"n": metrics.pop("n"), "metrics": metrics}
+        if "n_patients" in metrics:
+            rep["n_patients"] = metrics.pop("n_patients")
         model, n_boot, seed = self.task.model, self.n_boot, self.seed
         img = torch.cat(self.image_emb)  # the retrieval report's image embeddings, (N, E)
         per_class: dict[str, Any] = {}
@@ -256,24 +282,26 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                 known = np.isfinite(y).all(1)
                 if known.sum() > 1:
                     metrics["zero_shot/mean_auroc"] = bootstrap_ci(_macro_auc, y[known], score[known], n_boot=n_boot,
-                                                                   seed=seed, vectorized=True)
+                                                                   seed=seed, vectorized=True, groups=self.groups(known))
                 for k, a in enumerate(names):
                     ok = np.isfinite(y[:, k])
                     per_class[a] = {"zero_shot_auroc": bootstrap_ci(_binary_auc, y[ok, k], score[ok, k],
-                                                                    n_boot=n_boot, seed=seed, vectorized=True),
+                                                                    n_boot=n_boot, seed=seed, vectorized=True,
+                                                                    groups=self.groups(ok)),
                                     "prevalence": float(np.mean(y[ok, k])) if ok.any() else float("nan")}
-            align = self.region_alignment()
+            align_cases, align = self.region_alignment()
         if align.size:
             metrics["region_text_accuracy"] = bootstrap_ci(lambda a: a.mean(-1), align, n_boot=n_boot, seed=seed,
-                                                           vectorized=True)
+                                                           vectorized=True, groups=self.groups(align_cases))
         metrics.update(self.volume_to_volume(img, y))
         metrics.update(self.linear_probe(y, per_class))
         for key, rows in (("step_patch_corr", [(c, v) for c, v in self.corr]),
                           ("localization_iou", [(c, v) for c, v, _ in self.loc]),
                           ("localization_pointing", [(c, v) for c, _, v in self.loc])):
-            per_case = _per_case(rows)
+            cases, per_case = _per_case(rows)
             if per_case.size:
-                metrics[key] = bootstrap_ci(lambda a: a.mean(-1), per_case, n_boot=n_boot, seed=seed, vectorized=True)
+                metrics[key] = bootstrap_ci(lambda a: a.mean(-1), per_case, n_boot=n_boot, seed=seed, vectorized=True,
+                                            groups=self.groups(cases))
         self.generation(metrics, per_class, y, names)
         rep["region_attention_maps"] = self.maps or []
         if self.examples:
@@ -295,14 +323,16 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         idx = np.nonzero(known)[0]
         if len(idx) < 3:
             return {}
-        ranks = volume_to_volume_ranks(img[idx], y[idx])
+        ranks = volume_to_volume_ranks(img[idx], y[idx])  # each against all other known volumes
         if len(ranks) < 2:
             return {}
+        groups = self.groups(idx[volume_to_volume_queries(y[idx])])  # the queries' patients
         out = {}
         for k in self.task.params.retrieval_ks:
             if k < len(idx):
                 out[f"volume_to_volume/R@{k}"] = bootstrap_ci(lambda r, k=k: (r < k).mean(-1), ranks,
-                                                              n_boot=self.n_boot, seed=self.seed, vectorized=True)
+                                                              n_boot=self.n_boot, seed=self.seed, vectorized=True,
+                                                              groups=groups)
         return out
 
     # --- linear probe ----------------------------------------------------------------------------------
@@ -334,14 +364,15 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         if not cols.any() or rows.sum() < 2:
             return {}
         yc, pc = y[rows][:, cols], prob[rows][:, cols]
-        n_boot, seed = self.n_boot, self.seed
+        n_boot, seed, groups = self.n_boot, self.seed, self.groups(rows)
         out = {"probe/mean_accuracy": bootstrap_ci(lambda a, b: ((b > 0.5) == (a > 0.5)).mean((-1, -2)), yc, pc,
-                                                   n_boot=n_boot, seed=seed, vectorized=True),
-               "probe/mean_auroc": bootstrap_ci(_macro_auc, yc, pc, n_boot=n_boot, seed=seed, vectorized=True)}
+                                                   n_boot=n_boot, seed=seed, vectorized=True, groups=groups),
+               "probe/mean_auroc": bootstrap_ci(_macro_auc, yc, pc, n_boot=n_boot, seed=seed, vectorized=True,
+                                                groups=groups)}
         for j, k in enumerate(np.nonzero(cols)[0]):
             entry = per_class.setdefault(names[k], {})
             entry["probe_auroc"] = bootstrap_ci(_binary_auc, yc[:, j], pc[:, j], n_boot=n_boot, seed=seed,
-                                                vectorized=True)
+                                                vectorized=True, groups=groups)
             entry["probe_accuracy"] = float(((pc[:, j] > 0.5) == (yc[:, j] > 0.5)).mean())
         return out
 
@@ -402,15 +433,16 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         self.examples = [{"case": self.case_ids[i], "reference": self.refs[i], **{s: systems[s][i] for s in systems}}
                          for i in range(min(3, len(self.case_ids)))]
 
-    def region_alignment(self) -> np.ndarray:
-        """Per-case two-alternative region-text accuracy (see the module doc); (cases with a pair,)."""
+    def region_alignment(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-case two-alternative region-text accuracy (see the module doc): (case indices (M,),
+        accuracies (M,)) for the M cases with a scored pair."""
         pairs = self.pairs
         by_region: dict[int, Counter] = {}
         for _, r, t, _ in pairs:
             by_region.setdefault(r, Counter())[t] += 1
         texts = sorted({t for _, _, t, _ in pairs})
         if not texts:
-            return np.zeros(0)
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
         emb = dict(zip(texts, F.normalize(self.task.model.embed_text(texts).float(), dim=-1).cpu(), strict=True))
         right: dict[int, list[float]] = {}
         for i, (case, r, t, v) in enumerate(pairs):
@@ -421,4 +453,5 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                 continue
             v = F.normalize(v, dim=-1)
             right.setdefault(case, []).append(float(v @ emb[t] > v @ emb[distractor]))
-        return np.asarray([np.mean(v) for _, v in sorted(right.items())])
+        cases = sorted(right)
+        return np.asarray(cases, dtype=np.int64), np.asarray([np.mean(right[c]) for c in cases])

@@ -2,12 +2,13 @@
 
 :class:`IncompleteSegEvaluator` infers every batch of the split once per modality combination
 (``2^M - 1`` masked forwards per batch, sliding window with ``eval.roi_size``) and nothing else:
-Dice and HD95 per region for every combination (bootstrap CIs over cases, a table, heatmaps), and,
-from each case's own modality set (the complete combination when it has all modalities), the
-generic segmentation outputs: NIfTI predictions (the data set's own label values, as ``predict``
-writes them), overlays and canonical-label metrics. Every label map, scored or written, comes from
-the region probabilities by :func:`~medfuse.families.incomplete_seg.data.region_labels`, the rule
-``predict`` uses, so one model gives one prediction.
+Dice and HD95 per region for every combination (bootstrap CIs over cases, or over patients when a
+patient has several cases; a table, heatmaps), and, from each case's own modality set (the complete
+combination when it has all modalities), the generic segmentation outputs: NIfTI predictions (the
+data set's own label values, as ``predict`` writes them), overlays and canonical-label metrics.
+Every label map, scored or written, comes from the region probabilities by
+:func:`~medfuse.families.incomplete_seg.data.region_labels`, the rule ``predict`` uses, so one
+model gives one prediction.
 
 :class:`IncompleteSegPredictor` segments a case from whichever modalities it has.
 
@@ -36,13 +37,19 @@ from medfuse.families.incomplete_seg.data import (
 from medfuse.families.incomplete_seg.task import region_targets
 
 
-def _ci(values: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Mean over cases with a percentile-bootstrap CI; NaN cases are left out."""
-    from medfuse.metrics.bootstrap import bootstrap_ci
+def _ci(values: np.ndarray, n_boot: int, seed: int, groups: list[str] | None = None) -> dict[str, Any]:
+    """Mean over cases of ``values`` (N,) with a percentile-bootstrap CI; NaN cases are left out.
+
+    ``groups`` (N,): the patient of each case when a patient has several (follow-up scans): the
+    bootstrap resamples patients (:func:`~medfuse.metrics.bootstrap.mean_ci`; ``n`` = patients,
+    ``n_items`` = cases). None: over cases, as before.
+    """
+    from medfuse.metrics.bootstrap import mean_ci
 
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return bootstrap_ci(lambda x: x.mean(-1), v, n_boot=n_boot, seed=seed, vectorized=True)
+    ok = np.isfinite(v)
+    g = None if groups is None else np.asarray(groups, dtype=str)[ok]
+    return mean_ci(v[ok], g, n_boot=n_boot, seed=seed)
 
 
 def _nanmean(x: np.ndarray, axis) -> np.ndarray:
@@ -85,8 +92,9 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
     """Dice + HD95 per region for each of the ``2^M - 1`` modality combinations, in one pass.
 
     Report entries: ``metrics`` (means over all / incomplete / complete combinations and per
-    region, with bootstrap CIs over cases), ``per_class`` (per region), ``class_names`` (regions),
-    ``n``, ``modality_combinations`` (the table, also printed), ``combination_plots`` (heatmaps
+    region, with bootstrap CIs over cases, or over patients when one has several cases),
+    ``per_class`` (per region), ``class_names`` (regions), ``n`` (cases), ``n_patients`` (only when
+    clustered), ``modality_combinations`` (the table, also printed), ``combination_plots`` (heatmaps
     under ``plots/``), ``selection``, and ``full_input``: the generic segmentation report
     (canonical labels) of each case's own modality set, from the same forwards.
 
@@ -187,24 +195,31 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
         n_boot, seed, split, regions, names = self.n_boot, self.seed, self.split, self.regions, self.names
         nc, nr = len(self.combos), self.num_regions
         dice, hd = np.stack(self.dice_rows), np.stack(self.hd_rows)  # (N, C, R)
+        patients = self.patients_of(self.case_ids)  # (N,)
+        groups = self.patient_groups()  # None unless a patient has several cases
         # per case and combination, for paired comparisons between runs (compare.demo_comparison)
-        save_combination_dice(self.out_path("predictions", split, COMBINATIONS_FILE), self.case_ids, names, regions, dice)
+        save_combination_dice(self.out_path("predictions", split, COMBINATIONS_FILE), self.case_ids, names, regions, dice,
+                              patient_ids=patients)
+
+        def ci(values: np.ndarray) -> dict[str, Any]:
+            return _ci(values, n_boot, seed, groups)
+
         full, inc = [nc - 1], list(range(nc - 1))
-        metrics = {"dice_all_combinations": _ci(_nanmean(dice, (1, 2)), n_boot, seed),
-                   "dice_incomplete": _ci(_nanmean(dice[:, inc], (1, 2)), n_boot, seed),
-                   "dice_complete": _ci(_nanmean(dice[:, full], (1, 2)), n_boot, seed)}
-        metrics.update({f"dice_{r}": _ci(_nanmean(dice[:, :, i], 1), n_boot, seed) for i, r in enumerate(regions)})
-        metrics["hd95_all_combinations"] = _ci(_nanmean(hd, (1, 2)), n_boot, seed)
-        metrics["hd95_incomplete"] = _ci(_nanmean(hd[:, inc], (1, 2)), n_boot, seed)
-        per_region = {r: {"dice": metrics[f"dice_{r}"], "hd95": _ci(_nanmean(hd[:, :, i], 1), n_boot, seed),
-                          "dice_complete": _ci(dice[:, -1, i], n_boot, seed)} for i, r in enumerate(regions)}
+        metrics = {"dice_all_combinations": ci(_nanmean(dice, (1, 2))),
+                   "dice_incomplete": ci(_nanmean(dice[:, inc], (1, 2))),
+                   "dice_complete": ci(_nanmean(dice[:, full], (1, 2)))}
+        metrics.update({f"dice_{r}": ci(_nanmean(dice[:, :, i], 1)) for i, r in enumerate(regions)})
+        metrics["hd95_all_combinations"] = ci(_nanmean(hd, (1, 2)))
+        metrics["hd95_incomplete"] = ci(_nanmean(hd[:, inc], (1, 2)))
+        per_region = {r: {"dice": metrics[f"dice_{r}"], "hd95": ci(_nanmean(hd[:, :, i], 1)),
+                          "dice_complete": ci(dice[:, -1, i])} for i, r in enumerate(regions)}
         columns = ["combination", "n", *[f"dice_{r}" for r in regions], "dice_mean",
                    *[f"hd95_{r}" for r in regions], "hd95_mean"]
         rows, heat_d, heat_h = [], np.full((nc, nr + 1), np.nan), np.full((nc, nr + 1), np.nan)
         for c in range(nc):
             d_mean, h_mean = _nanmean(dice[:, c], 1), _nanmean(hd[:, c], 1)
-            cells = [_ci(dice[:, c, i], n_boot, seed) for i in range(nr)] + [_ci(d_mean, n_boot, seed)]
-            hcells = [_ci(hd[:, c, i], n_boot, seed) for i in range(nr)] + [_ci(h_mean, n_boot, seed)]
+            cells = [ci(dice[:, c, i]) for i in range(nr)] + [ci(d_mean)]
+            hcells = [ci(hd[:, c, i]) for i in range(nr)] + [ci(h_mean)]
             rows.append([names[c], int(np.isfinite(d_mean).sum()), *cells, *hcells])
             heat_d[c] = [x["value"] for x in cells]
             heat_h[c] = [x["value"] for x in hcells]
@@ -216,14 +231,16 @@ class IncompleteSegEvaluator(SegmentationEvaluator):
                              title=f"HD95 (mm) per modality combination ({split})")
         self.plots["combinations dice"] = png_d
         self.plots["combinations hd95"] = png_h
+        cases = f"{len(dice)} cases" + ("" if groups is None else f" of {len(set(groups))} patients (CIs over patients)")
         table = Table("combination", "n", *[f"Dice {r}" for r in regions], "Dice mean [95% CI]", "HD95 mean",
-                      title=f"{self.cfg.name}: {split} split, {len(dice)} cases, {nc} modality combinations")
+                      title=f"{self.cfg.name}: {split} split, {cases}, {nc} modality combinations")
         for row in rows:
             table.add_row(row[0], str(row[1]), *[_num(x, 3) for x in row[2: 2 + nr]],
                           format_ci(row[2 + nr]).split(" n=")[0], _num(row[-1], 1))
         Console(width=max(120, Console().width)).print(table)
         run_dir = self.run_dir
-        return {"metrics": metrics, "per_class": per_region, "class_names": regions, "n": len(dice),
+        extra = {} if groups is None else {"n_patients": len(set(groups))}
+        return {"metrics": metrics, "per_class": per_region, "class_names": regions, "n": len(dice), **extra,
                 "modality_combinations": {"columns": columns, "rows": rows},
                 "combination_plots": {"dice": str(png_d.relative_to(run_dir)), "hd95": str(png_h.relative_to(run_dir))},
                 "selection": "val/loss = 1 - mean Dice over all modality combinations of the val split",
