@@ -263,6 +263,7 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
                           f"continue it with `medfuse train --resume {run_dir}` or set name=<new name>")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, run_dir)
+    dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
     unpad_validation(dm)
     stages = _stages(cfg)
     names = [s.name for s in stages if s is not None]

@@ -138,3 +138,22 @@ def test_truncated_seg_is_one_line_naming_it(replica, tmp_path, capsys, split):
 
     problems = [p for p in check_dataset(root) if p.case_id == pid]
     assert [p.rule for p in problems] == ["unreadable"] and str(seg) in problems[0].line()
+
+
+def test_evaluate_and_predict_read_no_training_patient_and_fit_reads_them_first(replica, tmp_path, capsys):
+    """Only fit builds the training splits (in setup, before anything is written); a data module that
+    only scores the test split never opens a training patient's SEG or CT."""
+    from medfuse.families.text_seg.data import TextSegDataModule
+
+    root = tmp_path / "data"
+    shutil.copytree(replica, root)
+    train_ids = _splits(root, tmp_path / "runs")["train"]
+    seg, _ = _patient_files(root, train_ids[0])
+    truncate_seg_pixels(seg)  # a damaged training patient
+    dm = TextSegDataModule(load_config(CONFIG, _overrides(root, tmp_path / "runs")))
+    assert dm.records["test"] and dm.records.built() == ["test"]  # scoring the test split reads only it
+    with pytest.raises(DataError, match=train_ids[0]):  # training reads it first, and refuses it
+        dm.setup("fit")
+    code, err = run_cli(["train", CONFIG, *_overrides(root, tmp_path / "runs")], capsys)
+    one_error_line(code, err, train_ids[0])
+    assert not (tmp_path / "runs" / "nsclc" / "config.yaml").exists()  # refused before anything is written

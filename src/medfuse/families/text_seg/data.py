@@ -450,13 +450,17 @@ class TextSegDataModule(CaseDataModule):
                               f"use one of: {', '.join(self.modalities)}")
         self.modality = mod
         to_records = tumour_slice_records if self.table.layout == "nsclc" else records_from_cases
+        # Every split's records are built when first asked for: training builds train and val in
+        # setup("fit"), which the engine calls before anything is written, so their data errors come
+        # first; evaluate and predict read only what they score (honesty: fit never reads a test case).
         self.records = SplitRecords(self.cases, lambda cases: to_records(cases, mod))
-        # Training and validation records are built now, so their data errors still surface before
-        # anything is written; the test split waits until evaluate asks for it (honesty: fit never
-        # reads a test case).
-        self.records.build("train", "val")
         self._by_id: dict[str, dict[str, Record]] = {}
         self._pixels: dict[str, dict[int, dict[str, Any]]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning's hook: for ``fit``, build (read) the training and validation records now."""
+        if stage in (None, "fit"):
+            self.records.build("train", "val")
 
     def record_index(self, split: str) -> dict[str, Record]:
         """case_id -> record of a split."""
