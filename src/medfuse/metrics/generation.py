@@ -137,8 +137,9 @@ def ce_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
 
 def generation_report(hyps: Sequence[str], refs: Sequence[str], pred_labels: np.ndarray | None = None,
                       true_labels: np.ndarray | None = None, names: Sequence[str] | None = None,
-                      n_boot: int = 1000, seed: int = 0, prefix: str = "") -> dict[str, Any]:
-    """Every generation metric of the module doc with a bootstrap CI over reports.
+                      n_boot: int = 1000, seed: int = 0, prefix: str = "",
+                      groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every generation metric of the module doc with a bootstrap CI over reports, or over patients.
 
     Args:
         hyps: N generated reports.
@@ -148,6 +149,9 @@ def generation_report(hyps: Sequence[str], refs: Sequence[str], pred_labels: np.
         names: the K finding names (for ``per_class``).
         n_boot, seed: bootstrap resamples and seed.
         prefix: prepended to every metric name (e.g. ``"generation/"``).
+        groups: (N,) the patient of each report when a patient has several (CT-RATE scans): the
+            bootstrap resamples patients (``n`` = patients, ``n_items`` = reports). None: reports
+            are independent.
 
     Returns:
         ``{"metrics": {prefix + "bleu1".."bleu4", "rouge_l", "rouge1", "meteor", "ce_precision",
@@ -161,10 +165,11 @@ def generation_report(hyps: Sequence[str], refs: Sequence[str], pred_labels: np.
         # BLEU-k needs only the first k n-gram orders of the order-4 statistics
         sub = np.concatenate([stats[:, :2], stats[:, 2: 2 + k], stats[:, 6: 6 + k]], axis=1)
         m[f"{prefix}bleu{k}"] = bootstrap_ci(lambda s, k=k: bleu_from_stats(s, k), sub, n_boot=n_boot, seed=seed,
-                                             vectorized=True)
+                                             vectorized=True, groups=groups)
     for name, values in (("rouge_l", rouge_scores(hyps, refs, "rougeL")), ("rouge1", rouge_scores(hyps, refs, "rouge1")),
                          ("meteor", meteor_scores(hyps, refs))):
-        m[f"{prefix}{name}"] = bootstrap_ci(lambda v: v.mean(-1), values, n_boot=n_boot, seed=seed, vectorized=True)
+        m[f"{prefix}{name}"] = bootstrap_ci(lambda v: v.mean(-1), values, n_boot=n_boot, seed=seed, vectorized=True,
+                                            groups=groups)
     per_class: dict[str, Any] = {}
     if pred_labels is not None and true_labels is not None and np.asarray(true_labels).size:
         p, t = np.asarray(pred_labels, dtype=np.float64), np.asarray(true_labels, dtype=np.float64)
@@ -177,18 +182,18 @@ def generation_report(hyps: Sequence[str], refs: Sequence[str], pred_labels: np.
             return x[..., :kk], x[..., kk:]
 
         m[f"{prefix}ce_precision"] = bootstrap_ci(lambda x: _nanmean(_prf(ce_counts(*split(x)))[0]), both,
-                                                  n_boot=n_boot, seed=seed, vectorized=True)
+                                                  n_boot=n_boot, seed=seed, vectorized=True, groups=groups)
         m[f"{prefix}ce_recall"] = bootstrap_ci(lambda x: _nanmean(_prf(ce_counts(*split(x)))[1]), both,
-                                               n_boot=n_boot, seed=seed, vectorized=True)
+                                               n_boot=n_boot, seed=seed, vectorized=True, groups=groups)
         m[f"{prefix}ce_f1"] = bootstrap_ci(lambda x: _nanmean(_prf(ce_counts(*split(x)))[2]), both,
-                                           n_boot=n_boot, seed=seed, vectorized=True)
+                                           n_boot=n_boot, seed=seed, vectorized=True, groups=groups)
 
         def micro(x):
             c = ce_counts(*split(x)).sum(-1)  # (..., 3)
             with np.errstate(invalid="ignore", divide="ignore"):
                 return 2 * c[..., 0] / (2 * c[..., 0] + c[..., 1] + c[..., 2])
 
-        m[f"{prefix}ce_f1_micro"] = bootstrap_ci(micro, both, n_boot=n_boot, seed=seed, vectorized=True)
+        m[f"{prefix}ce_f1_micro"] = bootstrap_ci(micro, both, n_boot=n_boot, seed=seed, vectorized=True, groups=groups)
         scores = ce_scores(p, t)
         for j, name in enumerate(names or [str(i) for i in range(kk)]):
             per_class[str(name)] = {"ce_precision": float(scores["precision"][j]),

@@ -43,11 +43,14 @@ def pooled_scores(counts: np.ndarray, score: str, classes: list[int]) -> np.ndar
             return np.nanmean(val, axis=-1)
 
 
-def pooled_ci(counts: np.ndarray, score: str, classes: list[int], n_boot: int, seed: int) -> dict[str, Any]:
-    """Case-bootstrap CI of :func:`pooled_scores` over the cases of ``counts`` (n, K, 3)."""
+def pooled_ci(counts: np.ndarray, score: str, classes: list[int], n_boot: int, seed: int,
+              groups: list[str] | None = None) -> dict[str, Any]:
+    """Bootstrap CI of :func:`pooled_scores` over the cases of ``counts`` (n, K, 3), or over their
+    ``groups`` (n,) (CellMap: the crops of one dataset are resampled together)."""
     from medfuse.metrics import bootstrap_ci
 
-    return bootstrap_ci(lambda c: pooled_scores(c, score, classes), counts, n_boot=n_boot, seed=seed, vectorized=True)
+    return bootstrap_ci(lambda c: pooled_scores(c, score, classes), counts, n_boot=n_boot, seed=seed, vectorized=True,
+                        groups=groups)
 
 
 class ContextSegEvaluator(SegmentationEvaluator):
@@ -121,13 +124,17 @@ class ContextSegEvaluator(SegmentationEvaluator):
         n_boot, seed = self.n_boot, self.seed
         c = np.stack(self.counts)  # (N, K, 3)
         fg = list(range(1, len(names)))
-        metrics: dict[str, Any] = {
-            "mean_iou": pooled_ci(c, "iou", fg, n_boot, seed), "mean_f1": pooled_ci(c, "f1", fg, n_boot, seed)}
+        g = self.patient_groups(self.ids)  # CellMap crops of one dataset (its patient id) go together
+
+        def ci(score: str, classes: list[int]) -> dict[str, Any]:
+            return pooled_ci(c, score, classes, n_boot, seed, g)
+
+        metrics: dict[str, Any] = {"mean_iou": ci("iou", fg), "mean_f1": ci("f1", fg)}
         for j in fg:
-            metrics[f"f1[{names[j]}]"] = pooled_ci(c, "f1", [j], n_boot, seed)
+            metrics[f"f1[{names[j]}]"] = ci("f1", [j])
         for score in ("precision", "recall", "dice"):
-            metrics[f"mean_{score}"] = pooled_ci(c, score, fg, n_boot, seed)
-        per_class = {names[j]: {s: pooled_ci(c, s, [j], n_boot, seed) for s in SCORES} for j in fg}
+            metrics[f"mean_{score}"] = ci(score, fg)
+        per_class = {names[j]: {s: ci(s, [j]) for s in SCORES} for j in fg}
         for name in names[1:]:
             per_class[name]["hd95"] = rep["per_class"][name]["hd95"]
         return {

@@ -410,7 +410,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         for system, hyps in systems.items():
             pred = None if true is None else np.asarray(labeler(hyps, names), dtype=np.float64)[:, cols]
             g = generation_report(hyps, self.refs, pred, true, kept or None, n_boot=self.n_boot, seed=self.seed,
-                                  prefix=f"{system}/")
+                                  prefix=f"{system}/", groups=self.groups())
             for key, v in g["metrics"].items():
                 if system == "generation" or key.split("/", 1)[1] in keep_nn:
                     metrics[key] = v
