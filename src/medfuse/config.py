@@ -113,6 +113,9 @@ class DicomConfig(_Strict):
         "error", description="missing slices / uneven spacing: refuse, or resample onto a uniform grid (logged)")
     seg_threshold: float = Field(0.5, gt=0, le=1, description="threshold of fractional DICOM SEG segments")
     reference: str | None = Field(None, description="image series a DICOM SEG is placed on (default: found by UID)")
+    b_value: Annotated[float, Field(ge=0)] | Literal["highest"] | None = Field(
+        None, description='b-value (s/mm², within 1%) to read from a DWI series holding several, or "highest"; '
+        "series with one b-value or none read as they are")
 
 
 class DataConfig(_Strict):

@@ -24,6 +24,11 @@ the headers; nothing is guessed and nothing is dropped silently:
   last two are linearly resampled onto a uniform grid at the smallest spacing, logged as a warning
   and recorded in ``meta["resampled"]``. Gantry tilt (equal steps not along the slice normal) is
   kept exactly as a sheared affine.
+* **Diffusion series holding several b-values** (the same positions once per b-value) are refused
+  with the b-values listed unless :attr:`DicomOptions.b_value` (``data.dicom.b_value``: a b-value
+  or ``"highest"``) picks one; the geometry checks then run on its frames, a trace image per
+  position is picked from direction images, and ``meta["b_value"]`` records it
+  (:mod:`medfuse.data.dicom_diffusion`).
 * **Voxels** are pydicom's ``pixel_array`` of each slice times its ``RescaleSlope`` plus its
   ``RescaleIntercept`` (per-frame ``PixelValueTransformationSequence`` for enhanced files),
   applied once. Integral results are stored as int16/int32, others as float32, untouched values
@@ -52,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medfuse.data.dicom_diffusion import parse_b_value, pick_frames
 from medfuse.data.dicom_headers import (  # noqa: F401 - the names that moved to dicom_headers.py stay importable here
     _NON_IMAGE_MODALITIES,
     RTSTRUCT_SOP_CLASS,
@@ -100,12 +106,19 @@ class DicomOptions:
         seg_threshold: fractional SEG segments are binarised at this value.
         reference: the image series a SEG is placed on (a folder or one of its files); default:
             found by the SEG's ReferencedSeriesSequence UID in its folder and the folders below.
+        b_value: the b-value (s/mm², within 1%) to read from a diffusion series holding several,
+            or ``"highest"``; series with one b-value or none read as they are. ``None``: several
+            b-values are refused with their list (:mod:`medfuse.data.dicom_diffusion`).
     """
 
     series: str | None = None
     on_gap: Literal["error", "resample"] = "error"
     seg_threshold: float = 0.5
     reference: str | None = None
+    b_value: float | str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "b_value", parse_b_value(self.b_value))  # 800, "800" and 800.0 key alike
 
 
 _OPTIONS: ContextVar[DicomOptions | None] = ContextVar("medfuse_dicom_options", default=None)
@@ -319,14 +332,19 @@ def _refuse_kind(where: Path, headers: list[Header]) -> None:
 def _read_series(where: Path, headers: list[Header], opts: DicomOptions, other: dict[str, int],
                  named: Path | None = None) -> Any:
     _refuse_kind(where, headers)
-    slabs, positions, orientations, spacings, rescales, datasets = [], [], [], [], [], []
+    headers, picked, diffusion = pick_frames(where, headers, opts.b_value, lambda h: _frame_geometry(h, h.ds)[:2])
+    slabs, positions, orientations, spacings, rescales, datasets, sops = [], [], [], [], [], [], []
     sizes = {(int(h.rows), int(h.cols)) for h in headers}
     if len(sizes) > 1:
         raise DicomError(where, f"series {headers[0].series_uid} mixes slice sizes {sorted(sizes)}",
                          "set data.dicom.series or split the folder so that one series is read")
-    for h in headers:
+    for h, keep in zip(headers, picked, strict=True):
         arr, ds = _pixels(h)
         pos, ori, spc, resc = _frame_geometry(h, ds)
+        if keep is not None:  # some frames of a multi-frame file (one b-value of several)
+            arr = arr[keep]
+            pos, ori, spc, resc = ([v[i] for i in keep] for v in (pos, ori, spc, resc))
+        sops += [h.sop_uid] * arr.shape[0]
         slabs.append(arr)
         positions += pos
         orientations += ori
@@ -339,7 +357,7 @@ def _read_series(where: Path, headers: list[Header], opts: DicomOptions, other: 
     meta: dict[str, Any] = {
         "format": "dicom", "series_uid": first.series_uid, "n_files": len(headers), "modality": first.modality,
         "rescale_slope": rescales[0][0], "rescale_intercept": rescales[0][1], "rescale_applied": True,
-        "hu": first.modality == "CT", "other_series": other, "description": first.description,
+        "hu": first.modality == "CT", "other_series": other, "description": first.description, **diffusion,
     }  # fmt: skip
     no_geometry = any(p is None for p in positions) or any(o is None for o in orientations)
     if no_geometry:
@@ -368,7 +386,6 @@ def _read_series(where: Path, headers: list[Header], opts: DicomOptions, other: 
     order = np.argsort(z, kind="stable")
     z, pos, stack = z[order], pos[order], stack[order]
     rescales = [rescales[i] for i in order]
-    sops = [h.sop_uid for h in headers for _ in range(h.frames)]
     meta["sop_uids"] = [sops[i] for i in order] if len(headers) == n else []  # slice k's SOPInstanceUID
     meta["slice_z"] = z.tolist()
     data = _apply_rescale(stack, rescales)  # (N, H, W, S)
