@@ -422,11 +422,21 @@ class RetrievalEvaluator(Evaluator):
         self.image_emb: list[torch.Tensor] = []
         self.text_emb: list[torch.Tensor] = []
         self.case_ids: list[str] = []
+        self.texts: list[str] = []  # each pair's text, when the batches carry it
 
     def update(self, batch, out):
         self.image_emb.append(F.normalize(out["image_emb"].float(), dim=-1).cpu())  # (B, E)
         self.text_emb.append(F.normalize(out["text_emb"].float(), dim=-1).cpu())
         self.case_ids += [str(c) for c in batch["case_id"]]
+        if "text" in batch:
+            self.texts += [str(t) for t in batch["text"]]
+
+    def positives(self):
+        """(N, N) bool: pairs whose texts are identical also match (several reconstructions of one
+        scan share a report), or None (:func:`~medfuse.metrics.retrieval.same_text_positives`)."""
+        from medfuse.metrics.retrieval import same_text_positives
+
+        return same_text_positives(self.texts) if len(self.texts) == len(self.case_ids) else None
 
     def similarity(self) -> np.ndarray:
         """(N, N) cosine similarity of every image to every text of the split."""
@@ -435,7 +445,8 @@ class RetrievalEvaluator(Evaluator):
     def compute(self):
         from medfuse.metrics import retrieval_report
 
-        rep = retrieval_report(self.similarity(), n_boot=self.n_boot, seed=self.seed, groups=self.patient_groups())
+        rep = retrieval_report(self.similarity(), n_boot=self.n_boot, seed=self.seed, groups=self.patient_groups(),
+                               positives=self.positives())
         n = rep.pop("n", len(torch.cat(self.image_emb)))
         extra = {"n_patients": rep.pop("n_patients")} if "n_patients" in rep else {}
         return {"metrics": rep, "n": n, **extra}

@@ -80,9 +80,21 @@ def recall_at_k(sim: Any, ks: Sequence[int] = (1, 5, 10, 50), gt: Any = None) ->
     return {f"R@{k}": _recall(ranks, k) for k in ks if k <= ng}
 
 
+def same_text_positives(texts: Sequence[str]) -> np.ndarray | None:
+    """(N, N) bool: pair j's text is the same as pair i's (whitespace-normalised), or None when
+    every text is unique. Identical reports (several reconstructions of one scan share their
+    report) cannot be told apart, so retrieving any of them is a hit; without this the twin that
+    ties with the true pair counted against the query (R@1 = 0 for every such pair)."""
+    norm = [" ".join(str(t).split()) for t in texts]
+    if len(set(norm)) == len(norm):
+        return None
+    arr = np.asarray(norm, dtype=object)
+    return arr[:, None] == arr[None, :]
+
+
 def retrieval_report(
     sim: Any, ks: Sequence[int] = (1, 5, 10, 50), n_boot: int = 1000, seed: int = 0,
-    groups: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None, positives: Any = None,
 ) -> dict[str, Any]:
     """Image->text and text->image Recall@k with bootstrap CIs over queries, or over patients.
 
@@ -95,6 +107,8 @@ def retrieval_report(
             rank is still computed against the whole gallery, but the bootstrap over the (N,)
             per-query hits resamples patients (``n`` = patients, ``n_items`` = queries). None:
             queries are independent.
+        positives: (N, N) bool, image i <-> text j also a correct match (e.g.
+            :func:`same_text_positives`; its diagonal must be True); None: pair i only.
 
     Returns:
         ``{"image_to_text/R@k": ci, "text_to_image/R@k": ci, ..., "n": N}`` (plus ``"n_patients"``
@@ -106,9 +120,14 @@ def retrieval_report(
     groups = None if groups is None else [str(g) for g in groups]
     if groups is not None and len(groups) != s.shape[0]:
         raise ValueError(f"{len(groups)} groups for {s.shape[0]} pairs")
+    gt = None
+    if positives is not None:
+        gt = to_numpy(positives).astype(bool)
+        if gt.shape != s.shape or not gt.diagonal().all():
+            raise ValueError(f"positives must be an (N, N) mask holding every pair i <-> i; got shape {gt.shape}")
     out: dict[str, Any] = {}
-    for direction, matrix in (("image_to_text", s), ("text_to_image", s.T)):
-        ranks = retrieval_ranks(matrix)
+    for direction, matrix, pos in (("image_to_text", s, gt), ("text_to_image", s.T, None if gt is None else gt.T)):
+        ranks = retrieval_ranks(matrix, pos)
         for k in ks:
             if k <= s.shape[1]:
                 out[f"{direction}/R@{k}"] = bootstrap_ci(

@@ -65,8 +65,10 @@ def test_every_reconstruction_of_a_patient_is_resampled_with_the_patient(two_rec
     assert len(cases) == 2 * n_pat >= 4 and all(c.startswith(p + "_") for c, p in zip(cases, patients, strict=True))
     rep = evaluate(run, split="test")
     m = rep["metrics"]
-    assert set(CLUSTERED) <= set(m), sorted(m)
-    for key in CLUSTERED:
+    # volume-to-volume needs two patients with one finding set (a patient's own other volumes are
+    # not its positives): present or not, depending on the split
+    assert set(CLUSTERED) - {"volume_to_volume/R@1"} <= set(m), sorted(m)
+    for key in (k for k in CLUSTERED if k in m):
         assert m[key]["n"] == n_pat and m[key]["n_items"] == len(cases), (key, m[key])
     assert rep["n"] == len(cases) and rep["n_patients"] == n_pat
     auroc = [v for v in rep["per_class"].values() if "zero_shot_auroc" in v and "probe_auroc" in v]

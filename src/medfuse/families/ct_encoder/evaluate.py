@@ -5,10 +5,12 @@ training split, with the evaluation transforms, for the two things that need tra
 linear probe and the nearest-neighbour baseline) and reports, from those passes:
 
 * retrieval Recall@k both ways (global head vs impression), ``k`` in ``model.params.retrieval_ks``
-  (default 1, 5, 10, 50, 100; cut-offs above the split size are left out);
-* volume-to-volume retrieval (``volume_to_volume/R@k``): a volume's positives are the other volumes
-  of the split with the same set of findings (identical ``labels.csv`` rows), ranked by cosine of
-  the global embeddings; volumes whose finding set is unique are left out;
+  (default 1, 5, 10, 50, 100; cut-offs above the split size are left out); pairs with identical
+  texts (reconstructions of one scan share their report) count as matches of each other;
+* volume-to-volume retrieval (``volume_to_volume/R@k``): a volume's positives are the other
+  patients' volumes of the split with the same set of findings (identical ``labels.csv`` rows),
+  ranked by cosine of the global embeddings; the patient's own other volumes are left out of the
+  gallery, and volumes without a positive are left out;
 * zero-shot AUROC per abnormality of ``labels.csv``: ``softmax(scale * [cos(v, "{X} is
   present."), cos(v, "{X} is not present.")])``, and their macro mean;
 * lesion classification by a linear probe (``probe/mean_accuracy``, ``probe/mean_auroc``):
@@ -92,35 +94,50 @@ def localization_scores(attn: torch.Tensor, occupied: torch.Tensor) -> tuple[flo
     return (float((pred & occupied).sum()) / union if union else float("nan")), float(occupied[int(attn.argmax())])
 
 
-def _same_findings(y: np.ndarray) -> np.ndarray:
-    """(N, N) bool: volumes i != j with the same finding set; y: (N, K) 0/1 findings."""
+def _same_findings(y: np.ndarray, patients: list[str] | None = None) -> np.ndarray:
+    """(N, N) bool: volumes i != j with the same finding set, of other patients when ``patients``
+    (N,) is given; y: (N, K) 0/1 findings."""
     yy = np.asarray(y) > 0.5
     same = (yy[:, None, :] == yy[None, :, :]).all(-1)
     np.fill_diagonal(same, False)
+    if patients is not None:
+        same &= ~_same_patient(patients)
     return same
 
 
-def volume_to_volume_queries(y: np.ndarray) -> np.ndarray:
-    """(N,) bool: the volumes whose finding set is not unique, the queries of
-    :func:`volume_to_volume_ranks` (in the same order); y: (N, K) 0/1 findings."""
-    return _same_findings(y).any(1)
+def _same_patient(patients: list[str]) -> np.ndarray:
+    """(N, N) bool: i and j belong to one patient (i == j included)."""
+    arr = np.asarray([str(p) for p in patients], dtype=object)
+    return arr[:, None] == arr[None, :]
 
 
-def volume_to_volume_ranks(img: torch.Tensor, y: np.ndarray) -> np.ndarray:
-    """0-based rank of the best other volume with the same finding set, per volume that has one.
+def volume_to_volume_queries(y: np.ndarray, patients: list[str] | None = None) -> np.ndarray:
+    """(N,) bool: the volumes with a positive (another patient's volume with the same finding set),
+    the queries of :func:`volume_to_volume_ranks` (in the same order); y: (N, K) 0/1 findings."""
+    return _same_findings(y, patients).any(1)
+
+
+def volume_to_volume_ranks(img: torch.Tensor, y: np.ndarray, patients: list[str] | None = None) -> np.ndarray:
+    """0-based rank of the best volume of another patient with the same finding set, per volume that has one.
+
+    A patient's other volumes (another reconstruction or scan: near copies) are left out of its
+    gallery; they would be trivial positives or push a true one down.
 
     Args:
-        img: (N, E) L2-normalised global embeddings; y: (N, K) 0/1 findings.
+        img: (N, E) L2-normalised global embeddings; y: (N, K) 0/1 findings; patients: (N,) the
+            patient of each volume (None: every volume is its own patient).
 
     Returns:
-        (Q,) ranks over the N - 1 other volumes, for the Q volumes whose finding set is not unique
+        (Q,) ranks over the other patients' volumes, for the Q volumes with a positive
         (:func:`volume_to_volume_queries`).
     """
     from medfuse.metrics import retrieval_ranks
 
     sim = (img @ img.t()).numpy().astype(np.float64)
     np.fill_diagonal(sim, -np.inf)  # never retrieve the query itself
-    same = _same_findings(y)
+    if patients is not None:
+        sim[_same_patient(patients)] = -np.inf  # nor the patient's other volumes
+    same = _same_findings(y, patients)
     q = same.any(1)
     return retrieval_ranks(sim[q], same[q]) if q.any() else np.zeros(0, dtype=np.int64)
 
@@ -147,7 +164,6 @@ class CTEncoderEvaluator(RetrievalEvaluator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.texts: list[str] = []
         self.labels: list[list[float]] = []
         self.pairs: list[tuple[int, int, str, torch.Tensor]] = []  # (case index, region id, sentence, region emb)
         self.maps: list[dict[str, Any]] | None = None  # None until the first batch was seen
@@ -188,10 +204,9 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         return self.task.infer(batch)
 
     def update(self, batch, out):
-        super().update(batch, out)  # embeddings and case ids
+        case0 = len(self.case_ids)
+        super().update(batch, out)  # embeddings, case ids and texts
         n_regions = self.task.model.num_regions
-        case0 = len(self.texts)
-        self.texts += [str(t) for t in batch["text"]]
         self.labels += [list(x or []) for x in batch.get("labels") or [[]] * len(batch["text"])]
         for b, rts in enumerate(batch.get("region_text") or []):
             for r, t in rts:
@@ -264,7 +279,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         sim = self.similarity()
         groups = self.groups()
         metrics = retrieval_report(sim, ks=tuple(self.task.params.retrieval_ks), n_boot=self.n_boot, seed=self.seed,
-                                   groups=groups)
+                                   groups=groups, positives=self.positives())
         rep: dict[str, Any] = {"n": metrics.pop("n"), "metrics": metrics}
         if "n_patients" in metrics:
             rep["n_patients"] = metrics.pop("n_patients")
@@ -323,10 +338,11 @@ class CTEncoderEvaluator(RetrievalEvaluator):
         idx = np.nonzero(known)[0]
         if len(idx) < 3:
             return {}
-        ranks = volume_to_volume_ranks(img[idx], y[idx])  # each against all other known volumes
+        patients = self.patients_of([self.case_ids[i] for i in idx])
+        ranks = volume_to_volume_ranks(img[idx], y[idx], patients)  # each against the other patients' volumes
         if len(ranks) < 2:
             return {}
-        groups = self.groups(idx[volume_to_volume_queries(y[idx])])  # the queries' patients
+        groups = self.groups(idx[volume_to_volume_queries(y[idx], patients)])  # the queries' patients
         out = {}
         for k in self.task.params.retrieval_ks:
             if k < len(idx):
