@@ -337,3 +337,24 @@ def test_config_b_value_reaches_the_dataset(tmp_path):
         dm = CaseDataModule(cfg, tmp_path / "r")
         item = dm.dataset("val")[(0, 7)]
     assert tuple(item["image"].shape) == (1, 6, 128, 128)
+
+
+def test_a_seg_drawn_on_the_high_b_images_of_a_dwi_series(tmp_path):
+    """A SEG references the SOP instances of one b-value: the reference series is read at data.dicom.b_value."""
+    pytest.importorskip("highdicom")
+    from test_seg import write_seg
+
+    from medfuse.data.dicom import use_dicom_options
+    from medfuse.data.seg import read_label
+
+    paths = write_dwi(tmp_path / "study" / "dwi", [0, 800])  # interleaved: (z0, b0), (z0, b800), ...
+    b800 = paths[1::2]
+    lab = np.zeros((len(b800), 128, 128), np.uint8)
+    lab[2:4, 30:60, 40:80] = 1
+    seg = write_seg(b800, lab, tmp_path / "study" / "seg" / "seg.dcm")
+    with pytest.raises(DicomError, match="b=0 .* b=800"):
+        read_label(seg)  # which b-value's grid? the option must say
+    with use_dicom_options({"b_value": 800}):
+        out = read_label(seg)
+    assert out.array.shape == (1, len(b800), 128, 128) and out.array[0, 2:4, 30:60, 40:80].all()
+    assert int(out.array.sum()) == int(lab.sum())

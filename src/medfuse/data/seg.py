@@ -113,7 +113,8 @@ def read_seg(path: str | Path, reference: str | Path | None = None, options: Dic
         headers, _ = scan_folder(ref)
         hits = [h for h in headers if h.series_uid == ref_uid and h.is_image]
         ref = hits[0].path if hits else ref
-    image = read_dicom(ref, DicomOptions(series=ref_uid if ref.is_dir() else None, on_gap="error"))
+    # on_gap stays "error": a SEG places its frames by SOP UID, slice by slice; b_value picks the DWI frames
+    image = read_dicom(ref, DicomOptions(series=ref_uid if ref.is_dir() else None, on_gap="error", b_value=opts.b_value))
     sops: list[str] = image.meta.get("sop_uids") or []
     if ref_uid is not None and image.meta.get("series_uid") != ref_uid:
         raise DicomError(path, f"references series {ref_uid}, but {reference} is series "
