@@ -373,14 +373,16 @@ def test_4d_file_channel_index(tmp_path: Path, channels: list, ok: bool) -> None
 
 @pytest.fixture
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import medfuse.data.load as load  # LoadCased reads through load.read_image
+
     calls: list[str] = []
-    real = tr.read_image
+    real = load.read_image
 
     def counting(path, **kw):
         calls.append(str(path))
         return real(path, **kw)
 
-    monkeypatch.setattr(tr, "read_image", counting)
+    monkeypatch.setattr(load, "read_image", counting)
     return calls
 
 
