@@ -186,3 +186,13 @@ def test_console_cells_leave_out_the_n_the_table_already_has():
     assert demo.table_cell(row, "dice") == "0.500 [0.400, 0.600]"
     assert demo.table_cell(row, "hd95") == "n/a n=0"  # another n than the variant's: kept
     assert demo.table_cell(row, "auc") == "-"
+
+
+def test_console_cells_of_a_patient_bootstrap_leave_out_the_counts_the_n_column_has():
+    row = {"name": "full", "n": 53, "n_patients": 50,
+           "acc": {"value": 0.868, "low": 0.769, "high": 0.944, "n": 50, "n_items": 53},
+           "auc": {"value": 0.9, "low": 0.8, "high": 0.95, "n": 40, "n_items": 43}}
+    assert demo.row_count(row) == "50 patients, 53 cases"
+    assert demo.row_count({"n": 12}) == "12"
+    assert demo.table_cell(row, "acc") == "0.868 [0.769, 0.944]"
+    assert demo.table_cell(row, "auc") == "0.900 [0.800, 0.950] n=40 patients, 43 cases"  # other counts: kept

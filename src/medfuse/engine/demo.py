@@ -217,6 +217,8 @@ def _run_variants(family: str, cfg_path: Path, base: list[str], variants: list[t
         rep = evaluate(run_dir, split="test")
         reports[vname] = rep
         row = {"name": vname, "run": str(run_dir), "n": rep.get("n")}
+        if rep.get("n_patients") is not None:  # the CIs resampled patients (some have several cases)
+            row["n_patients"] = rep["n_patients"]
         if source is not None:
             row["weights_from"] = source
         for k, v in rep.get("metrics", {}).items():
@@ -285,20 +287,26 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     from rich.markup import escape
     from rich.table import Table
 
-    keys = [k for k in rows[0] if k not in ("name", "run", "n", "weights_from")]
+    keys = [k for k in rows[0] if k not in ("name", "run", "n", "n_patients", "weights_from")]
     title = f"{family} demo: test split, {100 * float(combined.get('ci', 0.95)):g}% bootstrap CI"
     if len(keys) <= 3:
         table = Table("variant", "n", *[escape(k) for k in keys], title=title)
         for r in rows:
-            table.add_row(escape(r["name"]), str(r["n"]), *[table_cell(r, k) for k in keys])
+            table.add_row(escape(r["name"]), row_count(r), *[table_cell(r, k) for k in keys])
     else:  # many metrics: one row per metric, one column per variant, so that the CIs stay readable
         table = Table("metric", *[escape(r["name"]) for r in rows], title=title)
-        table.add_row("n", *[str(r["n"]) for r in rows])
+        table.add_row("n", *[row_count(r) for r in rows])
         for k in keys:
             table.add_row(escape(k), *[table_cell(r, k) for r in rows])
     console.print(table)
     console.print(f"report: {main_run / 'report.html'}")
     return combined
+
+
+def row_count(row: dict[str, Any]) -> str:
+    """A demo row's n: ``"53"``, or ``"50 patients, 53 cases"`` when its CIs resampled patients."""
+    n, patients = row.get("n"), row.get("n_patients")
+    return f"{patients} patients, {n} cases" if patients is not None and patients != n else str(n)
 
 
 def table_cell(row: dict[str, Any], key: str) -> str:
@@ -309,8 +317,11 @@ def table_cell(row: dict[str, Any], key: str) -> str:
     if key not in row:
         return "-"
     entry = row[key]
-    if isinstance(entry, dict) and entry.get("n") == row.get("n"):
-        entry = {k: v for k, v in entry.items() if k != "n"}
+    if isinstance(entry, dict):
+        plain = "n_items" not in entry and entry.get("n") == row.get("n")
+        clustered = entry.get("n_items") == row.get("n") and entry.get("n") == row.get("n_patients")
+        if plain or clustered:
+            entry = {k: v for k, v in entry.items() if k not in ("n", "n_items")}
     return format_ci(entry)
 
 
