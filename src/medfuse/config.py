@@ -11,6 +11,7 @@ All spatial tuples (``spacing``, ``spatial_size``, ``roi_size``) are in array or
 from __future__ import annotations
 
 import copy
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -439,6 +440,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, str(path) if path is not None else "")
+
+
+_PATH_KEYS = ("weights", "checkpoint", "path")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its working-directory-relative paths made absolute, as a run saves them.
+
+    ``data.root``, ``data.cache_dir`` and ``model.weights`` are relative to the working directory
+    of ``train``; so are the files named in ``model.params`` (keys containing ``weights``,
+    ``checkpoint`` or ``path``, at any depth) that exist there. Saved as given, a run's
+    ``evaluate`` or ``predict`` from another folder could not find them. ``data.params`` paths are
+    relative to ``data.root`` and are left as they are.
+    """
+
+    def absolute(value: Any) -> Any:
+        return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: absolute(v) if any(t in str(k).lower() for t in _PATH_KEYS) and isinstance(v, str)
+                    and not os.path.isabs(v) and os.path.exists(v) else walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "cache_dir": absolute(cfg.data.cache_dir)})
+    model = cfg.model.model_copy(update={"weights": absolute(cfg.model.weights), "params": walk(cfg.model.params)})
+    return cfg.model_copy(update={"data": data, "model": model})
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

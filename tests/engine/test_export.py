@@ -302,3 +302,16 @@ def test_predict_refuses_a_case_without_every_modality(tmp_path):
     pred.check_complete([Case(case_id="c2", patient_id="c2", images={"T1": "a", "T2": "b"})])
     pred.partial_modalities = True
     pred.check_complete([Case(case_id="c1", patient_id="c1", images={"T1": "t1_0000.nii.gz"})])
+
+
+def test_predict_takes_a_dicom_series_folder_as_one_image(run, tmp_path):
+    """A series folder is an image (as everywhere else), named by the folder: it used to be read as a
+    dataset and refused ("matches no dataset layout")."""
+    from tests.data.test_dicom import write_series
+
+    from medfuse.engine.predict import predict
+
+    write_series(tmp_path / "patient7_t1", [0.0, 3.0, 6.0, 9.0])
+    out = predict(run[1], [str(tmp_path / "patient7_t1")], tmp_path / "preds")
+    pred = nib.load(out / "patient7_t1.nii.gz")
+    assert pred.shape == (128, 128, 4)

@@ -79,6 +79,17 @@ def image_cases(files: list[Path], modalities: list[str]) -> list[Any]:
     return [Case(case_id=cid, patient_id=cid, images=imgs) for cid, imgs in sorted(by_case.items())]
 
 
+def is_dicom_series(folder: Path) -> bool:
+    """A folder that holds DICOM files itself (a series, read as one image), not a dataset: no
+    ``dataset.json`` or manifest in it, and one of its first files is DICOM."""
+    from medfuse.data.dicom_headers import looks_like_dicom
+
+    if not folder.is_dir() or (folder / "dataset.json").exists() or any(folder.glob("*.csv")):
+        return False
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))[:8]
+    return any(looks_like_dicom(p) for p in files)
+
+
 def dataset_test_folder(folder: Path) -> Path | None:
     """``imagesTs`` of an nnU-Net/MSD dataset folder (``dataset.json`` + ``imagesTs``), else None."""
     ts = folder / "imagesTs"

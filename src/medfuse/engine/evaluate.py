@@ -28,14 +28,15 @@ from medfuse.errors import ConfigError
 
 
 def check_eval_overrides(overrides: list[str] | None) -> list[str]:
-    """``key=value`` overrides of a trained run: only ``eval.*`` keys may change (the model and
-    its preprocessing are fixed by training)."""
+    """``key=value`` overrides of a trained run: ``eval.*`` keys, and ``data.dicom.*``, which changes
+    only how DICOM files are read (e.g. ``data.dicom.on_gap=resample`` for a test series with a
+    missing slice, which training never read); the model and its preprocessing are fixed by training."""
     out = list(overrides or [])
     for o in out:
         key = o.split("=", 1)[0].strip()
-        if "=" not in o or not key.startswith("eval."):
-            raise ConfigError(key or o, "only eval.* settings can be overridden for a trained run",
-                              "e.g. eval.tta=true eval.roi_size=[96,96,96] eval.sw_overlap=0.5")
+        if "=" not in o or not key.startswith(("eval.", "data.dicom.")):
+            raise ConfigError(key or o, "only eval.* and data.dicom.* settings can be overridden for a trained run",
+                              "e.g. eval.tta=true eval.sw_overlap=0.5 data.dicom.on_gap=resample")
     return out
 
 

@@ -28,7 +28,7 @@ from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
 from medfuse.engine.evaluate import check_eval_overrides, load_trained, to_device
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import ConfigError, DataError
+from medfuse.errors import DataError
 
 
 class PackagedTable:
@@ -121,9 +121,11 @@ class Predictor:
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """Inputs -> cases. Accepted: a folder of nnU-Net-style images (``<case>_<XXXX>.<ending>``,
         channel ``i`` = the run's ``i``-th modality; e.g. ``imagesTs``), a dataset folder with
-        ``dataset.json`` + ``imagesTs`` (its test images), a manifest/dataset path (all its cases),
-        several nnU-Net-style files (grouped into cases), or one image per modality of one case (in
-        the run's order or the ``modalities`` given; its id is the first file's nnU-Net case id)."""
+        ``dataset.json`` + ``imagesTs`` (its test images; for MSD the ``test`` list, 4D files split
+        into the modalities), a manifest/dataset path (all its cases), several nnU-Net-style files
+        (grouped into cases), or one image per modality of one case (a file or a DICOM series
+        folder, in the run's order or the ``modalities`` given; its id is the first file's nnU-Net
+        case id, or the series folder's name)."""
         from medfuse.data.checks import validate_table
         from medfuse.data.inputs import (
             case_id_of,
@@ -131,9 +133,11 @@ class Predictor:
             dataset_test_folder,
             image_cases,
             image_files,
+            is_dicom_series,
             is_image_folder,
         )
         from medfuse.data.layouts import Case, load_cases
+        from medfuse.data.layouts.msd import msd_test_cases
 
         mods = self.dm.modalities
         for p in inputs:
@@ -141,12 +145,17 @@ class Predictor:
                 raise DataError(p, "file not found", "check the path")
         if len(inputs) == 1 and Path(inputs[0]).is_dir():
             folder = Path(inputs[0])
+            msd = msd_test_cases(folder)  # an MSD dataset (or its imagesTs): its unlabelled test list
+            if msd is not None:
+                self.check_dims(msd)
+                return msd
             folder = dataset_test_folder(folder) or folder
             if is_image_folder(folder):
                 cases = image_cases(image_files(folder), list(mods))
                 self.check_dims(cases)
                 return cases
-        if len(inputs) == 1 and (Path(inputs[0]).is_dir() or Path(inputs[0]).suffix in (".csv", ".json")):
+        if len(inputs) == 1 and (Path(inputs[0]).is_dir() or Path(inputs[0]).suffix in (".csv", ".json")) \
+                and not is_dicom_series(Path(inputs[0])):  # a series folder is one image, read below
             cases = validate_table(load_cases(inputs[0], modalities=mods)).cases
             self.check_dims(cases)
             return cases
@@ -162,7 +171,8 @@ class Predictor:
         unknown = [m for m in given if m not in mods]
         if unknown:
             raise DataError(unknown[0], "not a modality of this run", f"use some of: {', '.join(mods)}")
-        name = check_case_id(case_id_of(inputs[0]), inputs[0])
+        first = Path(inputs[0])
+        name = check_case_id(first.name if first.is_dir() else case_id_of(first), inputs[0])  # a series: its folder
         cases = [Case(case_id=name, patient_id=name, images=dict(zip(given, inputs, strict=True)))]
         self.check_dims(cases)
         return cases
@@ -359,16 +369,10 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
 
 
 def check_predict_overrides(overrides: list[str] | None) -> list[str]:
-    """``key=value`` overrides of ``medfuse predict``: ``eval.*`` (as for evaluate) and ``data.dicom.*``,
-    which changes only how the new inputs are read (e.g. ``data.dicom.on_gap=resample`` for a
-    series with a missing slice, ``data.dicom.series=3`` for a folder holding several)."""
-    out = list(overrides or [])
-    try:
-        check_eval_overrides([o for o in out if "=" not in o or not o.split("=", 1)[0].strip().startswith("data.dicom.")])
-    except ConfigError as e:
-        raise ConfigError(e.where, "only eval.* and data.dicom.* settings can be overridden for prediction",
-                          "e.g. eval.tta=true eval.sw_overlap=0.5 data.dicom.on_gap=resample") from None
-    return out
+    """``key=value`` overrides of ``medfuse predict``: those of evaluate (:func:`check_eval_overrides`:
+    ``eval.*`` and ``data.dicom.*``, which changes only how the new inputs are read, e.g.
+    ``data.dicom.on_gap=resample`` for a series with a missing slice)."""
+    return check_eval_overrides(overrides)
 
 
 def training_image_shape(dm: Any) -> tuple[int, ...] | None:

@@ -46,7 +46,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from medfuse.config import Config, StageConfig, config_to_dict, load_config, save_config
+from medfuse.config import Config, StageConfig, absolute_paths, config_to_dict, load_config, save_config
 from medfuse.engine.build import (
     auto_model_args,
     build_datamodule,
@@ -240,6 +240,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
     from medfuse.engine.lock import RunLock
 
     cfg = resolve(cfg)  # family and task filled in (and checked) before anything is written
+    cfg = absolute_paths(cfg)  # evaluate and predict may run from another folder
     model_params(cfg)
     data_params(cfg)
     check_monitor(cfg)

@@ -1,0 +1,66 @@
+"""A run keeps working from another folder: the paths it was trained with relative to the working
+directory (data.root, cache_dir, weights files of model.params) are saved absolute."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import yaml
+from conftest import tiny_cls_config
+
+from medfuse.config import absolute_paths, validate
+
+
+def test_evaluate_and_predict_from_another_folder(cls_dataset, tmp_path, monkeypatch):
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.engine.predict import predict
+    from medfuse.engine.trainer import fit
+
+    work = tmp_path / "work"
+    shutil.copytree(cls_dataset.parent, work / "data")
+    monkeypatch.chdir(work)
+    cfg = tiny_cls_config("data/manifest.csv", "runs", train__max_epochs=1)
+    cfg["data"]["cache_dir"] = "cache"
+    run = fit(validate(cfg))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(work / "data" / "manifest.csv")
+    assert saved["data"]["cache_dir"] == str(work / "cache")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rep = evaluate(work / run)  # was: "data/manifest.csv: dataset not found"
+    assert rep["n"] > 0
+    out = predict(str(work / run), [str(work / "data" / "manifest.csv")], elsewhere / "preds")
+    assert (out / "predictions.csv").is_file()
+    assert not (elsewhere / "cache").exists()
+
+
+def test_only_existing_working_directory_paths_of_model_params_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    cfg = validate({"name": "x", "data": {"root": "d/manifest.csv", "params": {"reports": "r.csv"}},
+                    "model": {"name": "baseline_cnn3d",
+                              "params": {"encoder_params": {"weights": "w.pt", "hidden": [4]}, "path_hint": "nope",
+                                         "widths": [4, 8]}}})
+    out = absolute_paths(cfg)
+    assert out.data.root == os.path.join(str(tmp_path), "d", "manifest.csv")
+    assert out.model.params["encoder_params"] == {"weights": str(tmp_path / "w.pt"), "hidden": [4]}
+    assert out.model.params["path_hint"] == "nope" and out.model.params["widths"] == [4, 8]  # missing: as given
+    assert out.data.params == {"reports": "r.csv"}  # relative to data.root, untouched
+
+
+def test_evaluate_takes_data_dicom_overrides_as_predict_does():
+    """A test series with a missing slice surfaces only at evaluate (train never reads the test
+    split): its fix, data.dicom.on_gap=resample, must be accepted there too."""
+    import pytest
+
+    from medfuse.engine.evaluate import check_eval_overrides
+    from medfuse.engine.predict import check_predict_overrides
+    from medfuse.errors import ConfigError
+
+    ok = ["eval.tta=true", "data.dicom.on_gap=resample", "data.dicom.b_value=highest"]
+    assert check_eval_overrides(ok) == ok == check_predict_overrides(ok)
+    for bad in (["data.root=/x"], ["model.name=x"], ["eval.tta"]):
+        with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
+            check_eval_overrides(bad)
