@@ -7,8 +7,8 @@ import os
 import shutil
 
 import yaml
-from conftest import tiny_cls_config
 
+from conftest import tiny_cls_config
 from medfuse.config import absolute_paths, validate
 
 

@@ -16,7 +16,7 @@ from the package (:meth:`Predictor.package_data`, on top of a :class:`PackagedDa
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,8 +27,9 @@ from medfuse.config import Config
 from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
 from medfuse.engine.evaluate import check_eval_overrides, load_trained, to_device
+from medfuse.engine.outputs import INPUTS, record_inputs, write_rows
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import DataError
+from medfuse.errors import ConfigError, DataError
 
 
 class PackagedTable:
@@ -238,6 +239,15 @@ class Predictor:
         """One forward pass over a batch (default: the task's inference path)."""
         return self.task.infer(batch)
 
+    def case_inputs(self, case: Any) -> tuple[str, dict[str, str]] | None:
+        """(case id, {modality: input path}) of a case, for ``inputs.csv``
+        (:func:`~medfuse.engine.outputs.record_inputs`); None for a family's own record type."""
+        from medfuse.data.layouts import Case
+
+        if not isinstance(case, Case):
+            return None
+        return case.case_id, {m: p for m, p in case.images.items() if p}
+
     def write(self, batch: dict[str, Any], out: dict[str, Any], out_dir: Path) -> None:
         """Write one batch's predictions."""
         raise NotImplementedError
@@ -246,11 +256,25 @@ class Predictor:
         """Called once after the last batch (e.g. to write a table)."""
 
     def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
-            progress: bool = False) -> Path:
-        """Predict every case of ``inputs`` into ``out_dir`` (a progress bar over cases when ``progress``)."""
+            progress: bool = False, case_id: str | None = None) -> Path:
+        """Predict every case of ``inputs`` into ``out_dir`` (a progress bar over cases when ``progress``);
+        ``case_id`` names the one case that ``inputs`` hold (its outputs are named by it)."""
         output_dir(out_dir)
         cases = self.cases(list(inputs), modalities)
+        if case_id is not None:
+            if len(cases) != 1:
+                raise ConfigError("--case-id", f"names one case, but the inputs hold {len(cases)}",
+                                  "give the images of one case, or leave --case-id out")
+            name = check_case_id(str(case_id), "--case-id")
+            cases = [dataclasses.replace(cases[0], case_id=name, patient_id=name)]
         self.check_complete(cases)
+        for name in (INPUTS, "predictions.csv"):  # the tables this folder keeps never replace an input
+            target = output_path(out_dir, name)
+            if any(Path(i).resolve() == target.resolve() for i in inputs):
+                raise DataError(target, f"is an input of this prediction; the output '{name}' would replace it",
+                                "write the predictions to another folder (--out)")
+        # a case id this folder already holds from other files is refused before anything is written
+        record_inputs(out_dir, dict(x for c in cases if (x := self.case_inputs(c)) is not None))
         from rich.progress import Progress
 
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
@@ -277,11 +301,8 @@ class ClassificationPredictor(Predictor):
         if not self.rows:
             return
         names = self.dm.table.class_names or [str(i) for i in range(len(self.rows[0][1]))]
-        with output_path(out_dir, "predictions.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["case_id", "pred", *[f"p_{n}" for n in names]])
-            for cid, p in self.rows:
-                w.writerow([cid, names[int(p.argmax())], *[f"{v:.5f}" for v in p]])
+        write_rows(output_path(out_dir, "predictions.csv"), ["case_id", "pred", *[f"p_{n}" for n in names]],
+                   [[cid, names[int(p.argmax())], *[f"{v:.5f}" for v in p]] for cid, p in self.rows])
 
 
 class SegmentationPredictor(Predictor):
@@ -337,7 +358,7 @@ class EmbeddingPredictor(Predictor):
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
             modalities: list[str] | None = None, overrides: list[str] | None = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, case_id: str | None = None) -> Path:
     """Run a trained model on new files with its family's predictor; return the output folder.
 
     Args:
@@ -350,6 +371,8 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         overrides: ``eval.*=value`` overrides (ROI, overlap, TTA, ...) and ``data.dicom.*=value``
             (how the inputs' DICOM is read: ``on_gap``, ``series``, ...).
         progress: show a progress bar over cases.
+        case_id: the name of the one case ``inputs`` hold (default: from the first file's name, or
+            the DICOM series folder's).
     """
     from medfuse.data.dicom import use_dicom_options
     from medfuse.engine.build import check_postprocess
@@ -365,7 +388,7 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         check_postprocess(cfg, entry.predictor.postprocess_keys)
         predictor = entry.predictor(task, dm, cfg)
     with use_dicom_options(predictor.cfg.data.dicom):  # the run's (or package's) data.dicom, with overrides
-        return predictor.run(list(inputs), Path(out), modalities, progress=progress)
+        return predictor.run(list(inputs), Path(out), modalities, progress=progress, case_id=case_id)
 
 
 def check_predict_overrides(overrides: list[str] | None) -> list[str]:

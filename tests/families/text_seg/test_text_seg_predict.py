@@ -127,4 +127,5 @@ def test_predict_never_replaces_an_input(run, tmp_path):
         predict(run_dir, [str(inside)], other)
     assert inside.read_text() == text and [p.name for p in other.iterdir()] == ["predictions.csv"]
     out = predict(run_dir, [manifest], tmp_path / "elsewhere")
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.png" for c in images), "predictions.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.png" for c in images), "predictions.csv",
+                                                            "inputs.csv"])

@@ -9,6 +9,7 @@ import numpy as np
 
 from medfuse.config import Config
 from medfuse.data.paths import output_path
+from medfuse.engine.outputs import write_rows
 from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.families.incomplete_seg.data import (
     canonical_to_raw,
@@ -36,6 +37,14 @@ class IncompleteSegPredictor(Predictor):
     """
 
     partial_modalities = True  # any subset of the modalities is a valid input (UniMRSeg)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: list[list[str]] = []  # predictions.csv: case id, modalities given, label file
+
+    def finish(self, out_dir: Path) -> None:
+        if self.rows:
+            write_rows(output_path(out_dir, "predictions.csv"), ["case_id", "modalities", "prediction"], self.rows)
 
     postprocess_keys = ("min_et_voxels",)
 
@@ -83,9 +92,6 @@ class IncompleteSegPredictor(Predictor):
         mods = list(self.dm.modalities)
         q_all = suppress_small_et(out["regions"].float().cpu(), self.cfg.eval.postprocess.min_et_voxels,
                                   batch.get("spatial_shape"))  # (B, R, *S)
-        csv_path = output_path(out_dir, "predictions.csv")
-        if not csv_path.exists():
-            csv_path.write_text("case_id,modalities,prediction\n")
         for j, case_id in enumerate(batch["case_id"]):
             q, affine = on_input_grid(case_logits(q_all, batch, j), batch, j)  # (R, *S0) on the input grid
             # the family's one rule (as evaluate's files and scores): canonical labels -> data set values
@@ -95,5 +101,4 @@ class IncompleteSegPredictor(Predictor):
                 write_nifti(q.numpy().astype(np.float32), output_path(out_dir, f"{case_id}_regions.nii.gz"),
                             affine=affine)
             given = "+".join(m for m, p in zip(mods, batch["present"][j].tolist(), strict=True) if p > 0.5)
-            with csv_path.open("a") as f:
-                f.write(f"{case_id},{given},{case_id}.nii.gz\n")
+            self.rows.append([case_id, given, f"{case_id}.nii.gz"])

@@ -7,7 +7,6 @@ before anything is written."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from medfuse.config import Config, validate_params
 from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
+from medfuse.engine.outputs import write_rows
 from medfuse.engine.predict import PackagedData, Predictor
 from medfuse.errors import DataError
 from medfuse.families.text_seg.evaluate import mask_file
@@ -35,9 +35,9 @@ class TextSegPredictor(Predictor):
         self.out_dir: Path | None = None
 
     def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, case_id: str | None = None) -> Path:
         self.out_dir = Path(out_dir)  # for the check that no output replaces an input (cases())
-        return super().run(inputs, out_dir, modalities, progress)
+        return super().run(inputs, out_dir, modalities, progress, case_id)
 
     def check_outputs(self, records: list[Any], manifest: str, out_dir: Path) -> None:
         """Refuse a run whose outputs would replace an input file (the manifest's image sits in the
@@ -114,8 +114,10 @@ class TextSegPredictor(Predictor):
             self.rows.append([cid, batch["text"][i], " ".join(f"{v:.1f}" for v in box), int(pred.sum()),
                               f"{float(prob[pred].mean()) if pred.any() else 0.0:.4f}"])
 
+    def case_inputs(self, case: Any) -> tuple[str, dict[str, str]]:
+        """(case id, {modality: image}) of a record, for the output folder's ``inputs.csv``."""
+        return case.case_id, {self.dm.modality: case.image}
+
     def finish(self, out_dir):
-        with output_path(out_dir, "predictions.csv").open("w", newline="") as f:
-            wr = csv.writer(f)
-            wr.writerow(["case_id", "text", "box", "area_px", "mean_prob"])
-            wr.writerows(self.rows)
+        write_rows(output_path(out_dir, "predictions.csv"), ["case_id", "text", "box", "area_px", "mean_prob"],
+                   self.rows)

@@ -1,0 +1,91 @@
+"""What ``medfuse predict`` keeps in its output folder besides the predictions, so that predicting
+case after case into one folder loses nothing.
+
+* ``inputs.csv`` (:func:`record_inputs`): which files each case id was predicted from. Outputs are
+  named by case id, so a second case with the same id from other files (two patients' series
+  folders both called ``T2W_AX``) would replace the first one's outputs without a word; it is
+  refused before anything is written, naming the id and both inputs. The same case predicted
+  again from the same files simply replaces its outputs.
+* ``predictions.csv`` (:func:`write_rows`): one row per case; the rows of earlier runs for other
+  cases are kept, a case predicted again gets its row replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medfuse.data.paths import output_path
+from medfuse.errors import DataError
+from medfuse.fileio import atomic_open
+
+INPUTS = "inputs.csv"
+
+
+def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV written here; ([], []) when the file does not exist."""
+    if not path.exists():
+        return [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot be read ({e})", "remove it, or write to another --out folder") from e
+    return (rows[0], rows[1:]) if rows else ([], [])
+
+
+def record_inputs(out_dir: Path, cases: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse a case id that ``out_dir`` already holds from other files, then record ``cases``.
+
+    Args:
+        out_dir: the output folder.
+        cases: case id -> {modality: input path} of this run.
+
+    Raises:
+        DataError: naming the case id, the earlier and the new inputs, and the fix.
+    """
+    path = output_path(out_dir, INPUTS)
+    header, rows = _read(path)
+    if rows and header != ["case_id", "modality", "path"]:
+        raise DataError(path, f"has columns {header}, not a medfuse predict record",
+                        "write to another --out folder")
+    known: dict[str, dict[str, str]] = {}
+    for cid, modality, p in (r[:3] for r in rows if len(r) >= 3):
+        known.setdefault(cid, {})[modality] = p
+    new = {str(cid): {str(m): str(Path(p).resolve()) for m, p in files.items() if p} for cid, files in cases.items()}
+    for cid, files in new.items():
+        if cid in known and known[cid] != files:
+            before = ", ".join(sorted(known[cid].values()))
+            raise DataError(output_path(out_dir, cid), f"case {cid} was predicted into this folder from {before}; "
+                            f"now it comes from {', '.join(sorted(files.values()))}, which would replace it",
+                            "name this case with --case-id, or write to another --out folder")
+    known.update(new)
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "modality", "path"])
+        for cid in sorted(known):
+            for m, p in known[cid].items():
+                w.writerow([cid, m, p])
+
+
+def write_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Write ``rows`` (first column: case id) to the CSV ``path``, keeping the rows an earlier run wrote
+    there for other cases (a case predicted again gets its new row).
+
+    Raises:
+        DataError: ``path`` holds other columns (another kind of run wrote it).
+    """
+    header = [str(h) for h in header]
+    old_header, old = _read(path)
+    if old and old_header != header:
+        raise DataError(path, f"holds other columns ({', '.join(old_header)}) than this run's predictions "
+                        f"({', '.join(header)})", "write to another --out folder")
+    ids = {str(r[0]) for r in rows}
+    kept = [r for r in old if r and r[0] not in ids]
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(kept)
+        w.writerows([[str(v) for v in r] for r in rows])

@@ -1,0 +1,89 @@
+"""Predicting case after case into one folder loses nothing: predictions.csv keeps the other cases'
+rows, and a case id the folder already holds from other files (two patients' scans with one file
+name) is refused instead of replacing the first patient's outputs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from conftest import tiny_cls_config
+from medfuse.config import validate
+from medfuse.engine.outputs import write_rows
+from medfuse.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def cls_run(cls_dataset, tmp_path_factory):
+    from medfuse.engine.trainer import fit
+
+    return fit(validate(tiny_cls_config(cls_dataset, tmp_path_factory.mktemp("runs"), train__max_epochs=1)))
+
+
+def _patient(root, src, name):
+    """A patient folder holding the two modality files under generic names (as scanners export them)."""
+    root.mkdir(parents=True)
+    return [str(shutil.copy(src.parent / "images" / f"{name}_{m}.nii.gz", root / f"scan_{m}.nii.gz")) for m in "ab"]
+
+
+def _rows(out):
+    return {r["case_id"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+
+
+def test_case_after_case_keeps_every_row_and_refuses_a_second_patient_under_one_id(cls_run, cls_dataset, tmp_path):
+    from medfuse.engine.predict import predict
+
+    out = tmp_path / "preds"
+    first = _patient(tmp_path / "p1", cls_dataset, "case000")
+    second = _patient(tmp_path / "p2", cls_dataset, "case001")
+    predict(cls_run, first, out)
+    assert list(_rows(out)) == ["scan_a"]
+    before = (out / "predictions.csv").read_text()
+    with pytest.raises(DataError) as err:  # the same case id "scan_a" from p2's files
+        predict(cls_run, second, out)
+    line = err.value.one_line()
+    assert "case scan_a was predicted into this folder from" in line and "p1" in line and "p2" in line
+    assert "--case-id" in line and (out / "predictions.csv").read_text() == before  # nothing replaced
+    predict(cls_run, first, out)  # the same files again: its row is replaced, not doubled
+    assert len(list(csv.DictReader((out / "predictions.csv").open()))) == 1
+    predict(cls_run, [str(cls_dataset)], out)  # a whole manifest into the same folder
+    rows = _rows(out)
+    assert "scan_a" in rows and len(rows) == 1 + 24
+
+
+def test_write_rows_merges_by_case_and_refuses_other_columns(tmp_path):
+    path = tmp_path / "predictions.csv"
+    write_rows(path, ["case_id", "pred"], [["a", 1], ["b", 0]])
+    write_rows(path, ["case_id", "pred"], [["b", 1], ["c", 0]])
+    assert [r for r in csv.reader(path.open())] == [["case_id", "pred"], ["a", "1"], ["b", "1"], ["c", "0"]]
+    with pytest.raises(DataError, match="holds other columns"):
+        write_rows(path, ["case_id", "dice"], [["a", 0.5]])
+
+
+def test_an_input_named_like_the_folders_tables_is_refused(cls_run, cls_dataset, tmp_path):
+    from medfuse.engine.predict import predict
+
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "inputs.csv"
+    shutil.copy(cls_dataset, manifest)
+    text = manifest.read_text()
+    with pytest.raises(DataError, match="is an input of this prediction"):
+        predict(cls_run, [str(manifest)], out)
+    assert manifest.read_text() == text
+
+
+def test_case_id_names_the_one_case_and_resolves_the_clash(cls_run, cls_dataset, tmp_path):
+    from medfuse.engine.predict import predict
+    from medfuse.errors import ConfigError
+
+    out = tmp_path / "preds"
+    predict(cls_run, _patient(tmp_path / "p1", cls_dataset, "case000"), out, case_id="patient1")
+    predict(cls_run, _patient(tmp_path / "p2", cls_dataset, "case001"), out, case_id="patient2")
+    assert sorted(_rows(out)) == ["patient1", "patient2"]
+    with pytest.raises(ConfigError, match="names one case, but the inputs hold 24"):
+        predict(cls_run, [str(cls_dataset)], out, case_id="x")
+    with pytest.raises(DataError, match="--case-id"):
+        predict(cls_run, _patient(tmp_path / "p3", cls_dataset, "case002"), out, case_id="../x")
