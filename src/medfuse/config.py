@@ -114,9 +114,22 @@ class DicomConfig(_Strict):
         "error", description="missing slices / uneven spacing: refuse, or resample onto a uniform grid (logged)")
     seg_threshold: float = Field(0.5, gt=0, le=1, description="threshold of fractional DICOM SEG segments")
     reference: str | None = Field(None, description="image series a DICOM SEG is placed on (default: found by UID)")
-    b_value: Annotated[float, Field(ge=0)] | Literal["highest"] | None = Field(
+    b_value: float | Literal["highest"] | None = Field(
         None, description='b-value (s/mm², within 1%) to read from a DWI series holding several, or "highest"; '
         "series with one b-value or none read as they are")
+
+    @field_validator("b_value", mode="before")
+    @classmethod
+    def _b_value(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() == "highest"):
+            return None if v is None else "highest"
+        try:
+            b = float(v) if not isinstance(v, bool) else float("nan")
+        except (TypeError, ValueError):
+            b = float("nan")
+        if not (b >= 0 and b != float("inf")):
+            raise ValueError('is not a b-value: give a number of s/mm² >= 0 (e.g. 800) or "highest"')
+        return b
 
 
 class DataConfig(_Strict):
@@ -314,7 +327,8 @@ def _to_config_error(err: ValidationError, source: str, root: type[BaseModel] | 
         fix = "give a value " + str(e["msg"]).removeprefix("Input should be ")
     elif e["type"] == "value_error":
         fix = "fix the value"
-    return ConfigError(where, f"{e['msg']} (got {got!r})", fix)
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    return ConfigError(where, f"{msg} (got {got!r})", fix)
 
 
 _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long")
@@ -439,7 +453,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
     raw = apply_overrides(raw, overrides or [])
-    return validate(raw, str(path) if path is not None else "")
+    try:
+        return validate(raw, str(path) if path is not None else "")
+    except ConfigError as e:  # a bad value given as an override is named as one, not as the file's
+        given = {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
+        key = e.where.split(": ", 1)[-1]
+        if path is not None and any(key == g or key.startswith(g + ".") for g in given):
+            raise ConfigError(f"override {key}", e.problem, e.fix) from None
+        raise
 
 
 _PATH_KEYS = ("weights", "checkpoint", "path")

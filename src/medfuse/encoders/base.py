@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.errors import ConfigError
 from medfuse.registry import ENCODERS
 
 __all__ = ["CT_DEFAULT_WINDOW", "IMAGENET_MEAN", "IMAGENET_STD", "SliceEncoder", "build_encoder"]
@@ -200,7 +201,36 @@ def build_encoder(name: str, **kwargs: Any) -> SliceEncoder:
     Returns:
         The encoder (not frozen; call :meth:`SliceEncoder.freeze` to freeze it).
     """
-    enc = ENCODERS.get(name)(**kwargs)
+    factory = ENCODERS.get(name)
+    check_encoder_params(name, factory, kwargs)
+    enc = factory(**kwargs)
     if not isinstance(enc, SliceEncoder):
         raise TypeError(f"encoder factory '{name}' returned {type(enc).__name__}, not a SliceEncoder")
     return enc
+
+
+def check_encoder_params(name: str, factory: Any, params: dict[str, Any]) -> None:
+    """Refuse ``encoder_params`` keys the encoder does not take, in one line (a traceback before).
+
+    A YAML flow mapping without a space after the colon, ``{out_channels:16}``, reads as the key
+    ``"out_channels:16"`` with no value: the message names the key and says so.
+
+    Raises:
+        ConfigError: naming ``encoder_params``, the unknown keys, the accepted ones and the fix.
+    """
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [p for p in sig.parameters if p != "self"]
+    unknown = [k for k in params if k not in accepted]
+    if not unknown:
+        return
+    hint = ("; YAML needs a space after each colon ({out_channels: 16})" if any(":" in str(k) for k in unknown)
+            else "")
+    raise ConfigError("encoder_params", f"encoder '{name}' takes no {', '.join(repr(k) for k in unknown)}{hint}",
+                      f"use some of: {', '.join(accepted)}")
