@@ -187,8 +187,9 @@ def test_msd_modality_selection(tmp_path):
         "training": [{"image": "x.nii.gz"}],
     }
     (tmp_path / "dataset.json").write_text(json.dumps(spec))
-    table = load_cases(tmp_path, modalities=["t1w"])
-    assert table.modalities == ["T1w"] and table.cases[0].channel_index == {"T1w": 1}
+    table = load_cases(tmp_path, modalities=["t1w"])  # matched case-insensitively, named as asked
+    assert table.modalities == ["t1w"] and table.cases[0].channel_index == {"t1w": 1}
+    assert set(table.cases[0].images) == {"t1w"}
     with pytest.raises(DataError, match="no modality 'T2'"):
         load_cases(tmp_path, modalities=["T2"])
 

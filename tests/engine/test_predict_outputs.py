@@ -87,3 +87,15 @@ def test_case_id_names_the_one_case_and_resolves_the_clash(cls_run, cls_dataset,
         predict(cls_run, [str(cls_dataset)], out, case_id="x")
     with pytest.raises(DataError, match="--case-id"):
         predict(cls_run, _patient(tmp_path / "p3", cls_dataset, "case002"), out, case_id="../x")
+
+
+def test_a_manifest_whose_columns_differ_in_case_from_the_runs_modalities(cls_run, cls_dataset, tmp_path):
+    """The run knows modalities a and b; a manifest with image_A / image_B columns is read as them
+    (it used to say "case has no a / b image" although the columns were there)."""
+    from medfuse.engine.predict import predict
+
+    text = cls_dataset.read_text().replace("image_a", "image_A").replace("image_b", "image_B")
+    manifest = cls_dataset.parent / "upper.csv"
+    manifest.write_text(text)
+    out = predict(cls_run, [str(manifest)], tmp_path / "preds")
+    assert len(_rows(out)) == 24

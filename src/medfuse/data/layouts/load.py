@@ -125,7 +125,9 @@ def _candidates(path: Path, layout: str) -> Iterator[tuple[str, Path]]:
 
 
 def _select_modalities(table: CaseTable, wanted: list[str]) -> None:
-    """Restrict and reorder ``table`` to ``wanted`` (exact, then case-insensitive match)."""
+    """Restrict and reorder ``table`` to ``wanted`` (exact, then case-insensitive match); a modality
+    matched case-insensitively takes the wanted name (a run trained on ``T1`` reads a manifest's
+    ``image_t1`` as ``T1``)."""
     lower = {m.lower(): m for m in table.modalities}
     chosen = []
     for m in wanted:
@@ -138,7 +140,7 @@ def _select_modalities(table: CaseTable, wanted: list[str]) -> None:
                 "pass modalities that the dataset provides",
             )
         chosen.append(name)
-    table.modalities = chosen
+    table.modalities = list(wanted)
     for c in table.cases:
-        c.images = {m: c.images[m] for m in chosen if m in c.images}
-        c.channel_index = {m: c.channel_index[m] for m in chosen if m in c.channel_index}
+        c.images = {w: c.images[m] for w, m in zip(wanted, chosen, strict=True) if m in c.images}
+        c.channel_index = {w: c.channel_index[m] for w, m in zip(wanted, chosen, strict=True) if m in c.channel_index}

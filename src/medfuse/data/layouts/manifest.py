@@ -60,8 +60,10 @@ def load_manifest(source: Path) -> CaseTable:
         raise DataError(source, "has no 'case_id' column", "add a case_id column (one unique id per case)")
     if "modalities" in meta:
         modalities = list(meta["modalities"])
-        image_col = {
-            m: f"image_{m}" if f"image_{m}" in columns or m not in columns else m for m in modalities
+        lower = {c.lower(): c for c in columns}
+        image_col = {  # image_<m>, else the column m, else either spelled in another case (image_T1 for t1)
+            m: f"image_{m}" if f"image_{m}" in columns else m if m in columns
+            else lower.get(f"image_{m}".lower()) or lower.get(m.lower()) or f"image_{m}" for m in modalities
         }
     else:
         modalities = [c[len("image_") :] for c in columns if c.startswith("image_")]
