@@ -90,7 +90,7 @@ def test_export_then_predict_from_the_package_elsewhere(run, tmp_path, monkeypat
     assert labels["modalities"] == ["T1"] and labels["mask_labels"] == {"background": 0, "blob": 1}
     dice = rep["metrics"]["dice"]
     assert f"| dice | {dice['value']:.4g} |" in card and "[" in card  # the run's test metric with its CI
-    assert "test 2, train 4, val 2" in card  # the split's sizes (from splits.csv)
+    assert "test 2 cases, train 4 cases, val 2 cases" in card  # the split's sizes (from splits.csv)
     moved = tmp_path / "elsewhere" / "run"
     shutil.move(str(run_dir), moved)  # neither the run folder ...
     try:
@@ -315,3 +315,24 @@ def test_predict_takes_a_dicom_series_folder_as_one_image(run, tmp_path):
     out = predict(run[1], [str(tmp_path / "patient7_t1")], tmp_path / "preds")
     pred = nib.load(out / "patient7_t1.nii.gz")
     assert pred.shape == (128, 128, 4)
+
+
+def test_model_card_counts_cases_and_patients():
+    from medfuse.engine.package import model_card
+
+    class _Cfg:
+        name, task = "x", "classification"
+
+        class model:  # noqa: N801 - stands in for cfg.model
+            name = "baseline_cnn3d"
+
+        class train:  # noqa: N801
+            monitor, mode = "val/auc", "max"
+
+    splits = "case_id,patient_id,split\nc1,p1,test\nc2,p1,test\nc3,p2,test\nc4,p3,train\n"
+    rep = {"split": "test", "n": 3, "n_patients": 2, "n_boot": 10,
+           "metrics": {"auc": {"value": 0.5, "low": 0.4, "high": 0.6, "n": 2, "n_items": 3}}}
+    card = model_card(_Cfg, "baseline", "best", 3, {"modalities": ["ct"], "class_names": ["a", "b"]},
+                      {"transforms": {}}, rep, splits)
+    assert "test 3 cases of 2 patients, train 1 cases" in card and "names every case and patient id" in card
+    assert "n = 3 cases of 2 patients (CIs resample patients)" in card

@@ -234,10 +234,14 @@ def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[st
         import io
 
         counts: dict[str, int] = {}
+        patients: dict[str, set[str]] = {}
         for r in csv.DictReader(io.StringIO(splits_csv)):
             split = str(r.get("split") or "?").strip()
             counts[split] = counts.get(split, 0) + 1
-        lines.append("- split (by patient, `splits.csv`): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            patients.setdefault(split, set()).add(str(r.get("patient_id") or r.get("case_id") or ""))
+        lines.append("- split (by patient, `splits.csv`, which names every case and patient id): " + ", ".join(
+            f"{k} {v} cases" + (f" of {len(patients[k])} patients" if len(patients[k]) != v else "")
+            for k, v in sorted(counts.items())))
     for key, path in (external or {}).items():
         lines.append(f"- needs `{path}` (`{key}`) on the machine that runs the package: the model is built from it")
     lines += ["", "## Evaluation", ""]
@@ -245,7 +249,9 @@ def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[st
         lines += ["not evaluated (run `medfuse evaluate RUN` before `medfuse export` to include the test metrics)"]
     else:
         ci = float(report.get("ci", 0.95))
-        lines += [f"`{report.get('split', 'test')}` split, n = {report.get('n', '?')}, {100 * ci:g}% bootstrap CIs "
+        cases = f"n = {report.get('n', '?')} cases" + (f" of {report['n_patients']} patients (CIs resample patients)"
+                                                        if report.get("n_patients") else "")
+        lines += [f"`{report.get('split', 'test')}` split, {cases}, {100 * ci:g}% bootstrap CIs "
                   f"({report.get('n_boot', '?')} resamples)", "",
                   f"| metric | value | {100 * ci:g}% CI | n |", "|---|---|---|---|"]
         for name, m in report["metrics"].items():
