@@ -64,13 +64,45 @@ def make_demo_cmd(
 
 @data_app.command("check")
 def data_check(
-    path: Annotated[Path, typer.Argument(help="dataset folder or manifest")],
-    layout: Annotated[str, typer.Option(help="auto|manifest|nnunet|msd|brats|busbra|cellmap|nsclc|ctrate|omniabnorm")] = "auto",
+    path: Annotated[Path | None, typer.Argument(
+        help="dataset folder or manifest (default with --config: its data.root)", show_default=False)] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="config overrides key=value, e.g. data.dicom.b_value=highest (without --config: data.dicom.* only)",
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="a run's YAML config: check the dataset as that run reads it (data.dicom, data.modalities, "
+             "data.class_names, data.label_map, the task's label rules)", show_default=False)] = None,
+    layout: Annotated[str | None, typer.Option(
+        help="auto|manifest|nnunet|msd|brats|busbra|cellmap|nsclc|ctrate|omniabnorm "
+             "(default: auto, or the config's data.layout)", show_default=False)] = None,
 ) -> None:
     """Check a dataset's integrity; one line per problem; exit 0 when clean, 2 otherwise."""
-    from medfuse.data.checks import run_check
+    import re
+    from contextlib import nullcontext
 
-    raise typer.Exit(run_check(path, layout=layout))
+    from medfuse.config import load_config
+    from medfuse.data.checks import run_check
+    from medfuse.data.dicom import use_dicom_options
+
+    overrides = list(overrides or [])
+    if path is not None and not path.exists() and re.match(r"[A-Za-z_][\w.]*=", str(path)):
+        path, overrides = None, [str(path), *overrides]  # `data check --config C.yaml key=value`: no PATH
+    if config is None:
+        if path is None:
+            raise MedfuseError("PATH", "no dataset given", "medfuse data check PATH [--config CONFIG.yaml]")
+        for text in overrides:
+            if not text.startswith("data.dicom."):
+                raise MedfuseError(text, "without --config data check takes only data.dicom.* overrides",
+                                   "pass --config CONFIG.yaml (the run's config) or drop the override")
+        dicom = load_config(None, overrides).data.dicom if overrides else None  # validated as in a config
+        with use_dicom_options(dicom) if dicom is not None else nullcontext():
+            raise typer.Exit(run_check(path, layout=layout or "auto", settings=" ".join(overrides) or None))
+    from medfuse.engine.build import family_of, resolve
+
+    cfg = resolve(load_config(config, overrides))  # family and task as train resolves them
+    settings = config.name + (f" + {' '.join(overrides)}" if overrides else "")
+    partial = family_of(cfg)[1].predictor.partial_modalities
+    raise typer.Exit(run_check(path, layout=layout, cfg=cfg, settings=settings, partial_modalities=partial))
 
 
 @app.command()

@@ -24,6 +24,8 @@ Rules (the ``[rule]`` tag of each line):
 * ``geometry`` - (CellMap) a crop whose box lies outside its raw volume, or whose classes disagree
   on the box.
 * ``hu`` - (CT-RATE) a CT volume whose 1st percentile lies far below air (-1024 HU): rescaled twice.
+* ``config`` - (with ``--config``) the config's data settings do not fit the dataset (e.g. a case
+  label that ``data.label_map`` lacks), as train would refuse it.
 
 Layout rules: CellMap crops are checked through their Zarr metadata and crop-sized class arrays,
 never by reading the raw EM volume (:func:`medfuse.data.containers.cellmap_problems`); OmniAbnorm-CT
@@ -31,6 +33,15 @@ records through their slice folders and finding masks; a DICOM SEG mask is read 
 image series (:func:`medfuse.data.seg.read_label`).
 
 Each file is read once and only one case is held in memory at a time.
+
+With a run config (``medfuse data check PATH --config CONFIG.yaml [OVERRIDES]``, :func:`run_check`'s
+``cfg``) the dataset is checked as that run reads it: every DICOM read uses its ``data.dicom``
+(a DWI series holding several b-values reads at ``data.dicom.b_value``), the table is loaded by
+:func:`medfuse.data.datamodule.load_table` itself (``data.layout``, ``data.modalities``,
+``data.class_names``, ``data.label_map``, the task's label rules), and a case without one of the
+run's modalities is reported under ``missing`` (unless the family takes partial inputs). A load
+error that train would raise (a bad ``data.label_map``, a missing modality column) is one
+``config`` or ``layout`` line.
 
 One code path: ``train``, ``evaluate`` and ``predict`` run the same rules on the cases they touch.
 The table-wide rules run when their cases are loaded (:func:`validate_table`, called by
@@ -43,12 +54,18 @@ of the others and a pointer to ``medfuse data check``).
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import Counter
+from contextlib import nullcontext
+from contextvars import ContextVar
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medfuse.data.dicom import use_dicom_options
 from medfuse.data.io import Volume, read_image
 from medfuse.data.layouts import Case, CaseTable, case_where, load_cases
 from medfuse.data.paths import case_id_problem
@@ -67,9 +84,15 @@ from medfuse.data.rules import (  # noqa: F401 - the per-file rules live in rule
 )
 from medfuse.data.seg import read_label
 from medfuse.data.split import leak_text, patient_splits
-from medfuse.errors import DataError, MedfuseError
+from medfuse.errors import ConfigError, DataError, MedfuseError
+
+if TYPE_CHECKING:
+    from medfuse.config import Config
 
 _READ_ERRORS = (DataError, OSError, ValueError, EOFError, zlib.error)
+_COLLECT: ContextVar[list[Problem] | None] = ContextVar("medfuse_check_collect", default=None)
+"""Set by :func:`config_table`: :func:`validate_table` hands every table-wide problem to this list
+instead of raising the first, so ``data check --config`` loads the table through train's own code."""
 
 
 def check_dataset(
@@ -79,29 +102,105 @@ def check_dataset(
     affine_atol: float = 1e-3,
     max_cases: int | None = None,
     table: CaseTable | None = None,
+    cfg: Config | None = None,
+    partial_modalities: bool = False,
 ) -> list[Problem]:
     """Run every rule on a dataset.
 
     Args:
         path: dataset folder, manifest or dataset.json (as for :func:`~medfuse.data.layouts.load_cases`).
-        layout: ``"auto"`` or a layout name.
+        layout: ``"auto"`` or a layout name (with ``cfg``: None = its ``data.layout``).
         grid_atol: tolerance on spacing, in mm.
         affine_atol: tolerance on each affine entry (mm for the origin).
         max_cases: read the files of only the first ``max_cases`` cases (table-wide rules see all).
-        table: an already loaded table (then ``path`` and ``layout`` are not read).
+        table: an already loaded table (then ``path``, ``layout`` and ``cfg`` are not read).
+        cfg: a run config with ``family`` and ``task`` resolved (``medfuse.engine.build.resolve``):
+            check the dataset at ``path`` as that run reads it (see the module docstring).
+        partial_modalities: with ``cfg``, the family takes cases without some of its modalities.
 
     Returns:
         The problems, table-wide ones first, then per case in table order; empty when clean.
     """
-    if table is None:
-        try:
-            table = load_cases(path, layout=layout, check_ids=False)
-        except MedfuseError as e:
-            return [Problem(e.where, "layout", e.problem, e.fix)]
-    problems = table_problems(table)
-    cases = table.cases if max_cases is None else table.cases[:max_cases]
-    for case in cases:
-        problems += _case_problems(table, case, grid_atol, affine_atol)
+    return _check(path, layout, grid_atol, affine_atol, max_cases, table, cfg, partial_modalities)[1]
+
+
+def _check(path: str | Path | None, layout: str | None, grid_atol: float, affine_atol: float,
+           max_cases: int | None, table: CaseTable | None, cfg: Config | None,
+           partial_modalities: bool) -> tuple[CaseTable | None, list[Problem]]:
+    """(the table or None, the problems) of :func:`check_dataset`."""
+    with use_dicom_options(cfg.data.dicom) if cfg is not None and table is None else nullcontext():
+        if table is not None:
+            problems = table_problems(table)
+        elif cfg is not None:
+            table, problems = config_table(cfg, path, layout)
+            if table is None:
+                return None, problems
+            problems += [] if partial_modalities else modality_problems(table)
+        else:
+            try:
+                table = load_cases(path, layout=layout or "auto", check_ids=False)
+            except MedfuseError as e:
+                return None, [Problem(e.where, "layout", e.problem, e.fix)]
+            problems = table_problems(table)
+        cases = table.cases if max_cases is None else table.cases[:max_cases]
+        for case in cases:
+            problems += _case_problems(table, case, grid_atol, affine_atol)
+    return table, problems
+
+
+def config_table(cfg: Config, path: str | Path | None = None,
+                 layout: str | None = None) -> tuple[CaseTable | None, list[Problem]]:
+    """Load a dataset as the run of ``cfg`` loads it, collecting its table-wide problems.
+
+    The table comes from :func:`medfuse.data.datamodule.load_table` (train's own loader: layout,
+    ``data.modalities``, ``data.class_names``, ``data.label_map``, class-name labels as indices, the
+    classification label rules), with :func:`validate_table` collecting instead of raising.
+
+    Args:
+        cfg: the run config, ``task`` resolved.
+        path: the dataset (default: ``data.root``).
+        layout: the layout (default: ``data.layout``).
+
+    Returns:
+        (the table, its table-wide problems), or (None, the one problem that stopped the load).
+    """
+    from medfuse.data.datamodule import load_table
+    from medfuse.data.paths import CASE_ID_FIX
+
+    if path is not None and not Path(path).exists():  # the same line as without a config
+        return None, [Problem(str(Path(path).absolute()), "layout", "does not exist",
+                              "pass a manifest file or a dataset folder")]
+    data = {"root": str(path) if path is not None else cfg.data.root, "layout": layout or cfg.data.layout}
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
+    sink: list[Problem] = []
+    token = _COLLECT.set(sink)
+    try:
+        with use_dicom_options(cfg.data.dicom):  # load_table sets data.dicom; it goes no further than here
+            return load_table(cfg), sink
+    except MedfuseError as e:  # what train stops at (one line): a case id, data.label_map, a modality column
+        rule = ("config" if isinstance(e, ConfigError) and e.where.startswith("data.") else
+                "case-id" if e.fix == CASE_ID_FIX else "layout")
+        return None, [Problem(str(e.where), rule, e.problem, e.fix)]
+    finally:
+        _COLLECT.reset(token)
+
+
+def modality_problems(table: CaseTable) -> list[Problem]:
+    """A case that has some of the run's modalities but not all (``missing``; table order).
+
+    Train reads an absent modality as zeros and ``medfuse predict`` refuses such a case, so a run
+    config's data check reports it (families built for partial inputs skip this rule).
+    """
+    problems = []
+    for i, c in enumerate(table.cases):
+        missing = [m for m in table.modalities if not c.images.get(m)]
+        if missing and len(missing) < len(table.modalities):  # no image at all: the per-case rule says so
+            problems.append(Problem(
+                case_where(table, i), "missing",
+                f"case '{c.case_id}' has no {' / '.join(repr(m) for m in missing)} image of the run's modalities "
+                f"({', '.join(table.modalities)}): train would read it as zeros, predict refuses it",
+                f"give the case every modality of data.modalities ({', '.join(table.modalities)}), or drop it",
+                case_id=c.case_id))
     return problems
 
 
@@ -111,18 +210,25 @@ def format_problems(problems: list[Problem]) -> str:
 
 
 def run_check(
-    path: str | Path,
-    layout: str = "auto",
+    path: str | Path | None,
+    layout: str | None = "auto",
     grid_atol: float = 1e-3,
     affine_atol: float = 1e-3,
     max_cases: int | None = None,
     console=None,
+    cfg: Config | None = None,
+    settings: str | None = None,
+    partial_modalities: bool = False,
 ) -> int:
     """Check a dataset, print one line per problem and a summary; return the exit code.
 
     Args:
-        path, layout, grid_atol, affine_atol, max_cases: as for :func:`check_dataset`.
+        path, layout, grid_atol, affine_atol, max_cases, cfg, partial_modalities: as for
+            :func:`check_dataset` (with ``cfg``, ``path`` None is its ``data.root``).
         console: a ``rich.console.Console`` to print to (default: stdout).
+        settings: where the settings in force came from (a config file name, overrides), named in
+            the summary line; without ``settings`` and ``cfg`` a DICOM fix that names a
+            ``data.dicom`` key says how to give it to this check.
 
     Returns:
         0 when the dataset is clean, 2 otherwise.
@@ -130,30 +236,50 @@ def run_check(
     from rich.console import Console
 
     console = console or Console(soft_wrap=True, highlight=False)
-    try:
-        table = load_cases(path, layout=layout, check_ids=False)
-    except MedfuseError as e:
-        table, problems = None, [Problem(e.where, "layout", e.problem, e.fix)]
-    else:
-        problems = check_dataset(
-            path, grid_atol=grid_atol, affine_atol=affine_atol, max_cases=max_cases, table=table
-        )
+    table, problems = _check(path, layout, grid_atol, affine_atol, max_cases, None, cfg, partial_modalities)
+    if cfg is None and settings is None:
+        problems = [_with_check_hint(p) for p in problems]
     for p in problems:
         console.print(p.line(), markup=False, highlight=False, style="red")
     n_cases = 0 if table is None else len(table.cases if max_cases is None else table.cases[:max_cases])
+    used = _settings_text(cfg, settings)
     if problems:
-        console.print(f"{_plural(len(problems), 'problem')} in {_plural(n_cases, 'case')}", markup=False)
+        console.print(f"{_plural(len(problems), 'problem')} in {_plural(n_cases, 'case')}{used}", markup=False)
         return 2
     assert table is not None
     for note in table.notes:
         console.print(f"note: {note}", markup=False)
     console.print(
         f"OK: {_plural(n_cases, 'case')}, {_plural(len(table.modalities), 'modality', 'modalities')}, "
-        f"layout {table.layout}",
+        f"layout {table.layout}{used}",
         markup=False,
         style="green",
     )
     return 0
+
+
+def _with_check_hint(p: Problem) -> Problem:
+    """A ``dicom`` problem whose fix names a ``data.dicom`` key, saying how this check takes it."""
+    key = re.search(r"data\.dicom\.[a-z_]+", p.fix) if p.rule == "dicom" else None
+    if key is None:
+        return p
+    return replace(p, fix=f"{p.fix.rstrip('.')}; `medfuse data check` takes it from --config <your config> "
+                          f"or an override {key.group(0)}=VALUE")
+
+
+def _settings_text(cfg: Config | None, settings: str | None) -> str:
+    """`` (with SETTINGS: the data settings of cfg that shape the check)`` for the summary line."""
+    if cfg is None:
+        return f" (with {settings})" if settings else ""
+    parts = [f"task {cfg.task}"] if cfg.task else []
+    for key in ("modalities", "class_names", "label_map"):
+        value = getattr(cfg.data, key)
+        if value:
+            parts.append(f"data.{key} " + (f"[{', '.join(map(str, value))}]" if isinstance(value, list) else
+                                           f"{{{', '.join(f'{k}: {v}' for k, v in value.items())}}}"))
+    dicom = cfg.data.dicom.model_dump(exclude_defaults=True)
+    parts.append("data.dicom " + (", ".join(f"{k}={v}" for k, v in dicom.items()) if dicom else "defaults"))
+    return f" (with {settings or 'the config'}: {'; '.join(parts)})"
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
@@ -226,9 +352,15 @@ def _known_class(label: object, class_names: list[str]) -> bool:
 def validate_table(table: CaseTable, classification: bool = False) -> CaseTable:
     """Raise the first table-wide problem as a one-line DataError (the rules of ``medfuse data check``).
 
-    Called wherever ``train``, ``evaluate`` and ``predict`` load cases. Returns ``table``.
+    Called wherever ``train``, ``evaluate`` and ``predict`` load cases. Returns ``table``. Inside
+    :func:`config_table` (``data check --config``) the problems are collected there instead.
     """
-    raise_first(table_problems(table, classification), table.source or table.root)
+    problems = table_problems(table, classification)
+    sink = _COLLECT.get()
+    if sink is not None:
+        sink.extend(problems)
+        return table
+    raise_first(problems, table.source or table.root)
     return table
 
 

@@ -70,7 +70,8 @@ def open_node(path: str | Path) -> Any:
         raise DataError(p, "is not inside a .zarr or .n5 container", "give container.zarr/path/to/array")
     root, inner = split
     if not root.exists():
-        raise DataError(root, "file not found", f"check the path (relative paths start at {os.getcwd()})")
+        raise DataError(root, "file not found", "check the path" + ("" if root.is_absolute() else
+                                                                    f" (relative paths start at {os.getcwd()})"))
     try:
         import zarr
     except ImportError:

@@ -111,7 +111,8 @@ def read_image(path: str | Path, *, channels_last_4d: bool = True) -> Volume:
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "file not found", f"check the path (relative paths start at {os.getcwd()})")
+        raise DataError(p, "file not found", "check the path" + ("" if p.is_absolute() else
+                                                                 f" (relative paths start at {os.getcwd()})"))
     if p.is_dir():
         if slice_offsets(p):
             return read_slice_folder(p)
