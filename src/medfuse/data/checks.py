@@ -84,7 +84,7 @@ from medfuse.data.rules import (  # noqa: F401 - the per-file rules live in rule
 )
 from medfuse.data.seg import read_label
 from medfuse.data.split import leak_text, patient_splits
-from medfuse.errors import ConfigError, DataError, MedfuseError
+from medfuse.errors import DataError, MedfuseError
 
 if TYPE_CHECKING:
     from medfuse.config import Config
@@ -132,6 +132,8 @@ def _check(path: str | Path | None, layout: str | None, grid_atol: float, affine
         if table is not None:
             problems = table_problems(table)
         elif cfg is not None:
+            from medfuse.data.check_config import config_table, modality_problems
+
             table, problems = config_table(cfg, path, layout)
             if table is None:
                 return None, problems
@@ -146,62 +148,6 @@ def _check(path: str | Path | None, layout: str | None, grid_atol: float, affine
         for case in cases:
             problems += _case_problems(table, case, grid_atol, affine_atol)
     return table, problems
-
-
-def config_table(cfg: Config, path: str | Path | None = None,
-                 layout: str | None = None) -> tuple[CaseTable | None, list[Problem]]:
-    """Load a dataset as the run of ``cfg`` loads it, collecting its table-wide problems.
-
-    The table comes from :func:`medfuse.data.datamodule.load_table` (train's own loader: layout,
-    ``data.modalities``, ``data.class_names``, ``data.label_map``, class-name labels as indices, the
-    classification label rules), with :func:`validate_table` collecting instead of raising.
-
-    Args:
-        cfg: the run config, ``task`` resolved.
-        path: the dataset (default: ``data.root``).
-        layout: the layout (default: ``data.layout``).
-
-    Returns:
-        (the table, its table-wide problems), or (None, the one problem that stopped the load).
-    """
-    from medfuse.data.datamodule import load_table
-    from medfuse.data.paths import CASE_ID_FIX
-
-    if path is not None and not Path(path).exists():  # the same line as without a config
-        return None, [Problem(str(Path(path).absolute()), "layout", "does not exist",
-                              "pass a manifest file or a dataset folder")]
-    data = {"root": str(path) if path is not None else cfg.data.root, "layout": layout or cfg.data.layout}
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
-    sink: list[Problem] = []
-    token = _COLLECT.set(sink)
-    try:
-        with use_dicom_options(cfg.data.dicom):  # load_table sets data.dicom; it goes no further than here
-            return load_table(cfg), sink
-    except MedfuseError as e:  # what train stops at (one line): a case id, data.label_map, a modality column
-        rule = ("config" if isinstance(e, ConfigError) and e.where.startswith("data.") else
-                "case-id" if e.fix == CASE_ID_FIX else "layout")
-        return None, [Problem(str(e.where), rule, e.problem, e.fix)]
-    finally:
-        _COLLECT.reset(token)
-
-
-def modality_problems(table: CaseTable) -> list[Problem]:
-    """A case that has some of the run's modalities but not all (``missing``; table order).
-
-    Train reads an absent modality as zeros and ``medfuse predict`` refuses such a case, so a run
-    config's data check reports it (families built for partial inputs skip this rule).
-    """
-    problems = []
-    for i, c in enumerate(table.cases):
-        missing = [m for m in table.modalities if not c.images.get(m)]
-        if missing and len(missing) < len(table.modalities):  # no image at all: the per-case rule says so
-            problems.append(Problem(
-                case_where(table, i), "missing",
-                f"case '{c.case_id}' has no {' / '.join(repr(m) for m in missing)} image of the run's modalities "
-                f"({', '.join(table.modalities)}): train would read it as zeros, predict refuses it",
-                f"give the case every modality of data.modalities ({', '.join(table.modalities)}), or drop it",
-                case_id=c.case_id))
-    return problems
 
 
 def format_problems(problems: list[Problem]) -> str:
