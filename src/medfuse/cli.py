@@ -167,6 +167,9 @@ def predict(
              "nnU-Net-style files, or one image per modality; then eval.* or data.dicom.* overrides key=value")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
     modalities: Annotated[str | None, typer.Option(help="comma-separated modality names of INPUTS")] = None,
+    case_id: Annotated[str | None, typer.Option(
+        "--case-id", help="name of the one case INPUTS hold (default: from the first file, or the DICOM folder)",
+        show_default=False)] = None,
 ) -> None:
     """Predict new cases with a trained run or package; outputs lie on each input's own grid."""
     from medfuse.engine.predict import predict as _predict
@@ -176,7 +179,7 @@ def predict(
     files = [a for a in inputs if a not in overrides]
     if not files:
         raise MedfuseError("INPUTS", "no input given", "give an imagesTs folder, a manifest or image files")
-    path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True)
+    path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True, case_id=case_id)
     console.print(f"predictions: {path}")
 
 

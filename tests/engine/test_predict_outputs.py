@@ -99,3 +99,13 @@ def test_a_manifest_whose_columns_differ_in_case_from_the_runs_modalities(cls_ru
     manifest.write_text(text)
     out = predict(cls_run, [str(manifest)], tmp_path / "preds")
     assert len(_rows(out)) == 24
+
+
+def test_cli_case_id(cls_run, cls_dataset, tmp_path, capsys):
+    from medfuse.cli import main
+
+    files = _patient(tmp_path / "p9", cls_dataset, "case003")
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(cls_run), *files, "--out", str(tmp_path / "o"), "--case-id", "patient9"])
+    assert e.value.code in (0, None), capsys.readouterr().err
+    assert list(_rows(tmp_path / "o")) == ["patient9"]
