@@ -165,8 +165,8 @@ def test_case_without_a_config_modality_and_without_a_label(tmp_path, capsys):
     assert out[0] == (f"{manifest} (line 4): [label] case 'c2' has no label, and a classification run needs one "
                       "for every case. Fix: fill the case's label (the manifest's label column) or drop the case")
     assert out[1] == (f"{manifest} (line 3): [missing] case 'c1' has no 't2w' image of the run's modalities "
-                      "(t2w, dwi): train would read it as zeros, predict refuses it. Fix: give the case every "
-                      "modality of data.modalities (t2w, dwi), or drop it")
+                      "(t2w, dwi). Fix: give the case every modality (t2w, dwi), or drop it (incomplete_seg trains "
+                      "on cases with missing modalities)")
     assert out[2].startswith("2 problems in 3 cases (with s.yaml: task classification;")
 
 

@@ -61,8 +61,9 @@ def config_table(cfg: Config, path: str | Path | None = None,
 def modality_problems(table: CaseTable) -> list[Problem]:
     """A case that has some of the run's modalities but not all (``missing``; table order).
 
-    Train reads an absent modality as zeros and ``medfuse predict`` refuses such a case, so a run
-    config's data check reports it (families built for partial inputs skip this rule).
+    Train refuses such a case (:meth:`medfuse.data.datamodule.CaseDataModule.setup`; it used to
+    read the absent modality as zeros) and ``medfuse predict`` refuses it, so a run config's data
+    check reports it (families built for partial inputs skip this rule).
     """
     problems = []
     for i, c in enumerate(table.cases):
@@ -71,7 +72,8 @@ def modality_problems(table: CaseTable) -> list[Problem]:
             problems.append(Problem(
                 case_where(table, i), "missing",
                 f"case '{c.case_id}' has no {' / '.join(repr(m) for m in missing)} image of the run's modalities "
-                f"({', '.join(table.modalities)}): train would read it as zeros, predict refuses it",
-                f"give the case every modality of data.modalities ({', '.join(table.modalities)}), or drop it",
+                f"({', '.join(table.modalities)})",
+                f"give the case every modality ({', '.join(table.modalities)}), or drop it (incomplete_seg "
+                "trains on cases with missing modalities)",
                 case_id=c.case_id))
     return problems

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -271,6 +271,10 @@ def mask_values(table) -> list[int] | None:
 class CaseDataModule(L.LightningDataModule):
     """Train/val/test dataloaders over a case table, transforms from the config."""
 
+    partial_modalities: ClassVar[bool] = False
+    """Whether a case may lack some of the modalities (incomplete_seg, context_seg say True);
+    otherwise :meth:`setup` for ``fit`` refuses such a case (it trained on zeros without a word)."""
+
     def __init__(self, cfg: Config, run_dir: Path | None = None, table: Any = None):
         """Args:
             cfg: the experiment config.
@@ -288,6 +292,15 @@ class CaseDataModule(L.LightningDataModule):
         if self.mask_values is None and cfg.task == "segmentation" and cfg.data.num_classes:
             self.mask_values = list(range(cfg.data.num_classes))
         self._datasets: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning's hook; for ``fit`` (called by train before anything is written): refuse a case
+        without every modality, unless :attr:`partial_modalities`."""
+        if stage in (None, "fit") and not self.partial_modalities:
+            from medfuse.data.check_config import modality_problems
+            from medfuse.data.checks import raise_first
+
+            raise_first(modality_problems(self.table), self.cfg.data.root)
 
     @property
     def has_mask(self) -> bool:

@@ -318,7 +318,8 @@ def test_train_evaluate_predict_end_to_end(trained):
     rep = evaluate(run, split="test")
     assert {"mean_iou", "mean_f1", "f1[bright]", "f1[dark]"} <= set(rep["metrics"])
     for entry in rep["metrics"].values():
-        assert {"value", "low", "high", "n"} <= set(entry) and entry["n"] == rep["n"] == 2
+        # the 2 test crops are one patient's (make_set: 2 cases per patient): the bootstrap draws patients
+        assert {"value", "low", "high", "n"} <= set(entry) and entry["n_items"] == rep["n"] == 2 and entry["n"] == 1
     assert set(rep["per_class"]["dark"]) >= {"precision", "recall", "f1", "iou", "dice", "hd95"}
     assert set(rep["case_metrics"]) == {"dice", "iou", "hd95"} and rep["class_names"] == ["bright", "dark"]
     assert rep["context_seg"]["fusion"] == "attention"

@@ -182,6 +182,8 @@ def _label_shape(label: np.ndarray, raw_shape: Sequence[int], scale, where: str)
 class ContextSegDataModule(CaseDataModule):
     """Case table + splits of :class:`CaseDataModule`, with two-stream feature items (see module doc)."""
 
+    partial_modalities = True  # the low-resolution context may be absent
+
     def __init__(self, cfg, run_dir: Path | None = None):
         from medfuse.data.datamodule import load_table
 

@@ -299,6 +299,8 @@ class IncompleteSegDataModule(CaseDataModule):
     Its ``table.mask_labels`` names the canonical labels, so the engine's ``num_classes`` is R + 1.
     """
 
+    partial_modalities = True  # any subset of the modalities is a valid case (UniMRSeg)
+
     def __init__(self, cfg: Config, run_dir: Path | None = None):
         params = validate_params(IncompleteSegDataParams, cfg.data.params, "data.params")  # before any data is read
         super().__init__(cfg, run_dir)

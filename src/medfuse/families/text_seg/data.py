@@ -438,6 +438,8 @@ class TextSegDataModule(CaseDataModule):
         run_dir: the run directory (its saved split is reused).
     """
 
+    partial_modalities = True  # a manifest may name other images; the run reads data.params.modality only
+
     def __init__(self, cfg, run_dir: Path | None = None):
         self.params: TextSegDataParams = validate_params(TextSegDataParams, cfg.data.params, "data.params")
         if self.params.split_by == "image" and load_table(cfg).patient_ids_given:
