@@ -8,8 +8,6 @@ constant so that a wrong b-value or a wrong slice order shows in the voxels.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import struct
 from pathlib import Path
 
@@ -319,19 +317,13 @@ def test_enhanced_multiframe_b_values_from_per_frame_groups(tmp_path):
 
 
 def test_config_b_value_reaches_the_dataset(tmp_path):
+    from test_dicom_workers import dicom_cls_manifest
+
     from conftest import tiny_cls_config
     from medfuse.config import validate
     from medfuse.data.datamodule import CaseDataModule
 
-    root, rows = tmp_path / "data", []
-    for i in range(4):
-        write_dwi(root / f"c{i}", [0, 800])
-        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_dwi": f"c{i}", "label": i % 2})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["dwi"], "class_names": ["c0", "c1"]}))
+    root = dicom_cls_manifest(tmp_path / "data", lambda folder: write_dwi(folder, [0, 800]), "dwi")
     cfg = validate(tiny_cls_config(root, tmp_path, name="r", data__dicom={"b_value": "highest"}))
     with use_dicom_options(None):
         dm = CaseDataModule(cfg, tmp_path / "r")

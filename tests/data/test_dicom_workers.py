@@ -25,18 +25,24 @@ from medfuse.data.datamodule import CaseDataModule, collate
 from medfuse.data.dicom import current_options, use_dicom_options
 
 
-def _gap_dataset(root: Path, n: int = 4) -> Path:
-    """``n`` one-modality cases, each a DICOM series (128 x 128, 4 slices) whose 6 mm slice is missing."""
+def dicom_cls_manifest(root: Path, write, modality: str, n: int = 4) -> Path:
+    """A classification manifest of ``n`` one-modality cases, each a DICOM series folder made by
+    ``write(folder)``; labels alternate 0/1."""
     rows = []
     for i in range(n):
-        write_series(root / f"c{i}", [0.0, 3.0, 9.0, 12.0])
-        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_ct": f"c{i}", "label": i % 2})
+        write(root / f"c{i}")
+        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", f"image_{modality}": f"c{i}", "label": i % 2})
     with (root / "manifest.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["ct"], "class_names": ["c0", "c1"]}))
+    (root / "dataset.json").write_text(json.dumps({"modalities": [modality], "class_names": ["c0", "c1"]}))
     return root / "manifest.csv"
+
+
+def _gap_dataset(root: Path, n: int = 4) -> Path:
+    """``n`` one-modality cases, each a DICOM series (128 x 128, 4 slices) whose 6 mm slice is missing."""
+    return dicom_cls_manifest(root, lambda folder: write_series(folder, [0.0, 3.0, 9.0, 12.0]), "ct", n)
 
 
 def _data_module(tmp_path: Path, cached: bool) -> CaseDataModule:

@@ -205,14 +205,18 @@ def cm_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("cm_run")
     root = make_cellmap(tmp / "cellmap", datasets=4, crops=1)
-    cfg = load_config(CONFIG, [
-        f"data.root={root}", f"output_dir={tmp / 'runs'}", "train.max_epochs=1", "data.batch_size=2",
-        "data.num_workers=0", "data.params.classes=[mito, er]", "data.params.encoder_params={out_channels: 8, hidden: [8, 8]}",
-        "data.params.raw_input_size=32", "data.params.context_input_size=32", "data.params.patch_size=[8,8,8]",
-        "data.params.samples_per_case=1", "data.params.tri_planar=false", "model.params.feature_channels=8",
-        "model.params.base=4", "model.params.levels=2", "model.params.reduction=1", "eval.roi_size=[8,8,8]",
-        "data.split.val=0.25", "data.split.test=0.25", "train.accelerator=cpu", "eval.n_boot=10", "eval.overlays=0"])
+    cfg = load_config(CONFIG, [f"data.root={root}", f"output_dir={tmp / 'runs'}", *TINY_CELLMAP,
+                               "data.split.val=0.25", "data.split.test=0.25"])
     return root, fit(cfg)
+
+
+TINY_CELLMAP = [
+    "train.max_epochs=1", "data.batch_size=2", "data.num_workers=0", "data.params.classes=[mito, er]",
+    "data.params.encoder_params={out_channels: 8, hidden: [8, 8]}", "data.params.raw_input_size=32",
+    "data.params.context_input_size=32", "data.params.patch_size=[8,8,8]", "data.params.samples_per_case=1",
+    "data.params.tri_planar=false", "model.params.feature_channels=8", "model.params.base=4", "model.params.levels=2",
+    "model.params.reduction=1", "eval.roi_size=[8,8,8]", "train.accelerator=cpu", "eval.n_boot=10", "eval.overlays=0"]
+"""Overrides of the CellMap config for a tiny CPU run (one epoch, small encoder and network)."""
 
 
 def test_config_trains_one_cpu_epoch(cm_run):

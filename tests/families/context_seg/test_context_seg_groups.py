@@ -35,20 +35,15 @@ def test_evaluate_on_cellmap_counts_datasets(tmp_path):
     """End to end: a test split of one dataset with two crops reports n = 1 dataset, 2 crops."""
     import json
 
-    from test_cellmap import CONFIG, make_cellmap  # tests/families/context_seg is on sys.path
+    from test_cellmap import CONFIG, TINY_CELLMAP, make_cellmap  # tests/families/context_seg is on sys.path
 
     from medfuse.config import load_config
     from medfuse.engine.evaluate import evaluate
     from medfuse.engine.trainer import fit
 
     root = make_cellmap(tmp_path / "cellmap", datasets=3, crops=2)
-    cfg = load_config(CONFIG, [
-        f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "data.batch_size=2",
-        "data.num_workers=0", "data.params.classes=[mito, er]", "data.params.encoder_params={out_channels: 8, hidden: [8, 8]}",
-        "data.params.raw_input_size=32", "data.params.context_input_size=32", "data.params.patch_size=[8,8,8]",
-        "data.params.samples_per_case=1", "data.params.tri_planar=false", "model.params.feature_channels=8",
-        "model.params.base=4", "model.params.levels=2", "model.params.reduction=1", "eval.roi_size=[8,8,8]",
-        "data.split.val=0.34", "data.split.test=0.34", "train.accelerator=cpu", "eval.n_boot=10", "eval.overlays=0"])
+    cfg = load_config(CONFIG, [f"data.root={root}", f"output_dir={tmp_path / 'runs'}", *TINY_CELLMAP,
+                               "data.split.val=0.34", "data.split.test=0.34"])
     run = fit(cfg)
     evaluate(run)
     rep = json.loads((run / "report.json").read_text())
