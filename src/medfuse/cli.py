@@ -101,8 +101,10 @@ def data_check(
 
     cfg = resolve(load_config(config, overrides))  # family and task as train resolves them
     settings = config.name + (f" + {' '.join(overrides)}" if overrides else "")
+    from medfuse.data.check_config import run_check_as_run
+
     partial = family_of(cfg)[1].predictor.partial_modalities
-    raise typer.Exit(run_check(path, layout=layout, cfg=cfg, settings=settings, partial_modalities=partial))
+    raise typer.Exit(run_check_as_run(cfg, path, layout, partial_modalities=partial, settings=settings))
 
 
 @app.command()

@@ -17,6 +17,7 @@ from test_dicom import write_series
 from test_dicom_bvalue import write_dwi
 
 from medfuse.cli import main
+from medfuse.data.check_config import check_as_run
 from medfuse.data.checks import check_dataset, run_check
 from medfuse.data.dicom import DicomOptions, current_options, use_dicom_options
 from medfuse.data.io import read_image, write_nifti
@@ -190,7 +191,7 @@ def test_check_dataset_takes_a_resolved_config(rectal, tmp_path):
 
     cfg = resolve(load_config(_config(tmp_path / "c.yaml")))
     assert [p.rule for p in check_dataset(rectal)] == ["dicom"]
-    assert check_dataset(rectal, cfg=cfg) == []
+    assert check_as_run(cfg, rectal) == []
 
 
 # ------------------------------------------------------------------------------ read_image

@@ -2,9 +2,9 @@
 
 :func:`config_table` loads the table through :func:`medfuse.data.datamodule.load_table` (train's own
 loader) with :func:`medfuse.data.checks.validate_table` collecting its problems instead of raising
-the first; :func:`modality_problems` reports cases without some of the run's modalities. The
-rest of the check (every per-case rule, under the config's ``data.dicom``) is
-:func:`medfuse.data.checks.check_dataset`.
+the first, and :func:`~medfuse.data.rules.modality_problems` reports cases without some of the
+run's modalities; :func:`check_as_run` / :func:`run_check_as_run` then run every per-case rule of
+:func:`medfuse.data.checks.check_dataset` under the config's ``data.dicom``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfuse.data.checks import _COLLECT, Problem
+from medfuse.data.checks import Problem, check_dataset, run_check
 from medfuse.data.dicom import use_dicom_options
-from medfuse.data.layouts import CaseTable, case_where
+from medfuse.data.layouts import CaseTable
+from medfuse.data.rules import modality_problems
 from medfuse.errors import ConfigError, MedfuseError
 
 if TYPE_CHECKING:
@@ -46,34 +47,43 @@ def config_table(cfg: Config, path: str | Path | None = None,
     data = {"root": str(path) if path is not None else cfg.data.root, "layout": layout or cfg.data.layout}
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
     sink: list[Problem] = []
-    token = _COLLECT.set(sink)
     try:
         with use_dicom_options(cfg.data.dicom):  # load_table sets data.dicom; it goes no further than here
-            return load_table(cfg), sink
+            return load_table(cfg, collect=sink), sink
     except MedfuseError as e:  # what train stops at (one line): a case id, data.label_map, a modality column
         rule = ("config" if isinstance(e, ConfigError) and e.where.startswith("data.") else
                 "case-id" if e.fix == CASE_ID_FIX else "layout")
         return None, [Problem(str(e.where), rule, e.problem, e.fix)]
-    finally:
-        _COLLECT.reset(token)
 
 
-def modality_problems(table: CaseTable) -> list[Problem]:
-    """A case that has some of the run's modalities but not all (``missing``; table order).
+def _load_as_run(cfg: Config, path: str | Path | None, layout: str | None,
+                 partial_modalities: bool) -> tuple[CaseTable | None, list[Problem]]:
+    table, issues = config_table(cfg, path, layout)
+    if table is not None and not partial_modalities:
+        issues += modality_problems(table)
+    return table, issues
 
-    Train refuses such a case (:meth:`medfuse.data.datamodule.CaseDataModule.setup`; it used to
-    read the absent modality as zeros) and ``medfuse predict`` refuses it, so a run config's data
-    check reports it (families built for partial inputs skip this rule).
+
+def check_as_run(cfg: Config, path: str | Path | None = None, layout: str | None = None,
+                 partial_modalities: bool = False, max_cases: int | None = None) -> list[Problem]:
+    """Every rule of :func:`~medfuse.data.checks.check_dataset` on the dataset as the run of ``cfg``
+    reads it: DICOM under its ``data.dicom``, the table from :func:`config_table`, plus
+    :func:`~medfuse.data.rules.modality_problems` unless the family takes partial inputs.
+
+    Args:
+        cfg: the run config, ``family`` and ``task`` resolved (``medfuse.engine.build.resolve``).
+        path, layout: the dataset and its layout (defaults: ``data.root``, ``data.layout``).
+        partial_modalities: the family takes cases without some of its modalities.
+        max_cases: as for :func:`~medfuse.data.checks.check_dataset`.
     """
-    problems = []
-    for i, c in enumerate(table.cases):
-        missing = [m for m in table.modalities if not c.images.get(m)]
-        if missing and len(missing) < len(table.modalities):  # no image at all: the per-case rule says so
-            problems.append(Problem(
-                case_where(table, i), "missing",
-                f"case '{c.case_id}' has no {' / '.join(repr(m) for m in missing)} image of the run's modalities "
-                f"({', '.join(table.modalities)})",
-                f"give the case every modality ({', '.join(table.modalities)}), or drop it (incomplete_seg "
-                "trains on cases with missing modalities)",
-                case_id=c.case_id))
-    return problems
+    with use_dicom_options(cfg.data.dicom):
+        table, issues = _load_as_run(cfg, path, layout, partial_modalities)
+        return check_dataset(path, max_cases=max_cases, table=table, table_issues=issues)
+
+
+def run_check_as_run(cfg: Config, path: str | Path | None = None, layout: str | None = None,
+                     partial_modalities: bool = False, settings: str | None = None, console=None) -> int:
+    """:func:`~medfuse.data.checks.run_check` of :func:`check_as_run` (``medfuse data check --config``)."""
+    with use_dicom_options(cfg.data.dicom):
+        table, issues = _load_as_run(cfg, path, layout, partial_modalities)
+        return run_check(path, console=console, cfg=cfg, settings=settings, table=table, table_issues=issues)

@@ -34,9 +34,10 @@ image series (:func:`medfuse.data.seg.read_label`).
 
 Each file is read once and only one case is held in memory at a time.
 
-With a run config (``medfuse data check PATH --config CONFIG.yaml [OVERRIDES]``, :func:`run_check`'s
-``cfg``) the dataset is checked as that run reads it: every DICOM read uses its ``data.dicom``
-(a DWI series holding several b-values reads at ``data.dicom.b_value``), the table is loaded by
+With a run config (``medfuse data check PATH --config CONFIG.yaml [OVERRIDES]``,
+:mod:`medfuse.data.check_config`) the dataset is checked as that run reads it: every DICOM read
+uses its ``data.dicom`` (a DWI series holding several b-values reads at ``data.dicom.b_value``),
+the table is loaded by
 :func:`medfuse.data.datamodule.load_table` itself (``data.layout``, ``data.modalities``,
 ``data.class_names``, ``data.label_map``, the task's label rules), and a case without one of the
 run's modalities is reported under ``missing`` (unless the family takes partial inputs). A load
@@ -57,15 +58,12 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from contextlib import nullcontext
-from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medfuse.data.dicom import use_dicom_options
 from medfuse.data.io import Volume, read_image
 from medfuse.data.layouts import Case, CaseTable, case_where, load_cases
 from medfuse.data.paths import case_id_problem
@@ -90,63 +88,52 @@ if TYPE_CHECKING:
     from medfuse.config import Config
 
 _READ_ERRORS = (DataError, OSError, ValueError, EOFError, zlib.error)
-_COLLECT: ContextVar[list[Problem] | None] = ContextVar("medfuse_check_collect", default=None)
-"""Set by :func:`config_table`: :func:`validate_table` hands every table-wide problem to this list
-instead of raising the first, so ``data check --config`` loads the table through train's own code."""
 
 
 def check_dataset(
-    path: str | Path,
+    path: str | Path | None,
     layout: str = "auto",
     grid_atol: float = 1e-3,
     affine_atol: float = 1e-3,
     max_cases: int | None = None,
     table: CaseTable | None = None,
-    cfg: Config | None = None,
-    partial_modalities: bool = False,
+    table_issues: list[Problem] | None = None,
 ) -> list[Problem]:
     """Run every rule on a dataset.
 
     Args:
         path: dataset folder, manifest or dataset.json (as for :func:`~medfuse.data.layouts.load_cases`).
-        layout: ``"auto"`` or a layout name (with ``cfg``: None = its ``data.layout``).
+        layout: ``"auto"`` or a layout name.
         grid_atol: tolerance on spacing, in mm.
         affine_atol: tolerance on each affine entry (mm for the origin).
         max_cases: read the files of only the first ``max_cases`` cases (table-wide rules see all).
-        table: an already loaded table (then ``path``, ``layout`` and ``cfg`` are not read).
-        cfg: a run config with ``family`` and ``task`` resolved (``medfuse.engine.build.resolve``):
-            check the dataset at ``path`` as that run reads it (see the module docstring).
-        partial_modalities: with ``cfg``, the family takes cases without some of its modalities.
+        table: an already loaded table (then ``path`` and ``layout`` are not read).
+        table_issues: with ``table``, its table-wide problems as already found (``data check
+            --config``: :func:`medfuse.data.check_config.check_as_run`); default: :func:`table_problems`.
 
     Returns:
         The problems, table-wide ones first, then per case in table order; empty when clean.
     """
-    return _check(path, layout, grid_atol, affine_atol, max_cases, table, cfg, partial_modalities)[1]
+    return _check(path, layout, grid_atol, affine_atol, max_cases, table, table_issues)[1]
 
 
 def _check(path: str | Path | None, layout: str | None, grid_atol: float, affine_atol: float,
-           max_cases: int | None, table: CaseTable | None, cfg: Config | None,
-           partial_modalities: bool) -> tuple[CaseTable | None, list[Problem]]:
+           max_cases: int | None, table: CaseTable | None,
+           table_issues: list[Problem] | None) -> tuple[CaseTable | None, list[Problem]]:
     """(the table or None, the problems) of :func:`check_dataset`."""
-    with use_dicom_options(cfg.data.dicom) if cfg is not None and table is None else nullcontext():
-        if table is not None:
-            problems = table_problems(table)
-        elif cfg is not None:
-            from medfuse.data.check_config import config_table, modality_problems
-
-            table, problems = config_table(cfg, path, layout)
-            if table is None:
-                return None, problems
-            problems += [] if partial_modalities else modality_problems(table)
-        else:
-            try:
-                table = load_cases(path, layout=layout or "auto", check_ids=False)
-            except MedfuseError as e:
-                return None, [Problem(e.where, "layout", e.problem, e.fix)]
-            problems = table_problems(table)
-        cases = table.cases if max_cases is None else table.cases[:max_cases]
-        for case in cases:
-            problems += _case_problems(table, case, grid_atol, affine_atol)
+    if table is not None:
+        problems = list(table_issues) if table_issues is not None else table_problems(table)
+    elif table_issues is not None:  # loading stopped at these
+        return None, list(table_issues)
+    else:
+        try:
+            table = load_cases(path, layout=layout or "auto", check_ids=False)
+        except MedfuseError as e:
+            return None, [Problem(e.where, "layout", e.problem, e.fix)]
+        problems = table_problems(table)
+    cases = table.cases if max_cases is None else table.cases[:max_cases]
+    for case in cases:
+        problems += _case_problems(table, case, grid_atol, affine_atol)
     return table, problems
 
 
@@ -164,14 +151,17 @@ def run_check(
     console=None,
     cfg: Config | None = None,
     settings: str | None = None,
-    partial_modalities: bool = False,
+    table: CaseTable | None = None,
+    table_issues: list[Problem] | None = None,
 ) -> int:
     """Check a dataset, print one line per problem and a summary; return the exit code.
 
     Args:
-        path, layout, grid_atol, affine_atol, max_cases, cfg, partial_modalities: as for
-            :func:`check_dataset` (with ``cfg``, ``path`` None is its ``data.root``).
+        path, layout, grid_atol, affine_atol, max_cases, table, table_issues: as for
+            :func:`check_dataset` (``table_issues`` without ``table``: loading stopped at them).
         console: a ``rich.console.Console`` to print to (default: stdout).
+        cfg: the run config the table was loaded with (``data check --config``,
+            :func:`medfuse.data.check_config.run_check_as_run`), for the summary line.
         settings: where the settings in force came from (a config file name, overrides), named in
             the summary line; without ``settings`` and ``cfg`` a DICOM fix that names a
             ``data.dicom`` key says how to give it to this check.
@@ -182,7 +172,7 @@ def run_check(
     from rich.console import Console
 
     console = console or Console(soft_wrap=True, highlight=False)
-    table, problems = _check(path, layout, grid_atol, affine_atol, max_cases, None, cfg, partial_modalities)
+    table, problems = _check(path, layout, grid_atol, affine_atol, max_cases, table, table_issues)
     if cfg is None and settings is None:
         problems = [_with_check_hint(p) for p in problems]
     for p in problems:
@@ -295,16 +285,17 @@ def _known_class(label: object, class_names: list[str]) -> bool:
     return False
 
 
-def validate_table(table: CaseTable, classification: bool = False) -> CaseTable:
+def validate_table(table: CaseTable, classification: bool = False,
+                   collect: list[Problem] | None = None) -> CaseTable:
     """Raise the first table-wide problem as a one-line DataError (the rules of ``medfuse data check``).
 
-    Called wherever ``train``, ``evaluate`` and ``predict`` load cases. Returns ``table``. Inside
-    :func:`config_table` (``data check --config``) the problems are collected there instead.
+    Called wherever ``train``, ``evaluate`` and ``predict`` load cases. Returns ``table``. With
+    ``collect`` (``data check --config``, :func:`medfuse.data.check_config.config_table`) the problems
+    are added to it instead.
     """
     problems = table_problems(table, classification)
-    sink = _COLLECT.get()
-    if sink is not None:
-        sink.extend(problems)
+    if collect is not None:
+        collect.extend(problems)
         return table
     raise_first(problems, table.source or table.root)
     return table

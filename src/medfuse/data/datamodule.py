@@ -135,7 +135,7 @@ def data_root(cfg: Config, what: str = "a folder or manifest") -> Path:
     return root
 
 
-def load_table(cfg: Config):
+def load_table(cfg: Config, collect: list | None = None):
     """Load and check the case table of a config (the table-wide rules of ``medfuse data check``).
 
     Case ids are checked while loading; duplicate ids, patient leaks and case labels that are not
@@ -157,7 +157,7 @@ def load_table(cfg: Config):
             table.class_names = list(cfg.data.class_names)  # labels may name the config's classes (T1..T4)
         class_index_labels(table)
     table = regroup_labels(table, cfg.data.label_map, cfg.data.class_names)
-    return validate_table(table, classification=classification)
+    return validate_table(table, classification=classification, collect=collect)
 
 
 def class_index_labels(table) -> None:
@@ -297,8 +297,8 @@ class CaseDataModule(L.LightningDataModule):
         """Lightning's hook; for ``fit`` (called by train before anything is written): refuse a case
         without every modality, unless :attr:`partial_modalities`."""
         if stage in (None, "fit") and not self.partial_modalities:
-            from medfuse.data.check_config import modality_problems
             from medfuse.data.checks import raise_first
+            from medfuse.data.rules import modality_problems
 
             raise_first(modality_problems(self.table), self.cfg.data.root)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfuse.data.layouts import CaseTable, case_where
 from medfuse.data.paths import CASE_ID_FIX
 from medfuse.data.split import LEAK_FIX
 
@@ -173,3 +174,24 @@ def hu_problem(array: np.ndarray, path: str, cid: str) -> Problem | None:
     left_out = f" (the voxels at the minimum, {fill:.0f}, left out as fill)" if fill is not None else ""
     return Problem(path, "hu", f"CT of case '{cid}' has its 1st percentile at {p1:.0f} HU{left_out}, far below "
                    f"air ({AIR_HU:.0f})", case_id=cid)
+
+
+def modality_problems(table: CaseTable) -> list[Problem]:
+    """A case that has some of the run's modalities but not all (``missing``; table order).
+
+    Train refuses such a case (:meth:`medfuse.data.datamodule.CaseDataModule.setup`; it used to
+    read the absent modality as zeros) and ``medfuse predict`` refuses it, so a run config's data
+    check reports it (families built for partial inputs skip this rule).
+    """
+    problems = []
+    for i, c in enumerate(table.cases):
+        missing = [m for m in table.modalities if not c.images.get(m)]
+        if missing and len(missing) < len(table.modalities):  # no image at all: the per-case rule says so
+            problems.append(Problem(
+                case_where(table, i), "missing",
+                f"case '{c.case_id}' has no {' / '.join(repr(m) for m in missing)} image of the run's modalities "
+                f"({', '.join(table.modalities)})",
+                f"give the case every modality ({', '.join(table.modalities)}), or drop it (incomplete_seg "
+                "trains on cases with missing modalities)",
+                case_id=c.case_id))
+    return problems
