@@ -189,12 +189,14 @@ def predict(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
     out: Annotated[Path, typer.Option(help="the package to write (a new .zip file)")] = Path("model.zip"),
+    without_ids: Annotated[bool, typer.Option(
+        "--without-ids", help="leave splits.csv (every case and patient id) out; the model card keeps the counts")] = False,
 ) -> None:
     """Pack a run into a portable model package (config, safetensors weights, labels, preprocessing,
     split, model card) that `medfuse predict model.zip ...` runs on another machine."""
     from medfuse.engine.package import export as _export
 
-    path = _export(run_dir, out)
+    path = _export(run_dir, out, without_ids=without_ids)
     console.print(f"model package: {path}")
 
 

@@ -336,3 +336,23 @@ def test_model_card_counts_cases_and_patients():
                       {"transforms": {}}, rep, splits)
     assert "test 3 cases of 2 patients, train 1 cases" in card and "names every case and patient id" in card
     assert "n = 3 cases of 2 patients (CIs resample patients)" in card
+
+
+def test_export_without_ids_leaves_the_split_and_data_paths_out_and_still_predicts(run, tmp_path):
+    import yaml
+
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+
+    root, run_dir = run
+    pkg = export(run_dir, tmp_path / "anon.zip", without_ids=True)
+    with zipfile.ZipFile(pkg) as zf:
+        names = set(zf.namelist())
+        card = zf.read("model_card.md").decode()
+        cfg = yaml.safe_load(zf.read("config.yaml"))
+    assert "splits.csv" not in names and cfg["data"]["root"] is None and cfg["data"]["cache_dir"] is None
+    assert "counts only" in card and "train 4 cases" in card
+    for line in (run_dir / "splits.csv").read_text().splitlines()[1:]:
+        assert line.split(",")[0] not in card  # no case id in the card either
+    out = predict(str(pkg), [str(root / "imagesTs")], tmp_path / "p")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ts_lps.nii.gz", "ts_ras.nii.gz"]

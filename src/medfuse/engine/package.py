@@ -58,13 +58,16 @@ def is_package(path: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
+def export(run_dir: str | Path, out: str | Path, which: str = "best", without_ids: bool = False) -> Path:
     """Write a run's model package (see the module docstring); return its path.
 
     Args:
         run_dir: a trained run (its data set is read once, for what the predictor needs).
         out: the package file to write, ending in ``.zip`` (refused when it exists).
         which: the checkpoint to pack (``best``: the one selected on the validation split).
+        without_ids: leave ``splits.csv`` (every case and patient id of the split) and the data
+            paths of ``config.yaml`` (``data.root``, ``data.cache_dir``) out of the package, for data
+            whose ids must not travel; the model card keeps the split's counts.
 
     Raises:
         RunDirError: not a run directory, no such checkpoint, or ``out`` is not a new ``.zip`` path.
@@ -80,11 +83,11 @@ def export(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
     if not (run_dir / "config.yaml").is_file():
         load_run(run_dir)  # the one-line "not a run directory" error, before a lock file is made
     with RunLock(run_dir, "export"):
-        members = _build_members(run_dir, which)
+        members = _build_members(run_dir, which, without_ids)
     return _write_zip(out, members)
 
 
-def _build_members(run_dir: Path, which: str) -> dict[str, bytes]:
+def _build_members(run_dir: Path, which: str, without_ids: bool = False) -> dict[str, bytes]:
     from safetensors.torch import save as st_save
 
     from medfuse.engine.build import auto_model_args, family_of
@@ -111,18 +114,19 @@ def _build_members(run_dir: Path, which: str) -> dict[str, bytes]:
     external = external_files(entry.predictor.portable_config(cfg))
     report = _read_report(run_dir)
     members: dict[str, bytes] = {
-        "config.yaml": yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode("utf-8"),
+        "config.yaml": yaml.safe_dump(_without_data_paths(config_to_dict(cfg)) if without_ids else config_to_dict(cfg),
+                                      sort_keys=False).encode("utf-8"),
         "weights.safetensors": st_save(sd, metadata={"format": FORMAT, "checkpoint": f"{which}.ckpt"}),
         "labels.json": _dumps(labels),
         "preprocessing.json": _dumps(prep),
         "predictor.json": _dumps(state),
     }
     splits = run_dir / "splits.csv"
-    if splits.is_file():
+    if splits.is_file() and not without_ids:
         members["splits.csv"] = splits.read_bytes()
     members["model_card.md"] = model_card(cfg, fam.name, which, epoch, labels, prep, report,
                                           splits.read_text(encoding="utf-8") if splits.is_file() else None,
-                                          external).encode("utf-8")
+                                          external, ids_included=not without_ids).encode("utf-8")
     import medfuse
 
     manifest = {"format": FORMAT, "medfuse_version": medfuse.__version__, "torch_version": torch.__version__,
@@ -209,8 +213,15 @@ def external_files(cfg: Config) -> dict[str, str]:
     return found
 
 
+def _without_data_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the training machine's data paths (``data.root``, ``data.cache_dir``)."""
+    data = {**raw.get("data", {}), "root": None, "cache_dir": None}
+    return {**raw, "data": data}
+
+
 def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[str, Any], prep: dict[str, Any],
-               report: dict[str, Any] | None, splits_csv: str | None, external: dict[str, str] | None = None) -> str:
+               report: dict[str, Any] | None, splits_csv: str | None, external: dict[str, str] | None = None,
+               ids_included: bool = True) -> str:
     """The package's ``model_card.md``: model, inputs, outputs, data split and the run's evaluation
     (metrics with their bootstrap CIs and n, from ``report.json``; "not evaluated" without one)."""
     t = prep["transforms"]
@@ -239,7 +250,9 @@ def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[st
             split = str(r.get("split") or "?").strip()
             counts[split] = counts.get(split, 0) + 1
             patients.setdefault(split, set()).add(str(r.get("patient_id") or r.get("case_id") or ""))
-        lines.append("- split (by patient, `splits.csv`, which names every case and patient id): " + ", ".join(
+        where = ("`splits.csv`, which names every case and patient id" if ids_included
+                 else "counts only: `splits.csv` was left out of this package (`--without-ids`)")
+        lines.append(f"- split (by patient, {where}): " + ", ".join(
             f"{k} {v} cases" + (f" of {len(patients[k])} patients" if len(patients[k]) != v else "")
             for k, v in sorted(counts.items())))
     for key, path in (external or {}).items():
