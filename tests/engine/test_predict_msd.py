@@ -52,3 +52,23 @@ def test_predict_on_an_msd_folder_reads_its_test_list(tmp_path):
             src, pred = nib.load(ds / "imagesTs" / f"{name}.nii.gz"), nib.load(out / f"{name}.nii.gz")
             assert pred.shape == src.shape[:3]
             np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+
+
+def test_a_single_4d_file_names_the_ways_to_give_it(tmp_path):
+    """One MSD test file given alone: one line that says it holds the channels and how to give them."""
+    import pytest
+
+    from medfuse.data.layouts import Case
+    from medfuse.engine.predict import Predictor
+    from medfuse.errors import DataError
+
+    f = tmp_path / "tiny_100.nii.gz"
+    _write(f, np.zeros((6, 5, 4, 2), np.float32), np.eye(4))
+
+    class _DM:
+        modalities = ["MR1", "MR2"]
+
+    pred = Predictor.__new__(Predictor)
+    pred.dm = _DM()
+    with pytest.raises(DataError, match=r"holds 2 channels in one file.*channel_<modality> columns"):
+        pred.check_complete([Case(case_id="tiny_100", patient_id="tiny_100", images={"MR1": str(f)})])

@@ -194,6 +194,12 @@ class Predictor:
             missing = [m for m in mods if not c.images.get(m)]
             if missing:
                 where = next((v for v in c.images.values() if v), c.case_id)
+                files = {v for v in c.images.values() if v}
+                if len(files) == 1 and Path(where).is_file() and image_shape(where)[0] == len(mods) > 1:
+                    raise DataError(where, f"holds {len(mods)} channels in one file, but this input gives it as the "
+                                    f"'{next(iter(c.images))}' image alone (the run takes {', '.join(mods)})",
+                                    "give the dataset folder (an MSD test list is split into the modalities), or a "
+                                    "manifest with channel_<modality> columns naming each channel")
                 raise DataError(where, f"case {c.case_id} has no {' / '.join(missing)} image; the run was trained on "
                                 f"{', '.join(mods)}", f"give every modality ({', '.join(mods)}) for each case")
 
