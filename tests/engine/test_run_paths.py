@@ -64,3 +64,23 @@ def test_evaluate_takes_data_dicom_overrides_as_predict_does():
     for bad in (["data.root=/x"], ["model.name=x"], ["eval.tta"]):
         with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
             check_eval_overrides(bad)
+
+
+def test_a_run_whose_training_data_is_gone_points_at_a_package(cls_dataset, tmp_path, monkeypatch):
+    import pytest
+
+    from medfuse.engine.predict import predict
+    from medfuse.engine.trainer import fit
+    from medfuse.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(cls_dataset.parent, data)
+    run = fit(validate(tiny_cls_config(data / "manifest.csv", tmp_path / "runs", train__max_epochs=1)))
+    image = tmp_path / "new.nii.gz"
+    shutil.copy(data / "images" / "case000_a.nii.gz", image)
+    shutil.copy(data / "images" / "case000_b.nii.gz", tmp_path / "new_b.nii.gz")
+    shutil.rmtree(data)
+    with pytest.raises(DataError) as err:
+        predict(run, [str(image), str(tmp_path / "new_b.nii.gz")], tmp_path / "out")
+    line = err.value.one_line()
+    assert "the training data of run" in line and "medfuse export RUN" in line

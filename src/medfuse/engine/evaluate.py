@@ -24,7 +24,7 @@ from medfuse.engine.build import check_postprocess, family_of, resolve
 from medfuse.engine.checkpoint import find_checkpoint, load_model_weights
 from medfuse.engine.tasks import BaseTask
 from medfuse.engine.trainer import build_task, load_run
-from medfuse.errors import ConfigError
+from medfuse.errors import ConfigError, DataError
 
 
 def check_eval_overrides(overrides: list[str] | None) -> list[str]:
@@ -53,6 +53,10 @@ def load_trained(run_dir: str | Path, which: str = "best", overrides: list[str] 
     run_dir = Path(run_dir)
     cfg = resolve(load_run(run_dir, overrides))
     ckpt = find_checkpoint(run_dir, which)
+    if cfg.data.root and not cfg.data.demo and not Path(cfg.data.root).exists():
+        raise DataError(cfg.data.root, f"the training data of run {run_dir} is not here (a run reads it for its "
+                        "split, modalities and label values)", "restore it at this path, or predict from a package "
+                        "(`medfuse export RUN`, on the machine that has the data), which needs no training data")
     dm = build_datamodule(cfg, run_dir)
     stages = cfg.train.stages
     task = build_task(cfg, dm, stages[-1] if stages else None)
