@@ -283,7 +283,9 @@ def test_predict_reads_dicom_with_the_package_or_run_settings_and_data_dicom_ove
         out = predict(model, [first], tmp_path / f"read_{model.name}", overrides=["data.dicom.on_gap=resample"])
         (pred,) = [nib.load(f) for f in out.glob("*.nii.gz")]
         assert pred.shape == (128, 128, 5)  # 0..12 mm at 3 mm: the resampled grid of 5 slices
-    with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
+    with pytest.raises(ConfigError, match=r"only eval\.\*, data\.dicom\.\* and data\.root"):
+        predict(package, [first], tmp_path / "out", overrides=["data.name=/x"])
+    with pytest.raises(ConfigError, match="a model package reads no training data"):
         predict(package, [first], tmp_path / "out", overrides=["data.root=/x"])
 
 

@@ -59,10 +59,10 @@ def test_evaluate_takes_data_dicom_overrides_as_predict_does():
     from medfuse.engine.predict import check_predict_overrides
     from medfuse.errors import ConfigError
 
-    ok = ["eval.tta=true", "data.dicom.on_gap=resample", "data.dicom.b_value=highest"]
+    ok = ["eval.tta=true", "data.dicom.on_gap=resample", "data.dicom.b_value=highest", "data.root=/moved"]
     assert check_eval_overrides(ok) == ok == check_predict_overrides(ok)
-    for bad in (["data.root=/x"], ["model.name=x"], ["eval.tta"]):
-        with pytest.raises(ConfigError, match=r"only eval\.\* and data\.dicom\.\*"):
+    for bad in (["data.cache_dir=/x"], ["model.name=x"], ["eval.tta"]):
+        with pytest.raises(ConfigError, match=r"only eval\.\*, data\.dicom\.\* and data\.root"):
             check_eval_overrides(bad)
 
 
@@ -79,8 +79,13 @@ def test_a_run_whose_training_data_is_gone_points_at_a_package(cls_dataset, tmp_
     image = tmp_path / "new.nii.gz"
     shutil.copy(data / "images" / "case000_a.nii.gz", image)
     shutil.copy(data / "images" / "case000_b.nii.gz", tmp_path / "new_b.nii.gz")
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
     shutil.rmtree(data)
     with pytest.raises(DataError) as err:
         predict(run, [str(image), str(tmp_path / "new_b.nii.gz")], tmp_path / "out")
     line = err.value.one_line()
-    assert "the training data of run" in line and "medfuse export RUN" in line
+    assert "the training data of run" in line and "data.root=PATH" in line and "medfuse export RUN" in line
+    out = predict(run, [str(image), str(tmp_path / "new_b.nii.gz")], tmp_path / "out",
+                  overrides=[f"data.root={moved / 'manifest.csv'}"])  # the dataset's new place
+    assert (out / "predictions.csv").is_file()

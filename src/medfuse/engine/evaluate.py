@@ -28,15 +28,16 @@ from medfuse.errors import ConfigError, DataError
 
 
 def check_eval_overrides(overrides: list[str] | None) -> list[str]:
-    """``key=value`` overrides of a trained run: ``eval.*`` keys, and ``data.dicom.*``, which changes
-    only how DICOM files are read (e.g. ``data.dicom.on_gap=resample`` for a test series with a
-    missing slice, which training never read); the model and its preprocessing are fixed by training."""
+    """``key=value`` overrides of a trained run: ``eval.*`` keys; ``data.dicom.*``, which changes only
+    how DICOM files are read (e.g. ``data.dicom.on_gap=resample`` for a test series with a missing
+    slice, which training never read); and ``data.root``, where the run's dataset now lies (the
+    saved split names its cases). The model and its preprocessing are fixed by training."""
     out = list(overrides or [])
     for o in out:
         key = o.split("=", 1)[0].strip()
-        if "=" not in o or not key.startswith(("eval.", "data.dicom.")):
-            raise ConfigError(key or o, "only eval.* and data.dicom.* settings can be overridden for a trained run",
-                              "e.g. eval.tta=true eval.sw_overlap=0.5 data.dicom.on_gap=resample")
+        if "=" not in o or not (key.startswith(("eval.", "data.dicom.")) or key == "data.root"):
+            raise ConfigError(key or o, "only eval.*, data.dicom.* and data.root can be overridden for a trained run",
+                              "e.g. eval.tta=true eval.sw_overlap=0.5 data.dicom.on_gap=resample data.root=/new/place")
     return out
 
 
@@ -55,8 +56,8 @@ def load_trained(run_dir: str | Path, which: str = "best", overrides: list[str] 
     ckpt = find_checkpoint(run_dir, which)
     if cfg.data.root and not cfg.data.demo and not Path(cfg.data.root).exists():
         raise DataError(cfg.data.root, f"the training data of run {run_dir} is not here (a run reads it for its "
-                        "split, modalities and label values)", "restore it at this path, or predict from a package "
-                        "(`medfuse export RUN`, on the machine that has the data), which needs no training data")
+                        "split, modalities and label values)", "give its new place (data.root=PATH), or predict from a "
+                        "package (`medfuse export RUN`, where the data is), which needs no training data")
     dm = build_datamodule(cfg, run_dir)
     stages = cfg.train.stages
     task = build_task(cfg, dm, stages[-1] if stages else None)

@@ -387,6 +387,8 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
     output_dir(out)  # a file, or a folder that cannot be written: refused before the model loads
     overrides = check_predict_overrides(overrides)
     if is_package(run_dir):
+        if any(o.split("=", 1)[0].strip() == "data.root" for o in overrides):
+            raise ConfigError("data.root", "a model package reads no training data", "drop data.root=...")
         predictor = load_package(run_dir, overrides)
     else:
         cfg, dm, task = load_trained(run_dir, overrides=overrides)
