@@ -89,3 +89,18 @@ def test_a_run_whose_training_data_is_gone_points_at_a_package(cls_dataset, tmp_
     out = predict(run, [str(image), str(tmp_path / "new_b.nii.gz")], tmp_path / "out",
                   overrides=[f"data.root={moved / 'manifest.csv'}"])  # the dataset's new place
     assert (out / "predictions.csv").is_file()
+
+
+def test_a_finished_run_with_relative_paths_is_recognised_for_reuse(cls_dataset, tmp_path, monkeypatch):
+    """The demo reuses a finished run of the same config; relative --out/data paths, saved absolute,
+    made every rerun of `make demo` retrain (the comparison saw other paths)."""
+    from medfuse.engine.demo import config_changes
+    from medfuse.engine.trainer import fit
+
+    shutil.copytree(cls_dataset.parent, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(tiny_cls_config("data/manifest.csv", "runs", train__max_epochs=1))
+    run = fit(cfg)
+    assert config_changes(tmp_path / run, cfg) == []
+    other = validate(tiny_cls_config("data/manifest.csv", "runs", train__max_epochs=2))
+    assert config_changes(tmp_path / run, other) == ["train.max_epochs"]

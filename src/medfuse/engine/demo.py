@@ -121,14 +121,14 @@ def config_changes(run_dir: Path, cfg: Any) -> list[str]:
     the finished run may be reused for ``cfg``."""
     import yaml
 
-    from medfuse.config import config_to_dict
+    from medfuse.config import absolute_paths, config_to_dict
     from medfuse.engine.build import resolve
 
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return ["config.yaml"]
-    want = config_to_dict(resolve(cfg))
+    want = config_to_dict(absolute_paths(resolve(cfg)))  # a run saves its paths absolute
 
     def diff(a: Any, b: Any, key: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
