@@ -196,3 +196,19 @@ def test_console_cells_of_a_patient_bootstrap_leave_out_the_counts_the_n_column_
     assert demo.row_count({"n": 12}) == "12"
     assert demo.table_cell(row, "acc") == "0.868 [0.769, 0.944]"
     assert demo.table_cell(row, "auc") == "0.900 [0.800, 0.950] n=40 patients, 43 cases"  # other counts: kept
+
+
+def test_seeds_without_a_key_metric_take_the_first_metric_not_a_count(tmp_path, monkeypatch):
+    """baseline has no key-comparison metric: the first metric entry is taken (n_patients, an int,
+    crashed the run after all its trainings)."""
+
+    def fake_runs(family, cfg_path, base, variants, slug, console):
+        row = {"name": "full", "run": "r", "n": 20, "n_patients": 18, **_row("full", 0.7, 0.6, 0.8)}
+        return [row, {**row, "name": "baseline"}], {"full": {"ci": 0.95}, "baseline": {"ci": 0.95}}
+
+    monkeypatch.setattr(demo, "_run_variants", fake_runs)
+    monkeypatch.setattr(demo, "key_comparison", lambda family: (None, ["full", "baseline"]))
+    monkeypatch.setattr(demo, "_with_sources", lambda family, names: [(0, "full", []), (1, "baseline", [])])
+    monkeypatch.setattr(demo, "demo_family", lambda family: type("F", (), {"demo_config": tmp_path / "x.yaml"})())
+    summary = demo.run_demo("fam", tmp_path / "out", seeds=[0, 1])
+    assert summary["metric"] == "acc" and (tmp_path / "out" / "seeds.md").is_file()

@@ -422,7 +422,7 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
                                       console)
         per_seed[s] = [r for r in rows if r["name"] in names]
         if metric is None:
-            metric = next(k for k in per_seed[s][0] if k not in ("name", "run", "n", "weights_from"))
+            metric = next(k for k, v in per_seed[s][0].items() if isinstance(v, dict) and "value" in v)  # first metric
         ci = float(next(iter(reports.values())).get("ci", ci))
     extra = " ".join(overrides or [])
     command = (f"medfuse demo {family} --seeds {','.join(map(str, seeds))} --out {out}"
