@@ -337,7 +337,11 @@ def test_model_card_counts_cases_and_patients():
     card = model_card(_Cfg, "baseline", "best", 3, {"modalities": ["ct"], "class_names": ["a", "b"]},
                       {"transforms": {}}, rep, splits)
     assert "test 3 cases of 2 patients, train 1 cases" in card and "names every case and patient id" in card
-    assert "n = 3 cases of 2 patients (CIs resample patients)" in card
+    assert "n = 3 cases of 2 patients (CIs resample patients)" in card and "split (by patient," in card
+    own = "case_id,patient_id,split\nc1,c1,test\nc2,c2,train\n"  # nnU-Net: no patient ids, each case its own
+    card = model_card(_Cfg, "baseline", "best", 3, {"modalities": ["ct"], "class_names": ["a", "b"]},
+                      {"transforms": {}}, None, own)
+    assert "split (by case: the data set gives no patient ids," in card
 
 
 def test_export_without_ids_leaves_the_split_and_data_paths_out_and_still_predicts(run, tmp_path):

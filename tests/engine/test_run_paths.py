@@ -104,3 +104,15 @@ def test_a_finished_run_with_relative_paths_is_recognised_for_reuse(cls_dataset,
     assert config_changes(tmp_path / run, cfg) == []
     other = validate(tiny_cls_config("data/manifest.csv", "runs", train__max_epochs=2))
     assert config_changes(tmp_path / run, other) == ["train.max_epochs"]
+
+
+def test_a_stage_on_a_config_without_stages_is_refused_before_anything_is_written(cls_dataset, tmp_path):
+    import pytest
+
+    from medfuse.engine.trainer import fit
+    from medfuse.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="the config has no train.stages: drop --stage"):
+        fit(validate(tiny_cls_config(cls_dataset, tmp_path / "runs", train__max_epochs=1)), only_stage="s1",
+            resume=True)
+    assert not (tmp_path / "runs" / "t" / "splits.csv").exists()

@@ -246,13 +246,17 @@ def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[st
 
         counts: dict[str, int] = {}
         patients: dict[str, set[str]] = {}
+        own_patient = True  # every case its own patient: the data set gave no patient ids
         for r in csv.DictReader(io.StringIO(splits_csv)):
             split = str(r.get("split") or "?").strip()
             counts[split] = counts.get(split, 0) + 1
-            patients.setdefault(split, set()).add(str(r.get("patient_id") or r.get("case_id") or ""))
+            pid = str(r.get("patient_id") or r.get("case_id") or "")
+            patients.setdefault(split, set()).add(pid)
+            own_patient &= pid == str(r.get("case_id") or "")
         where = ("`splits.csv`, which names every case and patient id" if ids_included
                  else "counts only: `splits.csv` was left out of this package (`--without-ids`)")
-        lines.append(f"- split (by patient, {where}): " + ", ".join(
+        how = "by case: the data set gives no patient ids" if own_patient else "by patient"
+        lines.append(f"- split ({how}, {where}): " + ", ".join(
             f"{k} {v} cases" + (f" of {len(patients[k])} patients" if len(patients[k]) != v else "")
             for k, v in sorted(counts.items())))
     for key, path in (external or {}).items():

@@ -262,14 +262,15 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
     if not resume and ckpt_root.exists() and any(ckpt_root.rglob("*.ckpt")) and only_stage is None:
         raise RunDirError(run_dir, "already holds checkpoints",
                           f"continue it with `medfuse train --resume {run_dir}` or set name=<new name>")
+    stages = _stages(cfg)
+    names = [s.name for s in stages if s is not None]
+    if only_stage is not None and only_stage not in names:  # before the data module writes splits.csv
+        raise RunDirError(only_stage, "no such stage in train.stages",
+                          f"use one of: {', '.join(names)}" if names else "the config has no train.stages: drop --stage")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, run_dir)
     dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
     unpad_validation(dm)
-    stages = _stages(cfg)
-    names = [s.name for s in stages if s is not None]
-    if only_stage is not None and only_stage not in names:
-        raise RunDirError(only_stage, "no such stage in train.stages", f"use one of: {', '.join(names)}")
     config_saved = False
     prev_best: Path | None = None
     for stage in stages:
