@@ -93,7 +93,7 @@ def test_segmentation_cis_resample_patients_when_a_patient_has_several_cases():
     hands their patients to the bootstrap; one case per patient keeps the plain case bootstrap."""
     from types import SimpleNamespace
 
-    from medfuse.engine.evaluate import SegmentationEvaluator
+    from medfuse.engine.segmentation_evaluator import SegmentationEvaluator
 
     cases = {c: SimpleNamespace(patient_id=p) for c, p in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("c1", None))}
     ev = SimpleNamespace(_cases=cases, case_ids=["a1", "a2", "b1", "c1"])

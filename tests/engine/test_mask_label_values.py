@@ -102,7 +102,7 @@ def test_values_to_classes_round_trip_and_undeclared_value():
 
 
 def test_class_names_follow_values_not_declaration_order():
-    from medfuse.engine.evaluate import label_class_names
+    from medfuse.engine.segmentation_evaluator import label_class_names
 
     labels = {"background": 0, "tumor": 2, "edema": 1}
     assert label_class_names(labels, None, 3) == ["background", "edema", "tumor"]

@@ -314,7 +314,7 @@ class ClassificationPredictor(Predictor):
 class SegmentationPredictor(Predictor):
     """One label map per case, ``<case_id>.nii.gz`` (nnU-Net naming) on the input image's own grid:
     its shape and affine exactly (orientation and spacing undone,
-    :func:`~medfuse.engine.evaluate.on_input_grid`). The label map holds the data set's declared
+    :func:`~medfuse.engine.segmentation_evaluator.on_input_grid`). The label map holds the data set's declared
     values (``mask_labels``, e.g. 0/255: class k is the k-th declared value,
     :func:`~medfuse.data.labels.label_class_values`), as the files ``evaluate`` writes. With
     ``eval.save_probabilities`` also ``<case_id>_probs.nii.gz`` (K softmax channels in class order,
@@ -330,7 +330,7 @@ class SegmentationPredictor(Predictor):
     def write(self, batch, out, out_dir):
         from medfuse.data.io import write_nifti
         from medfuse.data.labels import classes_to_values, label_file_dtype
-        from medfuse.engine.evaluate import case_logits, on_input_grid
+        from medfuse.engine.segmentation_evaluator import case_logits, on_input_grid
 
         logits = out["logits"]  # (B, K, D, H, W)
         values = self.class_values()

@@ -2,7 +2,7 @@
 recall, F1, IoU and Dice from pooled voxel counts, overlays and attention maps, in one pass.
 
 Every batch of the split is inferred once (:meth:`ContextSegEvaluator.infer`); the generic
-:class:`~medfuse.engine.evaluate.SegmentationEvaluator` consumes it (per-case Dice/IoU/HD95, NIfTI
+:class:`~medfuse.engine.segmentation_evaluator.SegmentationEvaluator` consumes it (per-case Dice/IoU/HD95, NIfTI
 predictions, overlays) and this evaluator adds, from the same logits, the case's true/false
 positive and false negative voxel counts per class. The first cases of the split are inferred with
 the attention gates (:meth:`~medfuse.families.context_seg.task.ContextSegTask.infer_intermediates`)
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medfuse.data.paths import output_path
-from medfuse.engine.evaluate import SegmentationEvaluator
+from medfuse.engine.segmentation_evaluator import SegmentationEvaluator
 
 SCORES = ("precision", "recall", "f1", "iou", "dice")
 

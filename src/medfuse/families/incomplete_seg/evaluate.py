@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfuse.engine.evaluate import SegmentationEvaluator, spacing_of
+from medfuse.engine.segmentation_evaluator import SegmentationEvaluator, spacing_of
 from medfuse.families.incomplete_seg.compare import COMBINATIONS_FILE, save_combination_dice
 from medfuse.families.incomplete_seg.data import (
     REGION_THRESHOLD,

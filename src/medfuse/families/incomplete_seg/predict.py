@@ -87,7 +87,7 @@ class IncompleteSegPredictor(Predictor):
 
     def write(self, batch, out, out_dir: Path) -> None:
         from medfuse.data.io import write_nifti
-        from medfuse.engine.evaluate import case_logits, on_input_grid
+        from medfuse.engine.segmentation_evaluator import case_logits, on_input_grid
 
         mods = list(self.dm.modalities)
         q_all = suppress_small_et(out["regions"].float().cpu(), self.cfg.eval.postprocess.min_et_voxels,
