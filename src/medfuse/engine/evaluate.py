@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,14 @@ class Evaluator:
         """``run_dir/<parts>`` (e.g. ``"plots", f"overlay_{case_id}.png"``), refused unless inside the run."""
         return output_path(self.run_dir, *parts)
 
+    @cached_property
+    def _cases(self) -> dict[str, Any]:
+        """case id -> case of the evaluated split (built once)."""
+        return {c.case_id: c for c in self.dm.cases.get(self.split, [])}
+
     def patients_of(self, case_ids: Iterable[str]) -> list[str]:
-        """The patient id of each case of the split (:func:`case_patients` over the data module's
-        cases of the split)."""
-        cases = {c.case_id: c for c in self.dm.cases.get(self.split, [])}
-        return case_patients(cases, case_ids)
+        """The patient id of each case of the split (:func:`case_patients` over the split's cases)."""
+        return case_patients(self._cases, case_ids)
 
     def patient_groups(self, case_ids: Iterable[str] | None = None) -> list[str] | None:
         """The patient of each scored case (default: :attr:`case_ids`, the evaluated order) when
@@ -125,7 +129,7 @@ class Evaluator:
         case is its own patient (the plain bootstrap over cases is then the same)."""
         from medfuse.metrics import repeated_groups
 
-        return repeated_groups(self.patients_of(self.case_ids if case_ids is None else case_ids))
+        return repeated_groups(case_patients(self._cases, self.case_ids if case_ids is None else case_ids))
 
     def batches(self, loader: Any = None) -> Iterator[dict[str, Any]]:
         """The batches of ``loader`` (default: the split's loader), on the task's device."""

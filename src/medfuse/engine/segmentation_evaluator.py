@@ -10,7 +10,6 @@ the other generic evaluators are in :mod:`medfuse.engine.evaluate`.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from medfuse.data.paths import output_path
-from medfuse.engine.evaluate import Evaluator, case_patients
+from medfuse.engine.evaluate import Evaluator
 
 
 def spacing_of(batch: dict[str, Any], i: int = 0) -> tuple[float, float, float] | None:
@@ -109,7 +108,6 @@ class SegmentationEvaluator(Evaluator):
         self.shown = 0
         self.out_dir = self.run_dir / "predictions" / self.split
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._cases = {c.case_id: c for c in self.dm.cases.get(self.split, [])}
 
     @property
     def class_values(self) -> list[int] | None:
@@ -237,11 +235,3 @@ class SegmentationEvaluator(Evaluator):
                                   groups=self.patient_groups())
         extra = {k: rep.pop(k) for k in ("per_class", "class_names", "n", "n_patients") if k in rep}
         return {"metrics": rep, **extra, "per_case": per_case}
-
-    def patient_groups(self, case_ids: Iterable[str] | None = None) -> list[str] | None:
-        """The patient of each scored case (default :attr:`case_ids`) when some patient has several
-        (BraTS follow-ups, several scans): the bootstrap then resamples patients, since one
-        patient's cases are not independent. None when every case is its own patient."""
-        from medfuse.metrics import repeated_groups
-
-        return repeated_groups(case_patients(self._cases, self.case_ids if case_ids is None else case_ids))
