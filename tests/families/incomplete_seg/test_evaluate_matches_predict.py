@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_incomplete import tiny_config
 
-TINY = {"widths": [4, 8], "aspp_dilations": [1, 2], "ssim_window": 3, "channels_last": False}
 # canonical label (number of regions holding a voxel) -> the value each BraTS release writes
 RAW = {"2021": {0: 0, 1: 2, 2: 1, 3: 4}, "2023": {0: 0, 1: 2, 2: 1, 3: 3}}
 _2023_NAMES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}
@@ -43,16 +43,7 @@ def run(request, tmp_path_factory):
     root = make_incomplete_seg_demo(tmp / "classic", n_patients=8, shape=(16, 16, 16))
     if request.param == "2023":
         root = _to_brats2023(root, tmp / "brats2023")
-    cfg = validate({
-        "name": "inc", "output_dir": str(tmp / "runs"),
-        "data": {"root": str(root), "layout": "brats", "batch_size": 2, "eval_batch_size": 1,
-                 "split": {"val": 0.25, "test": 0.25, "seed": 0},
-                 "transforms": {"intensity": {"*": {"kind": "percentile", "nonzero": True}}}},
-        "model": {"name": "incomplete_seg", "params": {**TINY, "val_combos_per_case": 2}},
-        "train": {"max_epochs": 1, "monitor": "val/loss", "mode": "min", "progress_bar": False,
-                  "accelerator": "cpu"},
-        "eval": {"n_boot": 5, "overlays": 0},
-    })
+    cfg = validate(tiny_config(root, tmp / "runs", n_boot=5))
     return root, fit(cfg), request.param
 
 
@@ -126,17 +117,9 @@ def test_evaluate_writes_and_scores_what_predict_writes(run, tmp_path):
 @pytest.fixture
 def nested_boxes(monkeypatch):
     """The task predicts fixed nested boxes WT > TC > ET (whatever the weights), so every label shows."""
-    from medfuse.families.incomplete_seg.task import IncompleteSegTask
+    from tiny_incomplete import fix_regions
 
-    def fake(self, batch, present=None):
-        b, _, *s = batch["image"].shape
-        q = torch.zeros(b, 3, *s, device=batch["image"].device)
-        q[:, 0, 2:14, 2:14, 2:14] = 0.9  # WT
-        q[:, 1, 4:12, 4:12, 4:12] = 0.8  # TC
-        q[:, 2, 6:10, 6:10, 6:10] = 0.7  # ET
-        return q
-
-    monkeypatch.setattr(IncompleteSegTask, "predict_regions", fake)
+    fix_regions(monkeypatch, wt=(slice(2, 14),) * 3, tc=(slice(4, 12),) * 3, et=(slice(6, 10),) * 3)
 
 
 def test_evaluate_writes_the_data_sets_label_values(run, nested_boxes, tmp_path):

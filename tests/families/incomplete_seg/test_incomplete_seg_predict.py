@@ -10,9 +10,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-
-TINY = {"widths": [4, 8], "aspp_dilations": [1, 2], "ssim_window": 3, "channels_last": False}
+from tiny_incomplete import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +21,7 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("inc_pkg")
     root = make_incomplete_seg_demo(tmp / "data", n_patients=8, shape=(16, 16, 16))
-    cfg = validate({
-        "name": "inc", "output_dir": str(tmp / "runs"),
-        "data": {"root": str(root), "layout": "brats", "batch_size": 2, "eval_batch_size": 1,
-                 "split": {"val": 0.25, "test": 0.25, "seed": 0},
-                 "transforms": {"intensity": {"*": {"kind": "percentile", "nonzero": True}}}},
-        "model": {"name": "incomplete_seg", "params": {**TINY, "val_combos_per_case": 2}},
-        "train": {"max_epochs": 1, "monitor": "val/loss", "mode": "min", "progress_bar": False,
-                  "accelerator": "cpu"},
-        "eval": {"n_boot": 10, "overlays": 0},
-    })
+    cfg = validate(tiny_config(root, tmp / "runs", n_boot=10))
     run_dir = fit(cfg)
     # a new case with two of the four modalities (FLAIR, T1ce), in its own folder
     case = next(p for p in sorted(root.iterdir()) if p.is_dir())
@@ -87,17 +76,10 @@ def test_package_predicts_like_the_run_without_data_or_run(run, tmp_path, monkey
 @pytest.fixture
 def small_et(monkeypatch):
     """The task predicts a fixed nested WT > TC > ET with an ET of 3 voxels (whatever the weights)."""
-    from medfuse.families.incomplete_seg.task import IncompleteSegTask
+    from tiny_incomplete import fix_regions
 
-    def fake(self, batch, present=None):
-        b, _, *s = batch["image"].shape
-        q = torch.zeros(b, 3, *s, device=batch["image"].device)
-        q[:, 0, 2:10, 2:10, 2:10] = 0.9  # WT
-        q[:, 1, 4:8, 4:8, 4:8] = 0.8  # TC
-        q[:, 2, 5, 5, 5:8] = 0.7  # ET: 3 voxels
-        return q
-
-    monkeypatch.setattr(IncompleteSegTask, "predict_regions", fake)
+    box = slice(2, 10), slice(4, 8)
+    fix_regions(monkeypatch, wt=(box[0],) * 3, tc=(box[1],) * 3, et=(5, 5, slice(5, 8)))  # ET: 3 voxels
 
 
 @pytest.mark.parametrize("threshold", [0, 3, 4])
