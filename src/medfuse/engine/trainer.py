@@ -83,7 +83,7 @@ from medfuse.engine.runlog import (  # noqa: F401 - the names that moved to runl
     stage_log,
 )
 from medfuse.engine.tasks import BaseTask
-from medfuse.errors import ConfigError, Interrupted, RunDirError
+from medfuse.errors import ConfigError, Interrupted, MedfuseError, RunDirError
 from medfuse.fileio import atomic_open
 
 log = logging.getLogger("medfuse")
@@ -268,9 +268,16 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
         raise RunDirError(only_stage, "no such stage in train.stages",
                           f"use one of: {', '.join(names)}" if names else "the config has no train.stages: drop --stage")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg, run_dir)
-    dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
-    unpad_validation(dm)
+    split_file = run_dir / "splits.csv"
+    new_split = not split_file.exists()
+    try:
+        dm = build_datamodule(cfg, run_dir)  # saves the split (splits.csv) of a new run
+        dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
+        unpad_validation(dm)
+    except MedfuseError:
+        if new_split:  # a run that never started keeps no split: a rerun on the mended data splits afresh
+            split_file.unlink(missing_ok=True)
+        raise
     config_saved = False
     prev_best: Path | None = None
     for stage in stages:
