@@ -217,3 +217,29 @@ def test_missing_container_hint_names_the_working_directory_only_for_relative_pa
     with pytest.raises(DataError) as e:
         open_node("gone.zarr/raw")
     assert f"relative paths start at {tmp_path}" in str(e.value)
+
+
+def test_a_mask_value_outside_data_num_classes_is_reported_as_train_refuses_it(tmp_path, capsys):
+    """A dataset declaring no labels: a segmentation config's data.num_classes declares them (0..K-1)."""
+    root = tmp_path / "seg"
+    root.mkdir()
+    rows = []
+    for i, top in enumerate([1, 2, 3]):
+        write_nifti(np.full((1, 4, 6, 6), 1.0, np.float32), root / f"c{i}_img.nii.gz")
+        mask = np.zeros((1, 4, 6, 6), np.uint8)
+        mask[0, 1:3, 2:4, 2:4] = top
+        write_nifti(mask, root / f"c{i}_seg.nii.gz")
+        rows.append({"case_id": f"c{i}", "image_ct": f"c{i}_img.nii.gz", "mask": f"c{i}_seg.nii.gz"})
+    manifest = _manifest(root, rows, resample=False)
+    assert run_check(manifest) == 0  # nothing declared: whole numbers pass
+    capsys.readouterr()
+    cfg = tmp_path / "seg.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "s", "task": "segmentation", "output_dir": str(tmp_path / "runs"),
+                                   "data": {"layout": "manifest", "num_classes": 3},
+                                   "model": {"name": "baseline_unet3d"}}))
+    code, out, _ = run_cli(["data", "check", str(manifest), "--config", str(cfg)], capsys)
+    assert code == 2
+    assert out[0] == (f"{root / 'c2_seg.nii.gz'}: [label] mask of case 'c2' has values {{3}} in 8 voxels, outside "
+                      "the declared labels {0, 1, 2}. Fix: remap the mask values to the declared labels, or declare "
+                      "them (mask_labels, labels in dataset.json, or a segmentation run's data.num_classes)")
+    assert out[1].startswith("1 problem in 3 cases (with seg.yaml:")

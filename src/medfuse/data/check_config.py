@@ -3,12 +3,14 @@
 :func:`config_table` loads the table through :func:`medfuse.data.datamodule.load_table` (train's own
 loader) with :func:`medfuse.data.checks.validate_table` collecting its problems instead of raising
 the first, and :func:`~medfuse.data.rules.modality_problems` reports cases without some of the
-run's modalities; :func:`check_as_run` / :func:`run_check_as_run` then run every per-case rule of
+run's modalities, and a segmentation run's ``data.num_classes`` declares the mask values of a
+dataset that declares none (train refuses other values when it reads them); :func:`check_as_run` / :func:`run_check_as_run` then run every per-case rule of
 :func:`medfuse.data.checks.check_dataset` under the config's ``data.dicom``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,9 +60,16 @@ def config_table(cfg: Config, path: str | Path | None = None,
 
 def _load_as_run(cfg: Config, path: str | Path | None, layout: str | None,
                  partial_modalities: bool) -> tuple[CaseTable | None, list[Problem]]:
+    from medfuse.data.datamodule import mask_values, run_mask_values
+
     table, issues = config_table(cfg, path, layout)
-    if table is not None and not partial_modalities:
+    if table is None:
+        return table, issues
+    if not partial_modalities:
         issues += modality_problems(table)
+    values = run_mask_values(table, cfg)
+    if values is not None and mask_values(table) is None:  # data.num_classes declares them: the `label` rule
+        table = dataclasses.replace(table, mask_labels={str(v): v for v in values})
     return table, issues
 
 

@@ -268,6 +268,16 @@ def mask_values(table) -> list[int] | None:
     return sorted(set(int(v) for v in table.mask_labels.values())) if table.mask_labels else None
 
 
+def run_mask_values(table, cfg: Config) -> list[int] | None:
+    """The label values a mask of the run of ``cfg`` may hold: the dataset's declared ones, else
+    ``0 .. data.num_classes - 1`` for a segmentation run that sets it (None: not declared). A mask
+    value outside them is refused when the case is read (and by ``data check --config``)."""
+    values = mask_values(table)
+    if values is None and cfg.task == "segmentation" and cfg.data.num_classes:
+        values = list(range(cfg.data.num_classes))
+    return values
+
+
 class CaseDataModule(L.LightningDataModule):
     """Train/val/test dataloaders over a case table, transforms from the config."""
 
@@ -288,9 +298,7 @@ class CaseDataModule(L.LightningDataModule):
         self.modalities = self.table.modalities
         # The dataset's own label values, read before a family renames table.mask_labels; a
         # mask value outside them is refused when the case is read (the `label` rule of data check).
-        self.mask_values = mask_values(self.table)
-        if self.mask_values is None and cfg.task == "segmentation" and cfg.data.num_classes:
-            self.mask_values = list(range(cfg.data.num_classes))
+        self.mask_values = run_mask_values(self.table, cfg)
         self._datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:

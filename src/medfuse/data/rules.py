@@ -29,7 +29,8 @@ FIXES = {
     "channels": "store one channel per declared modality, or correct the modality list",
     "grid": "resample this case's modalities and mask onto one grid (e.g. MONAI ResampleToMatch) or fix the header",
     "nonfinite": "replace NaN/Inf voxels (e.g. with 0) or re-export the image",
-    "label": "remap the mask values to the declared labels, or declare them (mask_labels, or labels in dataset.json)",
+    "label": "remap the mask values to the declared labels, or declare them (mask_labels, labels in dataset.json, or "
+             "a segmentation run's data.num_classes)",
     "empty-mask": "check the segmentation, or set mask_required: false if empty masks are expected",
     "duplicate-id": "give every case a unique case_id",
     "leak": LEAK_FIX,
