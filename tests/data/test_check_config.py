@@ -243,3 +243,15 @@ def test_a_mask_value_outside_data_num_classes_is_reported_as_train_refuses_it(t
                       "the declared labels {0, 1, 2}. Fix: remap the mask values to the declared labels, or declare "
                       "them (mask_labels, labels in dataset.json, or a segmentation run's data.num_classes)")
     assert out[1].startswith("1 problem in 3 cases (with seg.yaml:")
+
+
+def test_every_bad_case_id_is_reported_not_only_the_first(tmp_path, capsys):
+    manifest = _nifti_set(tmp_path / "d", [{"case_id": "c0", "label": "T1"}, {"case_id": "c1", "label": "T2"},
+                                           {"case_id": "c2", "label": "T3"}])
+    text = manifest.read_text().replace("\nc0,", "\nc 0/x,").replace("\nc2,", "\n../c2,")
+    manifest.write_text(text)
+    code, out, _ = run_cli(["data", "check", str(manifest), "--config", str(_config(tmp_path / "s.yaml"))], capsys)
+    assert code == 2
+    assert [line.split(": [")[0] for line in out[:2]] == [f"{manifest} (line 2)", f"{manifest} (line 4)"]
+    assert all("[case-id]" in line for line in out[:2])
+    assert out[2].startswith("2 problems in 3 cases (with s.yaml:")

@@ -141,7 +141,8 @@ def load_table(cfg: Config, collect: list | None = None):
     Case ids are checked while loading; duplicate ids, patient leaks and case labels that are not
     classes (for a classification run: a declared class name or a whole index) are refused with
     one line (:func:`medfuse.data.checks.validate_table`). Class-name labels of a classification
-    run become their class index.
+    run become their class index. With ``collect`` (a list), the table-wide problems, bad case ids
+    included, are added to it instead of the first being raised.
     """
     from medfuse.data.checks import validate_table
     from medfuse.data.dicom import set_dicom_options
@@ -150,7 +151,8 @@ def load_table(cfg: Config, collect: list | None = None):
     from medfuse.data.layouts import load_cases
 
     root = data_root(cfg)
-    table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities)
+    # collecting (data check --config): every bad case id is a problem of validate_table, not the first one raised
+    table = load_cases(root, layout=cfg.data.layout, modalities=cfg.data.modalities, check_ids=collect is None)
     classification = cfg.task == "classification"
     if classification:
         if table.class_names is None and cfg.data.class_names and not cfg.data.label_map:
