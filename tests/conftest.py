@@ -46,6 +46,33 @@ def write_cls_dataset(root: Path, n_patients: int = 24, shape=(6, 16, 16), seed:
     return root / "manifest.csv"
 
 
+def write_seg_dataset(root: Path, n_cases: int = 16, shape=(8, 16, 16), seed: int = 0) -> Path:
+    """A one-modality ('mr') segmentation set: a bright box per case at a random place, labels 0/1
+    declared as background/lesion; returns the folder (manifest.csv + dataset.json)."""
+    from medfuse.data.io import write_nifti
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_cases):
+        img = rng.normal(0, 0.3, shape).astype(np.float32)
+        mask = np.zeros(shape, np.uint8)
+        z, y, x = rng.integers(1, 4), rng.integers(2, 9), rng.integers(2, 9)
+        mask[z: z + 4, y: y + 6, x: x + 6] = 1
+        img[mask > 0] += 2.0
+        write_nifti(img[None], root / "images" / f"c{i}.nii.gz", affine=AFFINE)
+        write_nifti(mask[None], root / "images" / f"c{i}_seg.nii.gz", affine=AFFINE)
+        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_mr": f"images/c{i}.nii.gz",
+                     "mask": f"images/c{i}_seg.nii.gz"})
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (root / "dataset.json").write_text(json.dumps({"modalities": ["mr"],
+                                                   "mask_labels": {"background": 0, "lesion": 1}}))
+    return root
+
+
 @pytest.fixture(scope="session")
 def cls_dataset(tmp_path_factory) -> Path:
     return write_cls_dataset(tmp_path_factory.mktemp("cls"))

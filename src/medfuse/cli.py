@@ -172,6 +172,10 @@ def predict(
     case_id: Annotated[str | None, typer.Option(
         "--case-id", help="name of the one case INPUTS hold (default: from the first file, or the DICOM folder)",
         show_default=False)] = None,
+    skip_refused: Annotated[bool, typer.Option(
+        "--skip-refused", help="skip a case that cannot be predicted (2D among 3D, missing modality, unreadable "
+        "file, DICOM gap) instead of stopping; the others are predicted one at a time and the refused ones "
+        "listed in OUT/refused.csv (exit 2 only if every case is refused)")] = False,
 ) -> None:
     """Predict new cases with a trained run or package; outputs lie on each input's own grid."""
     from medfuse.engine.predict import predict as _predict
@@ -181,7 +185,8 @@ def predict(
     files = [a for a in inputs if a not in overrides]
     if not files:
         raise MedfuseError("INPUTS", "no input given", "give an imagesTs folder, a manifest or image files")
-    path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True, case_id=case_id)
+    path = _predict(run_dir, files, out, modalities=mods, overrides=overrides, progress=True, case_id=case_id,
+                    skip_refused=skip_refused)
     console.print(f"predictions: {path}")
 
 

@@ -13,41 +13,16 @@ import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from ddp_helpers import WORKER, torchrun
 
-from conftest import AFFINE, tiny_cls_config, write_cls_dataset
+from conftest import tiny_cls_config, write_cls_dataset, write_seg_dataset
 from medfuse.engine.checkpoint import safe_torch_load
 
 pytestmark = pytest.mark.ddp
 
 TWO_RANKS = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
-
-
-def _seg_dataset(root: Path, n: int = 18) -> Path:
-    from medfuse.data.io import write_nifti
-
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        img = rng.normal(0, 0.3, (8, 16, 16)).astype(np.float32)
-        mask = np.zeros((8, 16, 16), np.uint8)
-        z, y, x = rng.integers(1, 4), rng.integers(2, 9), rng.integers(2, 9)
-        mask[z: z + 4, y: y + 6, x: x + 6] = 1
-        img[mask > 0] += 2.0
-        write_nifti(img[None], root / "images" / f"c{i}.nii.gz", affine=AFFINE)
-        write_nifti(mask[None], root / "images" / f"c{i}_seg.nii.gz", affine=AFFINE)
-        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_mr": f"images/c{i}.nii.gz",
-                     "mask": f"images/c{i}_seg.nii.gz"})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["mr"], "mask_labels": {"background": 0, "lesion": 1}}))
-    return root
 
 
 def _cls_cfg(root: Path, out: Path, name: str) -> dict:
@@ -73,7 +48,7 @@ def _seg_cfg(root: Path, out: Path) -> dict:
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ddp_runs")
     cls_root = write_cls_dataset(base / "cls", n_patients=20).parent
-    seg_root = _seg_dataset(base / "seg")
+    seg_root = write_seg_dataset(base / "seg", n_cases=18)
     out = base / "runs"
     proc = torchrun(str(WORKER), json.dumps([_cls_cfg(cls_root, out, "cls"), _seg_cfg(seg_root, out)]),
                     json.dumps(_cls_cfg(cls_root, out, "killed")))

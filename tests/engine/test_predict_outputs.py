@@ -62,6 +62,32 @@ def test_write_rows_merges_by_case_and_refuses_other_columns(tmp_path):
         write_rows(path, ["case_id", "dice"], [["a", 0.5]])
 
 
+def test_embeddings_merge_by_case_and_refuse_another_width(tmp_path):
+    import numpy as np
+
+    from medfuse.engine.outputs import write_embeddings
+
+    path = tmp_path / "embeddings.npz"
+    write_embeddings(path, ["a", "b"], np.eye(2, 3, dtype=np.float32))
+    write_embeddings(path, ["b", "c"], np.full((2, 3), 0.5, np.float32))  # b again: its new row
+    with np.load(path, allow_pickle=False) as z:
+        assert z["case_id"].tolist() == ["a", "b", "c"]
+        assert np.array_equal(z["image_emb"], np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]], np.float32))
+    with pytest.raises(DataError, match="holds embeddings of shape"):
+        write_embeddings(path, ["d"], np.zeros((1, 4), np.float32))
+
+
+def test_ct_encoder_reports_keep_the_rows_of_earlier_runs(tmp_path):
+    from medfuse.families.ct_encoder.predict import CTEncoderPredictor
+
+    for reports in ([("v1", "first report")], [("v2", "second, report")], [("v1", "again")]):
+        p = CTEncoderPredictor(None, None, None)
+        p.reports = list(reports)
+        p.finish(tmp_path)
+    rows = list(csv.reader((tmp_path / "reports.csv").open()))
+    assert rows == [["case_id", "report"], ["v2", "second, report"], ["v1", "again"]]
+
+
 def test_an_input_named_like_the_folders_tables_is_refused(cls_run, cls_dataset, tmp_path):
     from medfuse.engine.predict import predict
 

@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
 
-from conftest import AFFINE
+from conftest import AFFINE, write_seg_dataset
 from medfuse.config import validate
-from medfuse.data.io import read_image, write_nifti
+from medfuse.data.io import read_image
 from medfuse.engine.evaluate import evaluate
 from medfuse.engine.trainer import fit
 
 
 @pytest.fixture(scope="module")
 def seg_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seg")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        img = rng.normal(0, 0.3, (8, 16, 16)).astype(np.float32)
-        mask = np.zeros((8, 16, 16), np.uint8)
-        z, y, x = rng.integers(1, 4), rng.integers(2, 9), rng.integers(2, 9)
-        mask[z: z + 4, y: y + 6, x: x + 6] = 1
-        img[mask > 0] += 2.0
-        write_nifti(img[None], root / "images" / f"c{i}.nii.gz", affine=AFFINE)
-        write_nifti(mask[None], root / "images" / f"c{i}_seg.nii.gz", affine=AFFINE)
-        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_mr": f"images/c{i}.nii.gz",
-                     "mask": f"images/c{i}_seg.nii.gz"})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["mr"],
-                                                   "mask_labels": {"background": 0, "lesion": 1}}))
-    return root
+    return write_seg_dataset(tmp_path_factory.mktemp("seg"))
 
 
 def test_segmentation_trains_and_evaluates(seg_dataset, tmp_path):

@@ -4,6 +4,7 @@ nnU-Net v2 names an input image ``<case>_<XXXX>.<ending>`` with a 4-digit channe
 id is the file name without the channel suffix and the ending, and predictions are written as
 ``<case>.<ending>``. :func:`case_id_of` strips both; :func:`image_cases` groups a list of files
 (or a plain ``imagesTs`` folder) into cases, channel ``i`` being the run's ``i``-th modality.
+:func:`image_shape` reads an input's (C, D, H, W) from its header where it can (the 2D/3D check).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medfuse.errors import DataError
 
@@ -96,3 +99,53 @@ def dataset_test_folder(folder: Path) -> Path | None:
     if (folder / "dataset.json").is_file() and ts.is_dir() and image_files(ts):
         return ts
     return None
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """(C, D, H, W) of an image: from the header for NIfTI and for a path into a Zarr/N5 container
+    (no voxels read), else by reading it."""
+    from medfuse.data.containers import split_container_path
+    from medfuse.data.io import image_suffix, read_image
+
+    if split_container_path(path) is not None:
+        return container_shape(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        try:
+            shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+        except Exception:  # noqa: BLE001 - read_image reports it with the file's name
+            return read_image(path).shape
+        i, j, k = (*shape[:3], 1, 1, 1)[:3]
+        c = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+        return (c, k, j, i)
+    return read_image(path).shape
+
+
+def container_shape(path: str | Path) -> tuple[int, ...]:
+    """(C, D, H, W) of a Zarr/N5 array, or of the first scale level of an OME-Zarr multiscales group
+    (e.g. CellMap's ``<ds>.zarr/recon-1/em/fibsem-uint8``), from the metadata only: the array that
+    :func:`medfuse.data.containers.read_zarr` would read, without reading it (EM volumes can be terabytes).
+
+    Raises:
+        DataError: the container or node is unreadable (see :func:`~medfuse.data.containers.open_node`),
+            a group names no scale level, or the array is not 3D-5D.
+    """
+    from medfuse.data.containers import is_array, open_node
+
+    node = open_node(path)
+    if not is_array(node):
+        ms = node.attrs.get("multiscales")
+        try:
+            node = node[str(ms[0]["datasets"][0]["path"])]
+        except Exception:  # noqa: BLE001 - no/odd multiscales metadata or a missing level: one line below
+            raise DataError(path, "is a Zarr/N5 group without a readable OME-NGFF multiscales level",
+                            "point at an array inside it (e.g. .../s0)") from None
+    shape = tuple(int(n) for n in node.shape)
+    if len(shape) == 5 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4:
+        raise DataError(path, f"array of shape {shape} is not a 3D volume", "point at a (z, y, x) or (c, z, y, x) array")
+    return shape

@@ -8,6 +8,12 @@ per-file rules while they are read); a 2D image given to a run trained on 3D vol
 modalities, volume + region mask) subclasses a generic predictor and names it in its
 :class:`~medfuse.registry.ModelEntry`.
 
+A refused case stops the whole prediction (one line, exit 2), unless ``skip_refused`` (``medfuse
+predict --skip-refused``): then :meth:`Predictor.run` predicts the other cases one at a time and
+lists each refused case in ``refused.csv`` (:func:`~medfuse.engine.outputs.record_refused`). The
+per-case checks report through :meth:`Predictor.refuse`, so a family's own ``cases``/``batches``
+need nothing for it.
+
 The same predictors run a portable model package (``medfuse export``, :mod:`medfuse.engine.package`),
 where there is no data set: a predictor class says what it reads from its run's data module
 (:meth:`Predictor.package_state`, a JSON-able dict written into the package) and how to rebuild that
@@ -17,6 +23,7 @@ from the package (:meth:`Predictor.package_data`, on top of a :class:`PackagedDa
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,10 +31,19 @@ import numpy as np
 import torch
 
 from medfuse.config import Config
+from medfuse.data.inputs import image_shape
 from medfuse.data.paths import check_case_id, output_dir, output_path
 from medfuse.engine.build import family_of
 from medfuse.engine.evaluate import check_eval_overrides, load_trained, to_device
-from medfuse.engine.outputs import INPUTS, record_inputs, write_rows
+from medfuse.engine.outputs import (
+    INPUTS,
+    REFUSED,
+    check_inputs,
+    record_inputs,
+    record_refused,
+    write_embeddings,
+    write_rows,
+)
 from medfuse.engine.tasks import BaseTask
 from medfuse.errors import ConfigError, DataError
 
@@ -78,8 +94,19 @@ class Predictor:
     """The ``eval.postprocess`` options this predictor (and its family's evaluator) applies; setting
     another one is refused (:func:`~medfuse.engine.build.check_postprocess`)."""
 
+    skip_refused: bool = False
+    """Set by :meth:`run`: a refused case is noted (:meth:`refuse`) instead of stopping the run."""
+
     def __init__(self, task: BaseTask, dm: Any, cfg: Config):
         self.task, self.dm, self.cfg = task, dm, cfg
+        self.refused: list[tuple[Any, DataError]] = []  # (case, why) of the last run, in skip mode
+
+    def refuse(self, case: Any, err: DataError) -> None:
+        """A case that cannot be predicted: raise ``err`` (the default), or with :attr:`skip_refused`
+        note it for ``refused.csv`` and go on with the other cases."""
+        if not self.skip_refused:
+            raise err
+        self.refused.append((case, err))
 
     # -------------------------------------------------------------------------- model packages
     @classmethod
@@ -215,11 +242,14 @@ class Predictor:
         if ref_shape is None:
             return
         for c in cases:
-            for m, path in c.images.items():
-                if path and Path(path).exists():
-                    raise_first([p for p in [dims_problem("the run's training images", ref_shape,
-                                                          f"image '{m}'", image_shape(path), path, c.case_id)]
-                                 if p is not None])
+            try:  # a file that cannot be read is refused here too (its header is read)
+                for m, path in c.images.items():
+                    if path and Path(path).exists():
+                        raise_first([p for p in [dims_problem("the run's training images", ref_shape,
+                                                              f"image '{m}'", image_shape(path), path, c.case_id)]
+                                     if p is not None])
+            except DataError as e:
+                self.refuse(c, e)
 
     def reference_shape(self) -> tuple[int, ...] | None:
         """(C, D, H, W) of the run's first training image (a package stores it), or None."""
@@ -262,34 +292,109 @@ class Predictor:
         """Called once after the last batch (e.g. to write a table)."""
 
     def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
-            progress: bool = False, case_id: str | None = None) -> Path:
-        """Predict every case of ``inputs`` into ``out_dir`` (a progress bar over cases when ``progress``);
-        ``case_id`` names the one case that ``inputs`` hold (its outputs are named by it)."""
+            progress: bool = False, case_id: str | None = None, skip_refused: bool = False) -> Path:
+        """Predict every case of ``inputs`` into ``out_dir``.
+
+        Args:
+            inputs: what :meth:`cases` takes.
+            out_dir: the output folder.
+            modalities: which modalities ``inputs`` are, when not all of them.
+            progress: show a progress bar over cases.
+            case_id: the name of the one case that ``inputs`` hold (its outputs are named by it).
+            skip_refused: a case refused by a :class:`~medfuse.errors.DataError` (the 2D/3D and
+                missing-modality checks, or an error while its files are read and transformed in
+                :meth:`batches`) is skipped instead of stopping the run: it gets no output and no
+                ``inputs.csv`` record, and a row of ``refused.csv`` (case_id, file, problem, fix).
+                The other cases are predicted one per batch (batch size 1), each into the same
+                files as without the flag, and one line on stderr says how many were refused.
+                Errors that are not about one case (no case at all, a case id another run
+                predicted from other files, an output table among the inputs) still stop it.
+
+        Returns:
+            ``out_dir``.
+
+        Raises:
+            DataError: a refused case (without ``skip_refused``), or every case refused (with it;
+                ``refused.csv`` lists them).
+        """
         output_dir(out_dir)
-        cases = self.cases(list(inputs), modalities)
+        self.skip_refused, self.refused = skip_refused, []
+        cases = self.cases(list(inputs), modalities)  # the 2D/3D check runs here (check_dims)
+        if not cases:
+            raise DataError(" ".join(map(str, inputs)), "holds no case to predict",
+                            "give an imagesTs folder, a manifest with rows, or image files")
         if case_id is not None:
             if len(cases) != 1:
                 raise ConfigError("--case-id", f"names one case, but the inputs hold {len(cases)}",
                                   "give the images of one case, or leave --case-id out")
             name = check_case_id(str(case_id), "--case-id")
-            cases = [dataclasses.replace(cases[0], case_id=name, patient_id=name)]
-        self.check_complete(cases)
-        for name in (INPUTS, "predictions.csv"):  # the tables this folder keeps never replace an input
+            renamed = dataclasses.replace(cases[0], case_id=name, patient_id=name)
+            self.refused = [(renamed if c is cases[0] else c, e) for c, e in self.refused]
+            cases = [renamed]
+        if skip_refused:
+            for c in self.pending(cases):
+                try:
+                    self.check_complete([c])
+                except DataError as e:
+                    self.refuse(c, e)
+        else:
+            self.check_complete(cases)
+        for name in (INPUTS, "predictions.csv", REFUSED):  # the tables this folder keeps never replace an input
             target = output_path(out_dir, name)
             if any(Path(i).resolve() == target.resolve() for i in inputs):
                 raise DataError(target, f"is an input of this prediction; the output '{name}' would replace it",
                                 "write the predictions to another folder (--out)")
+        todo = self.pending(cases)
         # a case id this folder already holds from other files is refused before anything is written
-        record_inputs(out_dir, dict(x for c in cases if (x := self.case_inputs(c)) is not None))
+        records = dict(x for c in todo if (x := self.case_inputs(c)) is not None)
+        if skip_refused:
+            check_inputs(out_dir, records)  # recorded case by case below: a refused case is never recorded
+        else:
+            record_inputs(out_dir, records)
         from rich.progress import Progress
 
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
             job = bar.add_task("predict", total=len(cases))
-            for batch in self.batches(cases):
-                self.write(batch, self.infer(batch), out_dir)
-                bar.advance(job, len(batch.get("case_id", [None])))
+            if skip_refused:
+                bar.advance(job, len(cases) - len(todo))
+                for c in todo:
+                    self.predict_one(c, out_dir)
+                    bar.advance(job, 1)
+            else:
+                for batch in self.batches(cases):
+                    self.write(batch, self.infer(batch), out_dir)
+                    bar.advance(job, len(batch.get("case_id", [None])))
+        done = [str(c.case_id) for c in self.pending(cases)]
+        refused = [(str(c.case_id), e) for c, e in self.refused]
+        if refused and not done:
+            path = record_refused(out_dir, refused, done)
+            first = refused[0][1]
+            raise DataError(path, f"every case was refused ({len(cases)} of {len(cases)}; the first, "
+                            f"{refused[0][0]}: {first.where}: {first.problem})",
+                            "fix or remove the files listed there and run again")
         self.finish(out_dir)
+        path = record_refused(out_dir, refused, done)  # also: a case predicted now leaves the list
+        if refused:
+            print(f"{len(refused)} of {len(cases)} cases refused; listed in {path}", file=sys.stderr, flush=True)
         return out_dir
+
+    def pending(self, cases: list[Any]) -> list[Any]:
+        """``cases`` without those refused so far (:meth:`refuse`)."""
+        out = {id(c) for c, _ in self.refused}
+        return [c for c in cases if id(c) not in out]
+
+    def predict_one(self, case: Any, out_dir: Path) -> None:
+        """Read, record and predict one case (``skip_refused``): a :class:`~medfuse.errors.DataError`
+        while its batch is built refuses the case (:meth:`refuse`) before anything of it is written."""
+        try:
+            batches = list(self.batches([case]))  # one case: one batch
+        except DataError as e:
+            self.refuse(case, e)
+            return
+        if (x := self.case_inputs(case)) is not None:
+            record_inputs(out_dir, dict([x]))
+        for batch in batches:
+            self.write(batch, self.infer(batch), out_dir)
 
 
 class ClassificationPredictor(Predictor):
@@ -357,14 +462,13 @@ class EmbeddingPredictor(Predictor):
         self.emb.append(torch.nn.functional.normalize(out["image_emb"].float(), dim=-1).cpu().numpy())
 
     def finish(self, out_dir):
-        if self.emb:
-            np.savez(output_path(out_dir, "embeddings.npz"), case_id=np.asarray(self.ids),
-                     image_emb=np.concatenate(self.emb))
+        if self.emb:  # the rows of other cases an earlier run wrote there are kept
+            write_embeddings(output_path(out_dir, "embeddings.npz"), self.ids, np.concatenate(self.emb))
 
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
             modalities: list[str] | None = None, overrides: list[str] | None = None,
-            progress: bool = False, case_id: str | None = None) -> Path:
+            progress: bool = False, case_id: str | None = None, skip_refused: bool = False) -> Path:
     """Run a trained model on new files with its family's predictor; return the output folder.
 
     Args:
@@ -379,6 +483,16 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         progress: show a progress bar over cases.
         case_id: the name of the one case ``inputs`` hold (default: from the first file's name, or
             the DICOM series folder's).
+        skip_refused: skip each case refused by a :class:`~medfuse.errors.DataError` (a 2D image
+            among 3D volumes, a missing modality, an unreadable file, a DICOM series with a gap)
+            instead of stopping at the first one; the others are predicted one per batch into the
+            same files as without it, the refused ones are listed in ``out/refused.csv`` (case_id,
+            file, problem, fix) and one stderr line counts them. If every case is refused it raises
+            (after writing ``refused.csv``). See :meth:`Predictor.run`.
+
+    Raises:
+        DataError: a refused case (without ``skip_refused``); every case refused (with it).
+        ConfigError: a bad override or ``case_id``.
     """
     from medfuse.data.dicom import use_dicom_options
     from medfuse.engine.build import check_postprocess
@@ -396,7 +510,8 @@ def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
         check_postprocess(cfg, entry.predictor.postprocess_keys)
         predictor = entry.predictor(task, dm, cfg)
     with use_dicom_options(predictor.cfg.data.dicom):  # the run's (or package's) data.dicom, with overrides
-        return predictor.run(list(inputs), Path(out), modalities, progress=progress, case_id=case_id)
+        return predictor.run(list(inputs), Path(out), modalities, progress=progress, case_id=case_id,
+                             skip_refused=skip_refused)
 
 
 def check_predict_overrides(overrides: list[str] | None) -> list[str]:
@@ -413,53 +528,3 @@ def training_image_shape(dm: Any) -> tuple[int, ...] | None:
     if ref_path is None or not Path(ref_path).exists():
         return None
     return image_shape(ref_path)
-
-
-def image_shape(path: str | Path) -> tuple[int, ...]:
-    """(C, D, H, W) of an image: from the header for NIfTI and for a path into a Zarr/N5 container
-    (no voxels read), else by reading it."""
-    from medfuse.data.containers import split_container_path
-    from medfuse.data.io import image_suffix, read_image
-
-    if split_container_path(path) is not None:
-        return container_shape(path)
-    if image_suffix(path) in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        try:
-            shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
-        except Exception:  # noqa: BLE001 - read_image reports it with the file's name
-            return read_image(path).shape
-        i, j, k = (*shape[:3], 1, 1, 1)[:3]
-        c = int(np.prod(shape[3:])) if len(shape) > 3 else 1
-        return (c, k, j, i)
-    return read_image(path).shape
-
-
-def container_shape(path: str | Path) -> tuple[int, ...]:
-    """(C, D, H, W) of a Zarr/N5 array, or of the first scale level of an OME-Zarr multiscales group
-    (e.g. CellMap's ``<ds>.zarr/recon-1/em/fibsem-uint8``), from the metadata only: the array that
-    :func:`medfuse.data.containers.read_zarr` would read, without reading it (EM volumes can be terabytes).
-
-    Raises:
-        DataError: the container or node is unreadable (see :func:`~medfuse.data.containers.open_node`),
-            a group names no scale level, or the array is not 3D-5D.
-    """
-    from medfuse.data.containers import is_array, open_node
-
-    node = open_node(path)
-    if not is_array(node):
-        ms = node.attrs.get("multiscales")
-        try:
-            node = node[str(ms[0]["datasets"][0]["path"])]
-        except Exception:  # noqa: BLE001 - no/odd multiscales metadata or a missing level: one line below
-            raise DataError(path, "is a Zarr/N5 group without a readable OME-NGFF multiscales level",
-                            "point at an array inside it (e.g. .../s0)") from None
-    shape = tuple(int(n) for n in node.shape)
-    if len(shape) == 5 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4:
-        raise DataError(path, f"array of shape {shape} is not a 3D volume", "point at a (z, y, x) or (c, z, y, x) array")
-    return shape

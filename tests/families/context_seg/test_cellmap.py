@@ -284,8 +284,8 @@ def test_a_cellmap_run_never_names_none_as_a_file(cm_run):
 
 
 def test_zarr_shape_is_read_from_metadata_and_read_image_does_not_blame_dicom(tmp_path):
+    from medfuse.data.inputs import image_shape
     from medfuse.data.io import read_image
-    from medfuse.engine.predict import image_shape
 
     container = tmp_path / "big" / "big.zarr"
     _group(container)

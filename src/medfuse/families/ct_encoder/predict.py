@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from medfuse.config import Config
 from medfuse.data.paths import output_path
 from medfuse.engine.evaluate import to_device
+from medfuse.engine.outputs import write_rows
 from medfuse.engine.predict import PackagedData, Predictor
 
 
@@ -73,13 +74,8 @@ class CTEncoderPredictor(Predictor):
                 self.reports.append((str(cid), text))
 
     def finish(self, out_dir):
-        if self.reports:
-            import csv
-
-            with (out_dir / "reports.csv").open("w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["case_id", "report"])
-                w.writerows(self.reports)
+        if self.reports:  # the rows of other cases an earlier run wrote there are kept
+            write_rows(output_path(out_dir, "reports.csv"), ["case_id", "report"], self.reports)
 
     def infer(self, batch):
         """The vision side only (a volume to predict has no report to embed)."""

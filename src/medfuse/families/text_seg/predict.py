@@ -35,9 +35,9 @@ class TextSegPredictor(Predictor):
         self.out_dir: Path | None = None
 
     def run(self, inputs: list[str], out_dir: Path, modalities: list[str] | None = None,
-            progress: bool = False, case_id: str | None = None) -> Path:
+            progress: bool = False, case_id: str | None = None, skip_refused: bool = False) -> Path:
         self.out_dir = Path(out_dir)  # for the check that no output replaces an input (cases())
-        return super().run(inputs, out_dir, modalities, progress, case_id)
+        return super().run(inputs, out_dir, modalities, progress, case_id, skip_refused=skip_refused)
 
     def check_outputs(self, records: list[Any], manifest: str, out_dir: Path) -> None:
         """Refuse a run whose outputs would replace an input file (the manifest's image sits in the
