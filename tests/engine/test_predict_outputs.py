@@ -53,6 +53,22 @@ def test_case_after_case_keeps_every_row_and_refuses_a_second_patient_under_one_
     assert "scan_a" in rows and len(rows) == 1 + 24
 
 
+def test_a_refused_prediction_records_nothing_so_the_mended_rerun_goes_through(cls_run, cls_dataset, tmp_path):
+    from medfuse.engine.predict import predict
+
+    out = tmp_path / "preds"
+    bad = _patient(tmp_path / "p1", cls_dataset, "case000")
+    data = bytes(open(bad[1], "rb").read())
+    open(bad[1], "wb").write(data[: len(data) // 2])  # a truncated file: its header reads, its voxels do not
+    with pytest.raises(DataError, match="scan_b"):
+        predict(cls_run, bad, out)
+    assert not (out / "inputs.csv").exists() and not (out / "predictions.csv").exists()
+    mended = _patient(tmp_path / "p1_again", cls_dataset, "case000")  # the same case id from other files
+    predict(cls_run, mended, out)
+    assert list(_rows(out)) == ["scan_a"]
+    assert "p1_again" in (out / "inputs.csv").read_text()
+
+
 def test_write_rows_merges_by_case_and_refuses_other_columns(tmp_path):
     path = tmp_path / "predictions.csv"
     write_rows(path, ["case_id", "pred"], [["a", 1], ["b", 0]])

@@ -5,7 +5,8 @@ case after case into one folder loses nothing.
   named by case id, so a second case with the same id from other files (two patients' series
   folders both called ``T2W_AX``) would replace the first one's outputs without a word; it is
   refused before anything is written, naming the id and both inputs. The same case predicted
-  again from the same files simply replaces its outputs.
+  again from the same files simply replaces its outputs. A case is recorded once its files have
+  been read, just before its outputs are written: a refused case leaves no record.
 * ``predictions.csv`` (:func:`write_rows`): one row per case; the rows of earlier runs for other
   cases are kept, a case predicted again gets its row replaced.
 * ``embeddings.npz`` (:func:`write_embeddings`): case ids and their embeddings, merged by case

@@ -345,12 +345,11 @@ class Predictor:
                 raise DataError(target, f"is an input of this prediction; the output '{name}' would replace it",
                                 "write the predictions to another folder (--out)")
         todo = self.pending(cases)
-        # a case id this folder already holds from other files is refused before anything is written
+        # a case id this folder already holds from other files is refused before anything is written;
+        # each case is recorded once its files have been read (a case refused then is never recorded,
+        # so the mended inputs' rerun does not meet a record of a prediction that never happened)
         records = dict(x for c in todo if (x := self.case_inputs(c)) is not None)
-        if skip_refused:
-            check_inputs(out_dir, records)  # recorded case by case below: a refused case is never recorded
-        else:
-            record_inputs(out_dir, records)
+        check_inputs(out_dir, records)
         from rich.progress import Progress
 
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
@@ -362,6 +361,7 @@ class Predictor:
                     bar.advance(job, 1)
             else:
                 for batch in self.batches(cases):
+                    self.record(out_dir, records, batch.get("case_id", []))
                     self.write(batch, self.infer(batch), out_dir)
                     bar.advance(job, len(batch.get("case_id", [None])))
         done = [str(c.case_id) for c in self.pending(cases)]
@@ -378,6 +378,13 @@ class Predictor:
             print(f"{len(refused)} of {len(cases)} cases refused; listed in {path}", file=sys.stderr, flush=True)
         return out_dir
 
+    @staticmethod
+    def record(out_dir: Path, records: dict[str, dict[str, str]], case_ids: list[str]) -> None:
+        """Add the input files of ``case_ids`` (those ``records`` holds) to ``inputs.csv``."""
+        found = {str(c): records[str(c)] for c in case_ids if str(c) in records}
+        if found:
+            record_inputs(out_dir, found)
+
     def pending(self, cases: list[Any]) -> list[Any]:
         """``cases`` without those refused so far (:meth:`refuse`)."""
         out = {id(c) for c, _ in self.refused}
@@ -391,8 +398,7 @@ class Predictor:
         except DataError as e:
             self.refuse(case, e)
             return
-        if (x := self.case_inputs(case)) is not None:
-            record_inputs(out_dir, dict([x]))
+        self.record(out_dir, dict(x for x in [self.case_inputs(case)] if x is not None), [case.case_id])
         for batch in batches:
             self.write(batch, self.infer(batch), out_dir)
 
