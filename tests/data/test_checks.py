@@ -249,3 +249,20 @@ def test_case_id_problems_show_the_id_readably_and_on_one_line():
     shown = case_id_problem("a\x1bb\nc")
     assert "\n" not in shown and "\x1b" not in shown and "'a\\x1bb\\nc'" in shown
     assert case_id_problem("case_001-a.2") is None
+
+
+def test_a_2d_case_among_3d_cases_is_reported_and_the_reverse(tmp_path):
+    """One case of 2D images among 3D volumes (a volume cut to one slice) would be padded and trained on."""
+    for name in ("a", "b", "c"):
+        _image(tmp_path / f"{name}.nii.gz", seed=0)
+    _image(tmp_path / "flat.nii.gz", seed=1, shape=(1, 1, 8, 8))
+    (tmp_path / "manifest.csv").write_text("case_id,image_ct\na,a.nii.gz\nb,b.nii.gz\nc,c.nii.gz\nd,flat.nii.gz\n")
+    problems = check_dataset(tmp_path)
+    assert [(p.rule, p.case_id, p.path) for p in problems] == [("dims", "d", str(tmp_path / "flat.nii.gz"))]
+    assert problems[0].message == ("image 'ct' of case 'd' is a 2D image (one slice) but 3 of the dataset's 4 "
+                                   "cases are 3D volumes")
+    # mostly 2D (a slice dataset): the one 3D volume is the odd case
+    (tmp_path / "manifest.csv").write_text("case_id,image_ct\na,a.nii.gz\nd,flat.nii.gz\ne,flat.nii.gz\n")
+    problems = check_dataset(tmp_path)
+    assert [(p.rule, p.case_id) for p in problems] == [("dims", "a")]
+    assert "is a 3D volume (8 slices) but 2 of the dataset's 3 cases are 2D images" in problems[0].message

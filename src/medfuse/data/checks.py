@@ -14,7 +14,8 @@ Rules (the ``[rule]`` tag of each line):
 * ``channels`` - a multi-channel file has fewer channels than the modalities mapped to it.
 * ``grid`` - the modalities and mask of one case differ in shape, spacing or affine (between
   modalities not when the sidecar declares ``resample_modalities: true``).
-* ``dims`` - a single-slice (2D) image or mask in a case whose other files are 3D volumes.
+* ``dims`` - a single-slice (2D) image or mask in a case whose other files are 3D volumes, or a
+  case of 2D images among cases of 3D volumes (or the reverse).
 * ``nonfinite`` - NaN or Inf voxels.
 * ``label`` - mask values outside the declared labels, or a case label outside the declared classes
   (for a classification run also a label that is not a whole class index).
@@ -73,6 +74,7 @@ from medfuse.data.rules import (  # noqa: F401 - the per-file rules live in rule
     MIN_MASK_INSIDE,
     MIN_OVERLAP,
     Problem,
+    dataset_dims_problems,
     dims_problem,
     hu_problem,
     mask_outside_problem,
@@ -132,9 +134,10 @@ def _check(path: str | Path | None, layout: str | None, grid_atol: float, affine
             return None, [Problem(e.where, "layout", e.problem, e.fix)]
         problems = table_problems(table)
     cases = table.cases if max_cases is None else table.cases[:max_cases]
+    first: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # case id -> its first image (the cross-case dims rule)
     for case in cases:
-        problems += _case_problems(table, case, grid_atol, affine_atol)
-    return table, problems
+        problems += _case_problems(table, case, grid_atol, affine_atol, first)
+    return table, problems + dataset_dims_problems(first)
 
 
 def format_problems(problems: list[Problem]) -> str:
@@ -321,7 +324,9 @@ def raise_first(problems: list[Problem], dataset: str | Path | None = None) -> N
 # ----------------------------------------------------------------------------- per-case rules
 
 
-def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: float) -> list[Problem]:
+def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: float,
+                   first: dict[str, tuple[str, str, tuple[int, ...]]] | None = None) -> list[Problem]:
+    """The per-case rules; ``first`` (case id -> modality, path, shape) gets the case's first readable image."""
     cid = case.case_id
     if table.layout in LAYOUT_RULES:
         return LAYOUT_RULES[table.layout](table, case)
@@ -372,6 +377,8 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                                     case_id=cid))  # fmt: skip
         if ref is None:
             ref = (m, vol)
+            if first is not None:
+                first[cid] = (m, path, tuple(vol.shape))
         elif path != case.images[ref[0]]:
             flat = dims_problem(f"image '{ref[0]}'", ref[1].shape, f"image '{m}'", vol.shape, path, cid)
             grid = _grid(ref, (f"image '{m}'", vol), path, cid, grid_atol, affine_atol)

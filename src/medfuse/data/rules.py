@@ -90,6 +90,31 @@ def dims_problem(ref_name: str, ref_shape: tuple[int, ...], name: str, shape: tu
                    f"({n} slices)", case_id=cid)
 
 
+def dataset_dims_problems(first: dict[str, tuple[str, str, tuple[int, ...]]]) -> list[Problem]:
+    """The ``dims`` rule across cases: a case whose first image is a 2D image (one slice) among cases
+    of 3D volumes, or the reverse (the fewer kind is reported; on a tie the 2D ones). A model trains
+    on one kind: the odd case would be padded to the others' size and trained on without a word.
+
+    Args:
+        first: case id -> (modality, path, (C, D, H, W) shape) of the case's first readable image.
+    """
+    flat = [cid for cid, (_, _, shape) in first.items() if shape[1] == 1]
+    n_flat, n_deep = len(flat), len(first) - len(flat)
+    if not n_flat or not n_deep:
+        return []
+    odd = flat if n_flat <= n_deep else [cid for cid in first if cid not in set(flat)]
+    problems = []
+    for cid in odd:
+        m, path, shape = first[cid]
+        what = (f"is a 2D image (one slice) but {n_deep} of the dataset's {len(first)} cases are 3D volumes"
+                if shape[1] == 1 else
+                f"is a 3D volume ({shape[1]} slices) but {n_flat} of the dataset's {len(first)} cases are 2D images")
+        problems.append(Problem(path, "dims", f"image '{m}' of case '{cid}' {what}",
+                                "give every case as a 3D volume (or every case as a 2D image), or drop this case",
+                                case_id=cid))
+    return problems
+
+
 MIN_OVERLAP = 0.1
 """A modality on another grid must cover at least this fraction of the first modality's field of view."""
 MIN_MASK_INSIDE = 0.5
