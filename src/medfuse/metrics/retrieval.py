@@ -80,6 +80,13 @@ def recall_at_k(sim: Any, ks: Sequence[int] = (1, 5, 10, 50), gt: Any = None) ->
     return {f"R@{k}": _recall(ranks, k) for k in ks if k <= ng}
 
 
+def trivial_ks(ks: Sequence[int], gallery: int) -> list[int]:
+    """The cut-offs of ``ks`` at or above the ``gallery`` size: every ranked query has a rank below
+    ``gallery`` (at most ``gallery - 1`` items ahead of it), so R@k is 1.0 for any model, random or
+    collapsed (a gallery of 1 makes even R@1 trivial). :func:`retrieval_report` leaves them out."""
+    return [int(k) for k in ks if k >= gallery]
+
+
 def same_text_positives(texts: Sequence[str]) -> np.ndarray | None:
     """(N, N) bool: pair j's text is the same as pair i's (whitespace-normalised), or None when
     every text is unique. Identical reports (several reconstructions of one scan share their
@@ -100,7 +107,7 @@ def retrieval_report(
 
     Args:
         sim: paired similarity matrix (N, N); rows are images, columns texts, pair i is (i, i).
-        ks: cut-offs; those larger than N are left out.
+        ks: cut-offs; those at or above N are left out (:func:`trivial_ks`: 1.0 for any model).
         n_boot: bootstrap resamples.
         seed: bootstrap seed.
         groups: (N,) the patient of each pair when a patient has several (CT-RATE scans): every
@@ -126,10 +133,11 @@ def retrieval_report(
         if gt.shape != s.shape or not gt.diagonal().all():
             raise ValueError(f"positives must be an (N, N) mask holding every pair i <-> i; got shape {gt.shape}")
     out: dict[str, Any] = {}
+    trivial = trivial_ks(ks, s.shape[1])
     for direction, matrix, pos in (("image_to_text", s, gt), ("text_to_image", s.T, None if gt is None else gt.T)):
         ranks = retrieval_ranks(matrix, pos)
         for k in ks:
-            if k <= s.shape[1]:
+            if k not in trivial:
                 out[f"{direction}/R@{k}"] = bootstrap_ci(
                     lambda r, k=k: (r < k).mean(-1), ranks, n_boot=n_boot, seed=seed, vectorized=True, groups=groups
                 )

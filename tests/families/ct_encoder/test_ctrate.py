@@ -221,13 +221,14 @@ def test_a_broken_cot_line_is_named_by_its_number(tmp_path):
         read_cot(path)
 
 
-def test_a_missing_first_reconstruction_keeps_the_next_one(tmp_path):
+def test_a_missing_first_reconstruction_keeps_the_next_one(tmp_path, caplog):
     """reconstructions: first keeps the first reconstruction ON DISK (a partial download used to lose
     the whole patient when its _1 volume was missing)."""
     root = make_ctrate(tmp_path / "dataset", n_patients=3)
     (root / "train" / "train_1" / "train_1_a" / "train_1_a_1.nii.gz").unlink()
-    with pytest.warns(UserWarning, match="not under"):
+    with caplog.at_level("WARNING", logger="medfuse"):
         steps = _steps(root, None)
+    assert any("not under" in r.getMessage() for r in caplog.records)
     assert set(steps) == {"train_1_a_2", "train_2_a_1", "train_3_a_1"}
 
 
@@ -292,3 +293,105 @@ def test_data_check_leaves_the_fill_outside_the_scan_circle_out_of_the_hu_rule(t
     rules = {(p.case_id, p.rule) for p in check_dataset(root)}
     assert ("train_2_a_1", "hu") in rules
     assert ("train_1_a_1", "hu") not in rules
+
+
+def _rename_report_columns(root: Path, renames: dict[str, str]) -> Path:
+    path = root / "radiology_text_reports" / "train_reports.csv"
+    text = path.read_text(encoding="utf-8-sig")
+    header, rest = text.split("\n", 1)
+    for old, new in renames.items():
+        header = header.replace(old, new)
+    path.write_text(header + "\n" + rest, encoding="utf-8")
+    return path
+
+
+def test_a_renamed_findings_column_is_one_line_naming_the_columns_at_train_and_check(tmp_path):
+    """Findings_EN/Impressions_EN renamed: train said '(line 2): volume ... has neither findings nor
+    impression. Fix: fill ...' (the rows are full) and data check 'matches no dataset layout'."""
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=2)
+    path = _rename_report_columns(root, {"Findings_EN": "Findings", "Impressions_EN": "Impressions"})
+    want = (r"train_reports\.csv: has no Findings_EN/Impressions_EN columns \(found: VolumeName, "
+            r"ClinicalInformation_EN, Technique_EN, Findings, Impressions\)\. Fix: rename Findings -> Findings_EN, "
+            r"Impressions -> Impressions_EN")
+    with pytest.raises(DataError, match=want) as e:
+        _steps(root, None)
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and "line 2" not in str(e.value)
+    with pytest.raises(DataError, match=want):
+        load_cases(root)
+    problems = check_dataset(root)
+    assert [(p.rule, str(p.path)) for p in problems] == [("layout", str(path))]
+    assert "no Findings_EN/Impressions_EN columns" in problems[0].message and "layout" not in problems[0].message
+    assert problems[0].fix.startswith("rename Findings -> Findings_EN")
+
+
+def test_reports_without_an_impression_column_still_read(tmp_path):
+    """Impressions_EN is optional (the findings stand in); only a missing findings column is refused."""
+    root = make_ctrate(tmp_path / "dataset", n_patients=2)
+    _rename_report_columns(root, {"Impressions_EN": "Other"})
+    assert set(_steps(root, None)) == {"train_1_a_1", "train_2_a_1"}
+    assert load_cases(root).layout == "ctrate"
+
+
+def test_data_check_declares_the_region_values_of_regions_json_as_train_does(tmp_path):
+    """A mask value 7 when regions.json declares 1..4: train refused it ('[label] ... outside the
+    declared labels {0, 1, 2, 3, 4}'), data check passed it (the layout declared no mask values)."""
+    from medfuse.config import load_config
+    from medfuse.engine.build import build_datamodule
+    from medfuse.errors import DataError
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=3)
+    for m in (root / "masks").glob("*.nii.gz"):
+        im = nib.load(str(m))
+        a = np.asarray(im.dataobj).copy()
+        a[a == 4] = 7
+        nib.save(nib.Nifti1Image(a, im.affine), str(m))
+    found = {p.case_id: p for p in check_dataset(root) if p.rule == "label"}
+    assert set(found) == {f"train_{i}_a_{r}" for i in (1, 2, 3) for r in (1, 2)}
+    assert load_cases(root).mask_labels == {"no region": 0, "right lung": 1, "left lung": 2, "heart": 3, "liver": 4}
+    cfg = load_config(CONFIGS / "ct_encoder_ctrate.yaml", [f"data.root={root}", f"output_dir={tmp_path / 'runs'}",
+                                                          *TINY, "data.split.val=0.34", "data.split.test=0.0"])
+    dm = build_datamodule(cfg, tmp_path / "run")
+    dm.setup("fit")
+    with pytest.raises(DataError) as e:
+        next(iter(dm.train_dataloader()))
+    cid = str(e.value).split("mask of case '")[1].split("'")[0]
+    assert f"[label] {found[cid].message}" in str(e.value)  # the same line, the same rule
+    (root / "regions.json").unlink()
+    assert load_cases(root).mask_labels is None  # nothing declared: nothing refused
+
+
+def test_a_tiny_validation_split_warns_and_the_report_leaves_trivial_recall_out(tmp_path, caplog):
+    """12 patients with val 0.1 / test 0.1: one val and one test patient. val/mean_recall was 1.0 every
+    epoch (best.ckpt chosen on a constant) and the report showed image_to_text/R@1 1.000 n=1."""
+    import logging
+
+    from medfuse.config import load_config
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.engine.trainer import fit
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=12)
+    cfg = load_config(CONFIGS / "ct_encoder_ctrate.yaml", [f"data.root={root}", f"output_dir={tmp_path / 'runs'}",
+                                                          *TINY, "data.split.val=0.1", "data.split.test=0.1"])
+    with caplog.at_level(logging.WARNING, logger="medfuse"):
+        run = fit(cfg)
+    lines = [r.getMessage() for r in caplog.records if "validation split holds" in r.getMessage()]
+    assert len(lines) == 1 and "train.monitor=val/mean_recall" in lines[0] and "1 patient" in lines[0]
+    rep = evaluate(run, n_boot=10)
+    assert rep["n"] == 1 and not any("R@" in k for k in rep["metrics"])
+    assert any("R@k left out for k = 1, 5, 10, 50, 100" in n and "split size (1 pair)" in n for n in rep["notes"])
+
+
+def test_a_validation_split_of_several_patients_does_not_warn(tmp_path, caplog):
+    import logging
+
+    from medfuse.config import load_config
+    from medfuse.engine.build import build_datamodule
+
+    root = make_ctrate(tmp_path / "dataset", n_patients=6)
+    cfg = load_config(CONFIGS / "ct_encoder_ctrate.yaml", [f"data.root={root}", f"output_dir={tmp_path / 'runs'}",
+                                                          *TINY, "data.split.val=0.34", "data.split.test=0.0"])
+    with caplog.at_level(logging.WARNING, logger="medfuse"):
+        build_datamodule(cfg, tmp_path / "run").setup("fit")
+    assert not any("validation split holds" in r.getMessage() for r in caplog.records)

@@ -51,8 +51,7 @@ layout) for :class:`~medfuse.families.ct_encoder.evaluate.CTEncoderPredictor`.
 
 from __future__ import annotations
 
-import json
-import warnings
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,11 @@ from medfuse.data.layouts import Case, CaseTable
 from medfuse.data.layouts.ctrate import (
     CTRATE_NAME,
     VOLUME_SUFFIXES,
+    csv_columns,
     read_csv_records,
+    read_regions,
+    region_ids,
+    reports_header_problem,
     rescale_of,
     volume_stem,
 )
@@ -86,6 +89,10 @@ from medfuse.families.ct_encoder.hu import Hounsfieldd
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
 
 _NOT_LABELS = {"VolumeName", "case_id", "volumename"}
+RETRIEVAL_MONITORS = ("val/mean_recall", "val/i2t_R@", "val/t2i_R@")
+"""Monitors read from validation retrieval (Recall@k over the split's pairs)."""
+
+log = logging.getLogger(__name__)
 
 
 def check_params(cfg: Config) -> CTEncoderDataParams:
@@ -136,21 +143,13 @@ def region_vocab(root: Path, p: CTEncoderDataParams) -> RegionVocab:
     meta: dict[str, Any] = {}
     path = _optional(root, p, "regions")
     if path is not None:
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(path, f"is not valid JSON ({e})", "fix the file") from e
+        meta = read_regions(path)  # the layout's reader: `data check` declares the same mask values
     names = p.region_names or meta.get("region_names")
     if not names:
         raise ConfigError("data.params.region_names", "no region names given",
                           f"set data.params.region_names (id -> name) or write {root / 'regions.json'}")
-    if isinstance(names, list):
-        names = {i + 1: n for i, n in enumerate(names)}
-    ids = sorted(int(k) for k in names)
-    if ids != list(range(1, len(ids) + 1)):  # region k is mask value k: other ids would never match a mask
-        where = "data.params.region_names" if p.region_names else (path or "region_names")
-        raise DataError(where, f"numbers the regions {ids[:6]}{'...' if len(ids) > 6 else ''}, but region k is "
-                        f"the region masks' value k", f"number the {len(ids)} regions 1..{len(ids)} as in the masks")
+    # region k is mask value k: other ids would never match a mask
+    names = region_ids(names, "data.params.region_names" if p.region_names else (path or "region_names"))
     return RegionVocab(names, p.region_groups or meta.get("region_groups"))
 
 
@@ -188,9 +187,13 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
     reports_path = root / str(p.reports)
     if not reports_path.is_file():
         raise DataError(reports_path, "reports CSV not found", "set data.params.reports (e.g. train_reports.csv)")
+    bad_header = reports_header_problem(reports_path, csv_columns(reports_path))  # before any row's findings
+    if bad_header is not None:
+        raise bad_header
     reports = _csv(reports_path)
-    if not reports or "VolumeName" not in reports[0][1]:
-        raise DataError(reports_path, "has no VolumeName column (or no rows)", "use CT-RATE's reports CSV columns")
+    if not reports:
+        raise DataError(reports_path, "has no rows", "give the reports CSV one row per volume (VolumeName, "
+                        "Findings_EN, Impressions_EN)")
     masks = root / str(p.masks)
     if not masks.is_dir():
         raise DataError(masks, "region mask folder not found", "set data.params.masks (one mask per volume)")
@@ -259,8 +262,8 @@ def read_ctrate(root: str | Path, p: CTEncoderDataParams) -> tuple[CaseTable, Re
                    "lesion": str(lesion_index[stem]) if stem in lesion_index else None,
                    "labels": labels, "hu": hu}))
     if missing:
-        warnings.warn(f"{len(missing)} volumes of {reports_path.name} are not under {root} (e.g. {missing[0]}); "
-                      "they are skipped", stacklevel=2)
+        log.warning("%d volumes of %s are not under %s (e.g. %s); they are skipped", len(missing),
+                    reports_path.name, root, missing[0])
     if not cases:
         raise DataError(root, f"none of the {len(reports)} volumes of {reports_path.name} was found",
                         "set data.root to the folder holding the volumes")
@@ -447,6 +450,22 @@ class CTEncoderDataModule(CaseDataModule):
     @property
     def has_mask(self) -> bool:
         return True
+
+    def setup(self, stage: str | None = None) -> None:
+        """The platform's checks; for ``fit``, one warning (once per data module) when a retrieval
+        monitor (``val/mean_recall``, ``val/i2t_R@k``, ``val/t2i_R@k``) reads a validation split of
+        fewer than 2 patients: Recall@k over a gallery of one is 1.0 every epoch, so ``best.ckpt``
+        would be chosen on a constant."""
+        super().setup(stage)
+        if stage not in (None, "fit") or getattr(self, "_warned_val", False):
+            return
+        self._warned_val = True
+        monitor = str(self.cfg.train.monitor)
+        patients = {c.patient_id for c in self.cases.get("val") or []}
+        if monitor.startswith(RETRIEVAL_MONITORS) and len(patients) < 2:
+            log.warning("train.monitor=%s: the validation split holds %d patient(s); Recall@k needs other "
+                        "patients to rank against (with one it is 1.0 every epoch), so model selection on it is "
+                        "uninformative; give data.split.val 2 or more patients", monitor, len(patients))
 
     def dataset(self, split: str):
         from medfuse.data.cache import build_dataset

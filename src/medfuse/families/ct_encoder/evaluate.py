@@ -5,7 +5,8 @@ training split, with the evaluation transforms, for the two things that need tra
 linear probe and the nearest-neighbour baseline) and reports, from those passes:
 
 * retrieval Recall@k both ways (global head vs impression), ``k`` in ``model.params.retrieval_ks``
-  (default 1, 5, 10, 50, 100; cut-offs above the split size are left out); pairs with identical
+  (default 1, 5, 10, 50, 100; cut-offs at or above the split size are left out, with a note: every
+  query's rank is below the split size, so such an R@k is 1.0 for any model); pairs with identical
   texts (reconstructions of one scan share their report) count as matches of each other;
 * volume-to-volume retrieval (``volume_to_volume/R@k``): a volume's positives are the other
   patients' volumes of the split with the same set of findings (identical ``labels.csv`` rows),
@@ -275,11 +276,17 @@ class CTEncoderEvaluator(RetrievalEvaluator):
 
     def compute(self):
         from medfuse.metrics import bootstrap_ci, retrieval_report
+        from medfuse.metrics.retrieval import trivial_ks
 
         sim = self.similarity()
         groups = self.groups()
-        metrics = retrieval_report(sim, ks=tuple(self.task.params.retrieval_ks), n_boot=self.n_boot, seed=self.seed,
+        ks = tuple(self.task.params.retrieval_ks)
+        metrics = retrieval_report(sim, ks=ks, n_boot=self.n_boot, seed=self.seed,
                                    groups=groups, positives=self.positives())
+        left, n = trivial_ks(ks, sim.shape[1]), sim.shape[1]
+        if left:
+            self.notes.append(f"image_to_text/text_to_image R@k left out for k = {', '.join(map(str, left))}: k at or "
+                              f"above the split size ({n} pair{'s' if n != 1 else ''}) gives 1.0 for any model")
         rep: dict[str, Any] = {"n": metrics.pop("n"), "metrics": metrics}
         if "n_patients" in metrics:
             rep["n_patients"] = metrics.pop("n_patients")
@@ -395,12 +402,16 @@ class CTEncoderEvaluator(RetrievalEvaluator):
     # --- report generation -----------------------------------------------------------------------------
     def generation(self, metrics: dict[str, Any], per_class: dict[str, Any], y: np.ndarray, names: list[str]) -> None:
         """Generation metrics of the model (``generation/``) and of the nearest-neighbour copy (``nn_copy/``)."""
+        from medfuse.families.ct_encoder.generation import note_empty_reports
         from medfuse.families.ct_encoder.labeler import build_labeler
         from medfuse.metrics.generation import generation_report
 
         systems: dict[str, list[str]] = {}
         if self.hyps:
             systems["generation"] = self.hyps
+            note = note_empty_reports(self.hyps, f"{self.split} split")
+            if note:
+                self.notes.append(note)
         tr = self.train
         if tr and tr.get("refs"):
             img = torch.cat(self.image_emb)

@@ -22,6 +22,7 @@ encoder -> projector -> visual prefix -> causal language model, next-token loss.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,6 +35,23 @@ PAD, UNK, BOS, EOS = range(4)
 TOKEN_BYTES = 48
 """Bytes per token in the checkpointed vocabulary table (longer words become [UNK])."""
 TARGETS = ("report", "findings", "impression", "cot")
+
+log = logging.getLogger(__name__)
+
+
+def note_empty_reports(reports: list[str], where: str) -> str | None:
+    """Log one line "<where>: N of M generated reports are empty" when any of ``reports`` is blank
+    (an undertrained generator writes empty reports, which are otherwise written without a word).
+
+    Returns:
+        the note ("N of M generated reports are empty"), or None when none is empty.
+    """
+    empty = sum(1 for r in reports if not str(r).strip())
+    if not empty:
+        return None
+    note = f"{empty} of {len(reports)} generated reports are empty"
+    log.warning("%s: %s (an undertrained generator: train it longer)", where, note)
+    return note
 
 
 def target_text(findings: str, impression: str, steps: list[Any] | None, target: str = "report") -> str:

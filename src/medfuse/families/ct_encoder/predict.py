@@ -45,9 +45,15 @@ class CTEncoderPredictor(Predictor):
         return data
 
     def cases(self, inputs, modalities):
+        """:func:`~medfuse.families.ct_encoder.data.predict_cases`, then the 2D/3D check
+        (:meth:`Predictor.check_dims`: a single slice given to a run trained on 3D volumes is refused,
+        or listed with ``--skip-refused``). OmniAbnorm-CT slabs (slice folders) are not checked."""
         from medfuse.families.ct_encoder.data import predict_cases
 
-        return predict_cases(inputs, self.dm.params)
+        cases = predict_cases(inputs, self.dm.params)
+        if self.dm.params.source != "omniabnorm":
+            self.check_dims(cases)
+        return cases
 
     def batches(self, cases):
         """One volume per batch, through the run's evaluation transforms (with the HU step)."""
@@ -74,6 +80,9 @@ class CTEncoderPredictor(Predictor):
                 self.reports.append((str(cid), text))
 
     def finish(self, out_dir):
+        from medfuse.families.ct_encoder.generation import note_empty_reports
+
+        note_empty_reports([text for _, text in self.reports], str(out_dir))
         if self.reports:  # the rows of other cases an earlier run wrote there are kept
             write_rows(output_path(out_dir, "reports.csv"), ["case_id", "report"], self.reports)
 
