@@ -57,3 +57,32 @@ def test_families_built_for_partial_inputs_take_them():
 
     assert not CaseDataModule.partial_modalities
     assert IncompleteSegDataModule.partial_modalities and ContextSegDataModule.partial_modalities
+
+
+def test_a_run_refused_while_training_before_its_first_checkpoint_keeps_no_split(cls_dataset, tmp_path):
+    """A NaN volume (case004, a training case) is found when the case is read, after the split was saved: the mended rerun, here
+    with the bad case dropped and a new one added, must split afresh, not meet 'dataset changed'."""
+    import nibabel as nib
+    import numpy as np
+
+    from medfuse.engine.trainer import fit
+
+    data = tmp_path / "data"
+    shutil.copytree(cls_dataset.parent, data)
+    bad = data / "images" / "case004_a.nii.gz"
+    img = nib.load(bad)
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    arr[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), bad)
+    cfg = tiny_cls_config(data / "manifest.csv", tmp_path / "runs", train__max_epochs=1)
+    with pytest.raises(DataError) as err:
+        fit(validate(cfg))
+    assert "case004_a.nii.gz" in err.value.one_line()
+    assert not (tmp_path / "runs" / "t" / "splits.csv").exists()
+    lines = (data / "manifest.csv").read_text().splitlines()
+    extra = lines[1].replace("case000", "case099").replace("p000", "p099")
+    shutil.copy(data / "images" / "case000_a.nii.gz", data / "images" / "case099_a.nii.gz")
+    shutil.copy(data / "images" / "case000_b.nii.gz", data / "images" / "case099_b.nii.gz")
+    (data / "manifest.csv").write_text("\n".join([ln for ln in lines if "case004" not in ln] + [extra]) + "\n")
+    run = fit(validate(cfg))
+    assert (run / "checkpoints").exists() and "case099" in (run / "splits.csv").read_text()

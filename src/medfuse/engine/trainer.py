@@ -248,11 +248,20 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
     check_launch(cfg)
     run_dir = cfg.run_dir
     output_dir(run_dir, "run directory")
+    split_file = run_dir / "splits.csv"
     with RunLock(run_dir, "train"):
+        new_split = not split_file.exists()
         try:
             return _fit(cfg, run_dir, resume, callbacks, only_stage)
         except KeyboardInterrupt:
             raise _interrupted(cfg, run_dir) from None
+        except MedfuseError:
+            # a run refused before its first checkpoint keeps no split: the rerun on mended data
+            # (an empty validation split, a NaN volume) splits afresh instead of meeting a stale one
+            ckpts = checkpoint_dir(run_dir)
+            if new_split and not (ckpts.exists() and any(ckpts.rglob("*.ckpt"))):
+                split_file.unlink(missing_ok=True)
+            raise
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, only_stage: str | None) -> Path:
@@ -268,16 +277,9 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, 
         raise RunDirError(only_stage, "no such stage in train.stages",
                           f"use one of: {', '.join(names)}" if names else "the config has no train.stages: drop --stage")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    split_file = run_dir / "splits.csv"
-    new_split = not split_file.exists()
-    try:
-        dm = build_datamodule(cfg, run_dir)  # saves the split (splits.csv) of a new run
-        dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
-        unpad_validation(dm)
-    except MedfuseError:
-        if new_split:  # a run that never started keeps no split: a rerun on the mended data splits afresh
-            split_file.unlink(missing_ok=True)
-        raise
+    dm = build_datamodule(cfg, run_dir)  # saves the split (splits.csv) of a new run
+    dm.setup("fit")  # Lightning's own hook, called early: data errors come before anything is written
+    unpad_validation(dm)
     config_saved = False
     prev_best: Path | None = None
     for stage in stages:
