@@ -293,3 +293,43 @@ def test_evaluate_reads_each_series_once(replica, evaluated):
     n_files = sum(1 for f in folders for p in f.rglob("*.dcm"))
     bound = sum(once.values()) + n_files
     assert sum(opens.values()) <= bound, (sum(opens.values()), bound)
+
+
+def _predict_manifest(path: Path, rows: list[list[str]]) -> str:
+    """A predict manifest: rows of (case_id, image_ct, slice, box, histology, t_stage)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "image_ct", "slice", "box", "histology", "t_stage"])
+        w.writerows(rows)
+    return str(path)
+
+
+def test_predict_refuses_a_2d_image_for_a_ct_run_and_names_an_empty_prompts_line(evaluated, replica, tmp_path):
+    """A plain 8-bit PNG given to a run trained on CT series (2.5D, HU window) was windowed as HU
+    (a nearly constant image) without a word; an empty prompt named neither the manifest nor its line.
+    A CT series with a slice still predicts, from the run and from its package."""
+    from PIL import Image
+
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    run = evaluated[0]
+    series = str(next((replica / "NSCLC Radiogenomics" / "R01-001").glob("*/3.000000-CT-*")))
+    png = tmp_path / "plain.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(png)
+    good = ["ok", series, "2", "40 40 80 70", "Adenocarcinoma", "T1a"]
+    pkg = export(run, tmp_path / "nsclc.zip")
+    for source in (run, pkg):
+        manifest = _predict_manifest(tmp_path / "png.csv", [good, ["flat", str(png), "", "40 40 80 70",
+                                                                   "Adenocarcinoma", "T1a"]])
+        with pytest.raises(DataError) as e:
+            predict(source, [manifest], tmp_path / f"png_{Path(source).name}")
+        assert e.value.where == str(png) and "case flat is a 2D image" in e.value.problem
+        assert "slices of 3D ct volumes" in e.value.problem and "slice column" in e.value.fix
+    manifest = _predict_manifest(tmp_path / "empty.csv", [good, ["empty", series, "2", "40 40 80 70", "", "T1a"]])
+    with pytest.raises(DataError) as e:
+        predict(run, [manifest], tmp_path / "empty")
+    assert e.value.where == f"{manifest} (line 3)" and "case empty has no value for 'histology'" in e.value.problem
+    out = predict(pkg, [_predict_manifest(tmp_path / "good.csv", [good])], tmp_path / "good")
+    assert (out / "ok.png").exists()

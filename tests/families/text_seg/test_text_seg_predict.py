@@ -129,3 +129,29 @@ def test_predict_never_replaces_an_input(run, tmp_path):
     out = predict(run_dir, [manifest], tmp_path / "elsewhere")
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.png" for c in images), "predictions.csv",
                                                             "inputs.csv"])
+
+
+def test_predict_refuses_a_volume_slice_for_a_2d_run(run, tmp_path):
+    """The run was trained on 2D PNGs (as BUS-BRA): a slice of a NIfTI volume is another kind of input."""
+    import numpy as np
+    from PIL import Image
+
+    from medfuse.data.io import write_nifti
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    _, data, run_dir = run
+    row = dict(list(csv.DictReader((data / "manifest.csv").open()))[0])
+    plane = np.asarray(Image.open(data / row["image_us"]), np.float32)
+    vol = tmp_path / "vol.nii.gz"
+    write_nifti(np.stack([plane] * 3)[None], vol)
+    manifest = tmp_path / "vol.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case_id", "image_us", "slice", "box", *FIELDS])
+        w.writeheader()
+        w.writerow({"case_id": "v", "image_us": str(vol), "slice": 1, "box": row["box"],
+                    **{k: row[k] for k in FIELDS}})
+    with pytest.raises(DataError) as e:
+        predict(run_dir, [str(manifest)], tmp_path / "out")
+    assert e.value.where == str(vol) and "case v is a volume of slices" in e.value.problem
+    assert "trained on 2D images" in e.value.problem

@@ -14,6 +14,10 @@ NSCLC_FIELDS = {"histology": "histology", "pathological_t_stage": "t_stage", "pa
                 "pathological_m_stage": "m_stage"}
 
 
+_FIX = "re-download or re-export the file, or remove the patient's folder"
+"""The fix of a damaged file that keeps a patient's SEG from being paired (:func:`nsclc_pair`)."""
+
+
 def nsclc_csv(root: Path) -> Path | None:
     """The clinical CSV of an NSCLC-Radiogenomics folder (a ``Case ID`` column and a T stage)."""
     if not root.is_dir():
@@ -34,27 +38,70 @@ def _leaf_folders(folder: Path) -> list[Path]:
 
 
 def _first_header(folder: Path):
+    """(the first readable DICOM header of ``folder`` or None, the DicomError of its first unreadable
+    DICOM file or None)."""
     from medfuse.data.dicom import DicomError, looks_like_dicom, read_header
 
+    bad = None
     for f in sorted(folder.iterdir()):
         if f.is_file() and looks_like_dicom(f):
             try:
-                return read_header(f)
-            except DicomError:
-                continue
-    return None
+                return read_header(f), bad
+            except DicomError as e:
+                bad = bad or e
+    return None, bad
+
+
+def _referenced_uid(head) -> tuple[str | None, str | None]:
+    """(the SEG's referenced series UID or None, what is wrong when its header is cut short or None).
+
+    pydicom parses sequences lazily, so a truncated header fails only when the sequence is read.
+    """
+    from medfuse.data.seg import referenced_series_uid
+
+    try:
+        uid = referenced_series_uid(head.ds)
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a sequence cut short
+        return None, "its ReferencedSeriesSequence cannot be read"
+    if uid is None:
+        return None, "no ReferencedSeriesSequence"
+    return uid, None if head.rows and head.cols else "no Rows/Columns"
 
 
 def nsclc_pair(patient: Path) -> tuple[Path, Path] | None:
-    """(CT series folder, SEG file) of one patient folder: the SEG's referenced series, by UID."""
-    from medfuse.data.seg import referenced_series_uid
+    """(CT series folder, SEG file) of one patient folder: the SEG's referenced series, by UID.
 
-    headers = [(f, h) for f in _leaf_folders(patient) if (h := _first_header(f)) is not None]
+    None: the patient has no SEG (left out with a note). A patient whose SEG cannot be paired because
+    a file is damaged is not taken for one without a SEG: a folder whose DICOM files are all
+    unreadable, a header without a SOPClassUID, or a SEG header cut short (no
+    ReferencedSeriesSequence, no Rows/Columns: a truncated file) is refused by name.
+
+    Raises:
+        DicomError: no SEG pairs with a CT series and one of the patient's files is damaged as above.
+    """
+    from medfuse.data.dicom import DicomError
+
+    headers, damaged = [], []
+    for folder in _leaf_folders(patient):
+        head, bad = _first_header(folder)
+        if head is not None and not head.sop_class and not head.modality:
+            bad, head = DicomError(head.path, "is a DICOM file whose header is cut short (no SOPClassUID or "
+                                   "Modality): the file is truncated or corrupt", _FIX), None
+        if head is not None:
+            headers.append((folder, head))
+        elif bad is not None:
+            damaged.append(bad)
     for _, seg in ((f, h) for f, h in headers if h.is_seg):
-        uid = referenced_series_uid(seg.ds)
+        uid, why = _referenced_uid(seg)
+        if why is not None:
+            damaged.append(DicomError(seg.path, f"is a DICOM SEG whose header is cut short ({why}): the file "
+                                      "is truncated or corrupt", _FIX))
+            continue
         ct = next((f for f, h in headers if h.is_image and h.series_uid == uid), None)
         if ct is not None:
             return ct, seg.path
+    if damaged:
+        raise damaged[0]
     return None
 
 
@@ -76,7 +123,8 @@ def load_nsclc(source: Path) -> CaseTable:
             no_seg += 1
             continue
         extra: dict[str, Any] = dict(fields)
-        extra.update({short: fields.get(long, "") for long, short in NSCLC_FIELDS.items()})
+        # a renamed or missing column stays missing (data.params.text_template names it as not a column)
+        extra.update({short: fields[long] for long, short in NSCLC_FIELDS.items() if long in fields})
         cases.append(Case(case_id=safe_id(pid), patient_id=pid, images={"ct": str(pair[0])}, mask=str(pair[1]),
                           extra=extra))
     if not cases:

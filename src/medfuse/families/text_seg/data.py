@@ -21,6 +21,9 @@ keyed by their files' size and mtime); with ``cache_in_memory`` the first slice 
 :class:`TextSegDataset` loads loads all of that volume's slices, so a shuffled first epoch also reads
 each series once.
 
+The text of a record (template, checks of the fields against the table) lives in
+:mod:`medfuse.families.text_seg.prompts`.
+
 Each item: ``image`` (3, S, S) in [0, 1] (MedSAM preprocessing, 2.5D optional), ``mask``
 (1, m, m) binary, ``box`` (4,) in model-input pixels, ``text`` (str), ``orig_size`` (2,).
 Counterfactual text (``FIELD=shuffle|VALUE``) replaces one field of the split's text before
@@ -32,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import string
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from medfuse.data.datamodule import CaseDataModule, SeededSampler, collate, deri
 from medfuse.data.dicom import current_options, use_dicom_options
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.text_seg.params import TextSegDataParams
+from medfuse.families.text_seg.prompts import case_fields, check_text_fields, render_text
 
 __all__ = ["VOLUMES", "Record", "SplitRecords", "TextSegDataModule", "TextSegDataset", "VolumeCache",
            "apply_counterfactual", "records_from_cases"]
@@ -108,11 +111,7 @@ def records_from_cases(cases: list, modality: str, need_mask: bool = True) -> li
             raise DataError(c.case_id, f"has no '{modality}' image", f"fill its image_{modality} cell")
         if need_mask and not c.mask:
             raise DataError(c.case_id, "has no mask", "give every training / evaluation image a mask")
-        fields = {str(k): "" if v is None else str(v) for k, v in c.extra.items()}
-        if c.text is not None:
-            fields["text"] = c.text
-        if c.label is not None:
-            fields.setdefault("label", str(c.label))
+        fields = case_fields(c)
         sl = fields.get("slice", "")
         try:
             slice_index = int(float(sl)) if sl != "" else None
@@ -139,25 +138,6 @@ def tumour_slice_records(cases: list, modality: str) -> list[Record]:
                             "check the segmentation, or leave the patient out")
         out += [dataclasses.replace(rec, case_id=f"{rec.case_id}_z{int(k):03d}", slice_index=int(k)) for k in slices]
     return out
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def render_text(rec: Record, template: str | None, fields: dict[str, str] | None = None) -> str:
-    """The prompt of a record: ``template`` filled from its fields, or its ``text`` field."""
-    fields = rec.fields if fields is None else fields
-    if template is None:
-        text = fields.get("text", "")
-        if not text.strip():
-            raise DataError(rec.case_id, "has no text", "fill the text column or set data.params.text_template")
-        return text
-    missing = [f for f in template_fields(template) if fields.get(f, "") == ""]
-    if missing:
-        raise DataError(rec.case_id, f"has no value for '{missing[0]}' used by data.params.text_template",
-                        f"fill the {missing[0]} column or change the template")
-    return template.format(**fields)
 
 
 def apply_counterfactual(records: list[Record], template: str | None, spec: str, seed: int = 0) -> dict[str, str]:
@@ -259,6 +239,24 @@ def read_plane(path: str, slice_index: int | None, two_and_half_d: bool, case_id
         idx = np.clip([slice_index - 1, slice_index, slice_index + 1], 0, arr.shape[1] - 1)
         return arr[0, idx].astype(np.float32)  # (3, H, W)
     return arr[:, slice_index].astype(np.float32)
+
+
+def is_volume(path: str) -> bool:
+    """Whether :func:`read_plane` reads ``path`` as a volume (its slices chosen by a slice column)
+    rather than as one 2D image: a folder (a DICOM series) or a file of several slices is a volume,
+    one DICOM file is a 2D image. A NIfTI's header is read, not its voxels.
+
+    Raises:
+        DataError: the file is missing or unreadable.
+    """
+    from medfuse.data.inputs import image_shape
+    from medfuse.data.io import image_suffix
+
+    if Path(path).is_dir():
+        return True
+    if image_suffix(path) == ".dcm":
+        return False
+    return image_shape(path)[1] > 1
 
 
 def _read_dicom_file(path: str) -> np.ndarray:
@@ -442,10 +440,12 @@ class TextSegDataModule(CaseDataModule):
 
     def __init__(self, cfg, run_dir: Path | None = None):
         self.params: TextSegDataParams = validate_params(TextSegDataParams, cfg.data.params, "data.params")
-        if self.params.split_by == "image" and load_table(cfg).patient_ids_given:
+        table = load_table(cfg)
+        if self.params.split_by == "image" and table.patient_ids_given:
             raise ConfigError("data.params.split_by", "split by image refused: the manifest has patient ids, so one "
                               "patient's images would land in several splits", "remove split_by (splits are by patient)")
-        super().__init__(cfg, run_dir)
+        check_text_fields(table, self.params.text_template)  # before the split is saved and any pixel is read
+        super().__init__(cfg, run_dir, table=table)
         mod = self.params.modality or self.modalities[0]
         if mod not in self.modalities:
             raise ConfigError("data.params.modality", f"'{mod}' is not a modality of the manifest",
@@ -460,9 +460,35 @@ class TextSegDataModule(CaseDataModule):
         self._pixels: dict[str, dict[int, dict[str, Any]]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        """Lightning's hook: for ``fit``, build (read) the training and validation records now."""
+        """Lightning's hook: for ``fit``, refuse a frozen image side that no weights reach
+        (:func:`~medfuse.families.text_seg.params.check_image_side_weights`), then build (read) the
+        training and validation records now. ``train`` calls it before anything is written;
+        ``evaluate`` and ``predict`` never do."""
+        if stage == "fit":
+            from medfuse.engine.checkpoint import checkpoint_dir
+            from medfuse.families.text_seg.params import TextSegParams, check_image_side_weights
+
+            # --resume, or a stage started from an earlier stage's checkpoint: trained weights arrive
+            trained = self.run_dir is not None and any(checkpoint_dir(self.run_dir).rglob("*.ckpt"))
+            check_image_side_weights(validate_params(TextSegParams, self.cfg.model.params, "model.params"),
+                                     self.cfg.model.weights, trained)
         if stage in (None, "fit"):
             self.records.build("train", "val")
+
+    def trained_on_volumes(self) -> bool | None:
+        """Whether the run's images are slices of 3D volumes (NSCLC's CT series; a manifest's volumes
+        with a slice column) rather than 2D images (PNG, JPG, one DICOM file): from the layout, else
+        the first training image (a folder or a NIfTI header; no series is read). None: not known
+        (no training image here, or it cannot be read)."""
+        if self.table.layout == "nsclc":
+            return True
+        path = next((p for c in self.cases.get("train") or [] if (p := c.images.get(self.modality))), None)
+        if path is None or not Path(path).exists():
+            return None
+        try:
+            return is_volume(path)
+        except DataError:
+            return None
 
     def record_index(self, split: str) -> dict[str, Record]:
         """case_id -> record of a split."""

@@ -113,7 +113,7 @@ def counterfactual_texts(records: list[Any], template: str | None, spec: str, se
         ConfigError: a malformed spec, a field the run does not have, or ``wrong`` on a field with
             a single value.
     """
-    from medfuse.families.text_seg.data import render_text, template_fields
+    from medfuse.families.text_seg.prompts import render_text, template_fields
 
     pairs = parse_counterfactual(spec)
     allowed = ["text", *(template_fields(template) if template else [])]

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from medfuse.config import Params
+from medfuse.errors import ConfigError
 
 COUNTERFACTUAL_MODES = ("shuffle", "wrong")
 """Counterfactual actions besides a literal value: ``shuffle`` (another record's value, which may
@@ -43,7 +44,8 @@ class TextSegParams(Params):
 
     image_encoder: Literal["medsam", "tiny"] = Field(
         "medsam", description="image side: medsam (SAM ViT-B + SAM decoder) or tiny (CPU CNN + small SAM decoder)")
-    image_weights: str | None = Field(None, description="local medsam_vit_b.pth for medsam (None: random weights)")
+    image_weights: str | None = Field(None, description="local medsam_vit_b.pth for medsam (None: random weights; "
+                                                        "train refuses a frozen image side without weights)")
     image_size: int | None = Field(None, description="input side S, equal to data.params.image_size "
                                                      "(default 1024 for medsam, 128 for tiny)")
     freeze_image_side: bool = Field(True, description="keep the image encoder, prompt encoder and mask decoder frozen")
@@ -103,6 +105,35 @@ class TextSegDataParams(Params):
         if v is not None:
             parse_counterfactual_spec(v)
         return v
+
+
+def check_image_side_weights(p: TextSegParams, model_weights: str | None, trained_before: bool) -> None:
+    """Refuse training a frozen image side that no weights reach: it would stay random.
+
+    With ``freeze_image_side`` only the adapter trains, so the image encoder, prompt encoder and
+    mask decoder keep the weights they were built with. Weights reach them from ``image_weights``
+    (MedSAM), from ``model.weights`` (the whole model) or from a checkpoint of this run (``--resume``,
+    or a later stage that starts from an earlier one's best). Called when ``train`` starts a run
+    (:meth:`~medfuse.families.text_seg.data.TextSegDataModule.setup` for ``fit``, before anything
+    is written); ``evaluate``, ``predict`` and ``export`` load trained weights and are not checked.
+
+    Args:
+        p: the run's validated ``model.params``.
+        model_weights: the config's ``model.weights`` (None: unset).
+        trained_before: the run folder already holds checkpoints.
+
+    Raises:
+        ConfigError: naming ``model.params.image_weights``.
+    """
+    if not p.freeze_image_side or p.image_weights or model_weights or trained_before:
+        return
+    fix = ("set model.params.freeze_image_side=false (the tiny image side has no pretrained weights and trains "
+           "with the adapter)" if p.image_encoder == "tiny" else
+           "give the local MedSAM weights (model.params.image_weights=/path/medsam_vit_b.pth), or set "
+           "model.params.freeze_image_side=false")
+    raise ConfigError("model.params.image_weights", f"image_encoder={p.image_encoder} is frozen "
+                      "(freeze_image_side=true) but no weights are given: its image encoder and mask decoder would "
+                      "stay random while only the adapter trains", fix)
 
 
 LOSS_WEIGHTS = ("dice_weight", "bce_weight", "contrastive_weight")

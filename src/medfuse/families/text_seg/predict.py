@@ -57,14 +57,91 @@ class TextSegPredictor(Predictor):
 
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
-        """The image column the run was trained on (``data.params.modality`` or the manifest's first)."""
-        return {"modality": str(dm.modality)}
+        """The image column the run was trained on (``data.params.modality`` or the manifest's first)
+        and whether its images were slices of 3D volumes (:meth:`TextSegDataModule.trained_on_volumes`;
+        None from any other data module: the package's reference shape decides)."""
+        from medfuse.families.text_seg.data import TextSegDataModule
+
+        volumes = dm.trained_on_volumes() if isinstance(dm, TextSegDataModule) else None
+        return {"modality": str(dm.modality), "volumes": volumes}
 
     @classmethod
     def package_data(cls, data: PackagedData, cfg: Config, state: dict[str, Any]) -> Any:
         data.modality = str(state["modality"])
         data.params = validate_params(TextSegDataParams, cfg.data.params, "data.params")
+        volumes = state.get("volumes")
+        if volumes is None and data.reference_shape is not None:  # a package written before "volumes"
+            volumes = data.reference_shape[1] > 1
+        data.volumes = volumes
         return data
+
+    def trained_on_volumes(self) -> bool | None:
+        """Whether the run (or package) was trained on slices of 3D volumes; None: not known."""
+        if isinstance(self.dm, PackagedData):
+            return self.dm.volumes
+        return self.dm.trained_on_volumes()
+
+    def check_rows(self, table: Any, records: list[Any]) -> None:
+        """Refuse, before any pixel is read, what the run cannot predict, in the manifest's row order.
+
+        A manifest without a column that the run's text needs is refused as a whole. A row is
+        refused (:meth:`refuse`) when its text lacks a value (naming the manifest and the row's
+        line), or when its image is not of the kind the run was trained on (:meth:`kind_problem`).
+        """
+        from medfuse.families.text_seg.prompts import (
+            case_fields,
+            missing_text_field,
+            row_where,
+            template_fields,
+        )
+
+        template = self.dm.params.text_template
+        what = f"the run's text template '{template}'" if template is not None else "the run (it has no text template)"
+        columns = {k for c in table.cases for k in case_fields(c)}
+        absent = [f for f in (template_fields(template) if template is not None else ["text"]) if f not in columns]
+        if absent:
+            raise DataError(table.source or table.root, f"has no {absent[0]} column, which {what} needs",
+                            f"add a {absent[0]} column with each row's value")
+        volumes, kinds = self.trained_on_volumes(), {}
+        for i, r in enumerate(records):
+            missing = missing_text_field(r.fields, template)
+            if missing is not None:
+                self.refuse(r, DataError(row_where(table, i), f"case {r.case_id} has no value for '{missing}', "
+                                         f"which {what} needs", f"fill its {missing} cell, or leave the row out"))
+            elif volumes is not None and (bad := self.kind_problem(r, volumes, kinds)) is not None:
+                self.refuse(r, bad)
+
+    def kind_problem(self, record: Any, volumes: bool, kinds: dict[str, Any]) -> DataError | None:
+        """Why a record's image is not of the kind the run was trained on, or None: a 2D image (PNG,
+        JPG, one DICOM file) for a run trained on slices of 3D volumes (NSCLC's CT series: HU, 2.5D
+        neighbours), whose preprocessing would misread it, or a slice of a volume for a run trained
+        on 2D images (BUS-BRA's PNGs); also an image that cannot be read.
+
+        Args:
+            record: the record.
+            volumes: the run was trained on slices of volumes (:meth:`trained_on_volumes`).
+            kinds: image path -> its kind (or its read error), filled here: each image is looked at once.
+        """
+        from medfuse.families.text_seg.data import is_volume
+
+        r, p = record, self.dm.params
+        if r.image not in kinds:
+            try:
+                kinds[r.image] = is_volume(r.image)
+            except DataError as e:
+                kinds[r.image] = e
+        kind = kinds[r.image]
+        if isinstance(kind, DataError):
+            return kind
+        if kind == volumes:
+            return None
+        if volumes:
+            how = ", 2.5D: 3 neighbouring slices" if p.two_and_half_d else ""
+            return DataError(r.image, f"case {r.case_id} is a 2D image, but this run was trained on slices of 3D "
+                             f"{self.dm.modality} volumes (read with data.params.intensity={p.intensity}{how})",
+                             "give the case's volume (a DICOM series folder or a NIfTI) and a slice column")
+        return DataError(r.image, f"case {r.case_id} is a volume of slices, but this run was trained on 2D images",
+                         "give 2D images like the training ones (PNG, JPG or one DICOM file)")
 
     def cases(self, inputs: list[str], modalities: list[str] | None) -> list[Any]:
         """One manifest CSV -> the records to predict (no masks needed)."""
@@ -83,6 +160,7 @@ class TextSegPredictor(Predictor):
                             f"'{self.dm.modality}'; the manifest has {table.modalities})",
                             f"name the image column image_{self.dm.modality}")
         records = records_from_cases(table.cases, self.dm.modality, need_mask=False)
+        self.check_rows(table, records)
         if self.out_dir is not None:
             self.check_outputs(records, inputs[0], self.out_dir)
         return records
