@@ -170,8 +170,10 @@ def test_predict_inputs_read_the_subset_from_the_files(phantom, tmp_path):
     src = phantom / "Phantom_0000"
     cid, files = resolve_predict_inputs([str(src / "Phantom_0000_t2.nii.gz")], None, mods)
     assert cid == "Phantom_0000" and list(files) == ["t2"]
-    cid, files = resolve_predict_inputs([str(src / "Phantom_0000_t1.nii.gz")], ["t1ce"], mods)
-    assert list(files) == ["t1ce"]  # --modalities wins over the name
+    cid, files = resolve_predict_inputs([str(src / "Phantom_0000_t1.nii.gz")], ["t1"], mods)
+    assert list(files) == ["t1"]  # --modalities agreeing with the name
+    with pytest.raises(DataError, match="name says 't1' but --modalities gives it as 't1ce'"):
+        resolve_predict_inputs([str(src / "Phantom_0000_t1.nii.gz")], ["t1ce"], mods)  # contradicting it
     assert modality_of("x_T1CE.nii.gz", mods) == "t1ce" and modality_of("x_t1.nii.gz", mods) == "t1"
     empty = tmp_path / "empty"
     empty.mkdir()

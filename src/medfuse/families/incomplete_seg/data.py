@@ -338,6 +338,13 @@ def modality_of(path: str | Path, modalities: list[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _case_of(path: str | Path, modality: str) -> str:
+    """A file's case id: its name without the image ending and a trailing ``modality`` (or alias)."""
+    names = {modality, *_ALIASES.get(modality.lower(), ())}
+    return re.sub(r"[_\-.](" + "|".join(re.escape(a) for a in names) + r")$", "",
+                  _IMAGE.sub("", Path(path).name), flags=re.I)
+
+
 def resolve_predict_inputs(inputs: list[str], modalities: list[str] | None,
                            run_modalities: list[str]) -> tuple[str, dict[str, str]]:
     """``medfuse predict`` inputs -> (case id, {modality: path}) with any non-empty subset.
@@ -348,9 +355,13 @@ def resolve_predict_inputs(inputs: list[str], modalities: list[str] | None,
 
     Raises:
         DataError: no modality at all, a missing file, a name that matches no run modality, a
-            modality given twice, or a count that does not match ``--modalities``.
+            modality given twice, a count that does not match ``--modalities``, a file whose name
+            says another modality than ``--modalities`` gives it, or files of two different cases.
     """
     fix = f"give files named <case>_<modality> for some of {', '.join(run_modalities)}, or --modalities"
+    for p in inputs:  # first: a mistyped path is "not found", not a naming problem
+        if not Path(p).exists():
+            raise DataError(p, "file not found", "check the path")
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         folder = Path(inputs[0])
         found: dict[str, str] = {}
@@ -365,13 +376,14 @@ def resolve_predict_inputs(inputs: list[str], modalities: list[str] | None,
         return folder.name, found
     if not inputs:
         raise DataError("INPUTS", "no input image (an empty modality set)", fix)
+    said = [modality_of(p, run_modalities) for p in inputs]  # what each file's name says (or None)
     if modalities:
         if len(modalities) != len(inputs):
             raise DataError(" ".join(inputs), f"{len(inputs)} inputs for --modalities {modalities}",
                             "give one file per named modality")
         names = list(modalities)
     else:
-        names = [modality_of(p, run_modalities) for p in inputs]
+        names = said
         for p, m in zip(inputs, names, strict=True):
             if m is None:
                 raise DataError(p, "its name does not say which modality it is", fix)
@@ -380,9 +392,15 @@ def resolve_predict_inputs(inputs: list[str], modalities: list[str] | None,
             raise DataError(m, "not a modality of this run", f"use some of: {', '.join(run_modalities)}")
     if len(set(names)) != len(names):
         raise DataError(" ".join(inputs), f"a modality is given twice ({names})", "give each modality once")
-    for p in inputs:
-        if not Path(p).exists():
-            raise DataError(p, "file not found", "check the path")
-    case = re.sub(r"[_\-.](" + "|".join(re.escape(a) for m in names for a in {m, *_ALIASES.get(m.lower(), ())})
-                  + r")$", "", _IMAGE.sub("", Path(inputs[0]).name), flags=re.I)
+    for p, s, m in zip(inputs, said, names, strict=True):
+        if s is not None and s != m:
+            raise DataError(p, f"its name says '{s}' but --modalities gives it as '{m}'",
+                            "drop --modalities (the file names say the modalities) or fix its order")
+    cases = {p: _case_of(p, s) for p, s in zip(inputs, said, strict=True) if s is not None}
+    (a, ca), *rest = list(cases.items()) or [(inputs[0], "")]
+    for b, cb in rest:
+        if cb != ca:
+            raise DataError(f"{a}, {b}", f"are files of two cases ({ca}, {cb}), given as one case",
+                            "give the files of one case, or its folder")
+    case = _case_of(inputs[0], names[0])
     return case or "case", dict(zip(names, inputs, strict=True))

@@ -83,7 +83,9 @@ class IncompleteSegPredictor(Predictor):
             return super().cases(inputs, modalities)
         case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
         check_case_id(case_id, next(iter(files.values())))
-        return [Case(case_id=case_id, patient_id=case_id, images=files)]
+        cases = [Case(case_id=case_id, patient_id=case_id, images=files)]
+        self.check_dims(cases)  # a 2D image for a 3D run (and the reverse), as on the generic paths
+        return cases
 
     def write(self, batch, out, out_dir: Path) -> None:
         from medfuse.data.io import write_nifti
