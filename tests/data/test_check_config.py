@@ -255,3 +255,25 @@ def test_every_bad_case_id_is_reported_not_only_the_first(tmp_path, capsys):
     assert [line.split(": [")[0] for line in out[:2]] == [f"{manifest} (line 2)", f"{manifest} (line 4)"]
     assert all("[case-id]" in line for line in out[:2])
     assert out[2].startswith("2 problems in 3 cases (with s.yaml:")
+
+
+def test_check_as_run_reports_the_family_data_modules_table_problems(tmp_path):
+    """A family data module's ``table_problems(cfg, table)`` (what it refuses before reading voxels)
+    is part of ``data check --config``; a family without one adds nothing."""
+    from medfuse.config import load_config
+    from medfuse.data.check_config import family_table_problems
+    from medfuse.data.checks import Problem
+    from medfuse.engine.build import resolve
+
+    manifest = _nifti_set(tmp_path / "d", [{"case_id": "c0", "label": "T1"}, {"case_id": "c1", "label": "T2"}])
+    cfg = resolve(load_config(_config(tmp_path / "s.yaml"), [f"data.root={manifest}"]))
+    assert family_table_problems(cfg) is None  # staging: the generic data module
+    seen = []
+
+    def hook(c, table):
+        seen.append(len(table.cases))
+        return [Problem("data.params.classes", "config", "['x'] annotated by no case", "choose others")]
+
+    problems = check_as_run(cfg, manifest, table_problems=hook)
+    assert seen == [2] and [p.rule for p in problems] == ["config"]
+    assert problems[0].line() == "data.params.classes: [config] ['x'] annotated by no case. Fix: choose others"

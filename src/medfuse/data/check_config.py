@@ -4,13 +4,18 @@
 loader) with :func:`medfuse.data.checks.validate_table` collecting its problems instead of raising
 the first, and :func:`~medfuse.data.rules.modality_problems` reports cases without some of the
 run's modalities, and a segmentation run's ``data.num_classes`` declares the mask values of a
-dataset that declares none (train refuses other values when it reads them); :func:`check_as_run` / :func:`run_check_as_run` then run every per-case rule of
-:func:`medfuse.data.checks.check_dataset` under the config's ``data.dicom``.
+dataset that declares none (train refuses other values when it reads them); a family data module
+that refuses tables of its own (``table_problems(cfg, table) -> list[Problem]``, a classmethod of the
+family's ``Family.datamodule``, e.g. the context_seg family's ``data.params.classes`` against the
+classes its CellMap crops annotate) reports those too. :func:`check_as_run` / :func:`run_check_as_run`
+then run every per-case rule of :func:`medfuse.data.checks.check_dataset` under the config's
+``data.dicom``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,8 +63,21 @@ def config_table(cfg: Config, path: str | Path | None = None,
         return None, [Problem(str(e.where), rule, e.problem, e.fix)]
 
 
+TableProblems = Callable[["Config", CaseTable], list[Problem]]
+
+
+def family_table_problems(cfg: Config) -> TableProblems | None:
+    """The ``table_problems`` hook of the config's family data module (``Family.datamodule``), if any."""
+    from medfuse.registry import FAMILIES
+
+    if not cfg.family or cfg.family not in FAMILIES:
+        return None
+    return getattr(FAMILIES.get(cfg.family).datamodule, "table_problems", None)
+
+
 def _load_as_run(cfg: Config, path: str | Path | None, layout: str | None,
-                 partial_modalities: bool) -> tuple[CaseTable | None, list[Problem]]:
+                 partial_modalities: bool, table_problems: TableProblems | None = None,
+                 ) -> tuple[CaseTable | None, list[Problem]]:
     from medfuse.data.datamodule import mask_values, run_mask_values
 
     table, issues = config_table(cfg, path, layout)
@@ -67,6 +85,9 @@ def _load_as_run(cfg: Config, path: str | Path | None, layout: str | None,
         return table, issues
     if not partial_modalities:
         issues += modality_problems(table)
+    hook = table_problems or family_table_problems(cfg)
+    if hook is not None:  # what the family's data module refuses in the table (train stops there)
+        issues += hook(cfg, table)
     values = run_mask_values(table, cfg)
     if values is not None and mask_values(table) is None:  # data.num_classes declares them: the `label` rule
         table = dataclasses.replace(table, mask_labels={str(v): v for v in values})
@@ -74,7 +95,8 @@ def _load_as_run(cfg: Config, path: str | Path | None, layout: str | None,
 
 
 def check_as_run(cfg: Config, path: str | Path | None = None, layout: str | None = None,
-                 partial_modalities: bool = False, max_cases: int | None = None) -> list[Problem]:
+                 partial_modalities: bool = False, max_cases: int | None = None,
+                 table_problems: TableProblems | None = None) -> list[Problem]:
     """Every rule of :func:`~medfuse.data.checks.check_dataset` on the dataset as the run of ``cfg``
     reads it: DICOM under its ``data.dicom``, the table from :func:`config_table`, plus
     :func:`~medfuse.data.rules.modality_problems` unless the family takes partial inputs.
@@ -84,15 +106,18 @@ def check_as_run(cfg: Config, path: str | Path | None = None, layout: str | None
         path, layout: the dataset and its layout (defaults: ``data.root``, ``data.layout``).
         partial_modalities: the family takes cases without some of its modalities.
         max_cases: as for :func:`~medfuse.data.checks.check_dataset`.
+        table_problems: the family data module's table rules (default: the ``table_problems``
+            classmethod of the config's ``Family.datamodule``, when it has one).
     """
     with use_dicom_options(cfg.data.dicom):
-        table, issues = _load_as_run(cfg, path, layout, partial_modalities)
+        table, issues = _load_as_run(cfg, path, layout, partial_modalities, table_problems)
         return check_dataset(path, max_cases=max_cases, table=table, table_issues=issues)
 
 
 def run_check_as_run(cfg: Config, path: str | Path | None = None, layout: str | None = None,
-                     partial_modalities: bool = False, settings: str | None = None, console=None) -> int:
+                     partial_modalities: bool = False, settings: str | None = None, console=None,
+                     table_problems: TableProblems | None = None) -> int:
     """:func:`~medfuse.data.checks.run_check` of :func:`check_as_run` (``medfuse data check --config``)."""
     with use_dicom_options(cfg.data.dicom):
-        table, issues = _load_as_run(cfg, path, layout, partial_modalities)
+        table, issues = _load_as_run(cfg, path, layout, partial_modalities, table_problems)
         return run_check(path, console=console, cfg=cfg, settings=settings, table=table, table_issues=issues)

@@ -235,7 +235,7 @@ def _cli(*argv: str) -> int:
     return e.value.code
 
 
-def test_export_and_predict_from_run_and_package_agree_on_the_raw_grid(cm_run, tmp_path):
+def test_export_and_predict_from_run_and_package_agree_on_the_raw_grid(cm_run, tmp_path, capsys):
     """A CellMap run exports (the training image is a Zarr multiscales group, not a DICOM folder) and
     ``predict RUN RAW CONTEXT`` on two arrays of the container works from the run directory (its data
     module is a CellMap one, the inputs are plain files) and from the package, with the same label map
@@ -253,13 +253,18 @@ def test_export_and_predict_from_run_and_package_agree_on_the_raw_grid(cm_run, t
         assert json.loads(zf.read("preprocessing.json"))["reference_shape"] == [1, 64, 64, 64]  # the EM s0
         assert json.loads(zf.read("predictor.json"))["label_scale"] == [1.0, 1.0, 1.0]
     em = root / "jrc_test-4" / "jrc_test-4.zarr" / "recon-1" / "em" / "fibsem-uint8"
-    raw, ctx = str(em / "s1"), str(em / "s3")  # 16 nm, 32^3 and 64 nm, 8^3: the same field of view
+    raw, ctx = str(em / "s0"), str(em / "s3")  # 8 nm (the training raw's), 64^3 and 64 nm, 8^3: the same field of view
     assert _cli("predict", str(run), raw, ctx, "--out", str(tmp_path / "own")) == 0
     assert _cli("predict", str(pkg), raw, ctx, "--out", str(tmp_path / "pk")) == 0
-    own, pk = tmp_path / "own" / "s1.nii.gz", tmp_path / "pk" / "s1.nii.gz"
+    own, pk = tmp_path / "own" / "s0.nii.gz", tmp_path / "pk" / "s0.nii.gz"
     img, src = nib.load(str(own)), read_zarr(raw)
-    assert img.shape == (32, 32, 32) == src.shape[1:]
-    np.testing.assert_allclose(img.affine, src.affine, rtol=1e-6, atol=0)  # 16 nm voxels, in mm
+    assert img.shape == (64, 64, 64) == src.shape[1:]
+    np.testing.assert_allclose(img.affine, src.affine, rtol=1e-6, atol=0)  # 8 nm voxels, in mm
+    for source in (run, pkg):  # the 16 nm level of a run trained on 8 nm voxels: refused, one line
+        assert _cli("predict", str(source), str(em / "s1"), ctx, "--out", str(tmp_path / "s1")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {em / 's1'}: has raw voxels of (1.6e-05, 1.6e-05, 1.6e-05)")
+        assert "trained on (8e-06, 8e-06, 8e-06)" in err[0]
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
     assert own.read_bytes() == pk.read_bytes()
 
@@ -274,9 +279,9 @@ def test_a_cellmap_run_never_names_none_as_a_file(cm_run):
     _, dm, _ = load_trained(run)
     assert dm.cellmap
     em = root / "jrc_test-1" / "jrc_test-1.zarr" / "recon-1" / "em" / "fibsem-uint8"
-    case = Case(case_id="x", patient_id="x", images={"raw": str(em / "s1"), "context": str(em / "s3")})
+    case = Case(case_id="x", patient_id="x", images={"raw": str(em / "s0"), "context": str(em / "s3")})
     feats = dm.compute(case, require_label=False)
-    assert tuple(feats["raw_shape"].tolist()) == (32, 32, 32) and feats["raw"].shape[1:] == (32, 32, 32)
+    assert tuple(feats["raw_shape"].tolist()) == (64, 64, 64) and feats["raw"].shape[1:] == (64, 64, 64)
     with pytest.raises(DataError) as err:
         dm.compute(case)
     line = err.value.one_line()
@@ -297,3 +302,32 @@ def test_zarr_shape_is_read_from_metadata_and_read_image_does_not_blame_dicom(tm
         read_image(em)
     line = err.value.one_line()
     assert "Zarr/N5" in line and "DICOM series" not in line and str(em) in line and "\n" not in line
+
+
+def test_data_check_config_reports_classes_no_crop_annotates(replica, capsys):
+    """``data check --config`` refuses what train refuses: the shipped config's classes [mito, er, nuc,
+    ves] against crops that annotate mito and er only (one line naming data.params.classes)."""
+    code = _cli("data", "check", str(replica), "--config", str(CONFIG))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert code == 2
+    assert out[0].startswith("data.params.classes: [config] ['nuc', 'ves'] annotated by no crop of")
+    assert "the crops annotate er, mito" in out[0] and "Fix: choose classes the crops annotate" in out[0]
+    assert _cli("data", "check", str(replica), "--config", str(CONFIG), "data.params.classes=[mito, er]") == 0
+    assert _cli("data", "check", str(replica), "--config", str(CONFIG), "data.params.classes=[mitos]") == 2
+    assert "['mitos'] annotated by no crop" in capsys.readouterr().out
+
+
+def test_a_refused_class_choice_is_one_line_without_a_note(replica, caplog):
+    """Classes each annotated by some crop, but never together: one error, no warning before it."""
+    import dataclasses
+
+    from medfuse.families.context_seg.data import cellmap_table
+    from medfuse.families.context_seg.params import ContextSegDataParams
+
+    table = load_cases(replica)
+    cases = [dataclasses.replace(c, extra={**c.extra, "classes": "mito" if i % 2 else "er"})
+             for i, c in enumerate(table.cases)]
+    table = dataclasses.replace(table, cases=cases)
+    with caplog.at_level("WARNING"), pytest.raises(DataError, match=r"no crop annotates all of \['mito', 'er'\]"):
+        cellmap_table(table, ContextSegDataParams(classes=["mito", "er"]))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -28,7 +28,7 @@ from medfuse.families.context_seg.params import ContextSegDataParams
 ENC = {"out_channels": 4, "hidden": [4, 4]}
 
 
-def _write(path: Path, arr: np.ndarray, spacing: float = 1.0) -> str:
+def _write(path: Path, arr: np.ndarray, spacing: float = 1.0, origin: float = 0.0) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".tif":
         import tifffile
@@ -36,6 +36,7 @@ def _write(path: Path, arr: np.ndarray, spacing: float = 1.0) -> str:
         tifffile.imwrite(str(path), arr)
     else:
         aff = np.diag([spacing, spacing, spacing, 1.0])
+        aff[:3, 3] = origin
         write_nifti(arr[None], path, affine=aff)
     return str(path)
 
@@ -61,7 +62,8 @@ def make_set(root: Path, n: int = 6, raw: int = 16, ctx: int = 16, ctx_spacing: 
         if not derived:
             c = rng.normal(1.0, 0.05, (ctx,) * 3).astype(np.float32)
             c[ctx // 2 - 1: ctx // 2 + 1] += 1.0  # marks the centre
-            row["image_context"] = _write(root / f"c{i}_ctx{ext}", c, ctx_spacing)
+            origin = (raw - 1) / 2 - (ctx - 1) / 2 * ctx_spacing  # centred on the raw crop (raw voxels of 1 mm)
+            row["image_context"] = _write(root / f"c{i}_ctx{ext}", c, ctx_spacing, origin)
         rows.append(row)
     with open(root / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -142,9 +144,10 @@ def test_context_covers_the_centred_raw_field(tmp_path, monkeypatch, spacing, sc
     calls = []
     real = FeatureBuilder.stream
 
-    def spy(self, volume, out_shape, frac, input_size, tri_planar=False):
+    def spy(self, volume, out_shape, frac, input_size, tri_planar=False, centre=(0.0, 0.0, 0.0)):
+        assert tuple(float(c) for c in centre) == (0.0, 0.0, 0.0)
         calls.append((volume.shape, tuple(out_shape), tuple(float(f) for f in frac), input_size, tri_planar))
-        return real(self, volume, out_shape, frac, input_size, tri_planar)
+        return real(self, volume, out_shape, frac, input_size, tri_planar, centre=centre)
 
     monkeypatch.setattr(FeatureBuilder, "stream", spy)
     dm = build_datamodule(cfg_for(root, tmp_path, {"context_scale": scale, "context_input_size": 32,
@@ -152,6 +155,45 @@ def test_context_covers_the_centred_raw_field(tmp_path, monkeypatch, spacing, sc
     dm.compute(dm.cases["train"][0])
     assert calls == [((16, 16, 16), (16, 16, 16), (1.0, 1.0, 1.0), 64, False),
                      ((16, 16, 16), (16, 16, 16), (fraction,) * 3, 32, True)]
+
+
+def test_resample_centre_shifts_the_sampled_part():
+    ramp = torch.arange(16, dtype=torch.float32).view(1, 16, 1, 1).expand(1, 16, 4, 4)  # value = index along D
+    out = resample_to_grid(ramp, (4, 4, 4), fraction=(0.25, 1, 1), centre=(-0.5, 0, 0))  # indices 2..6
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, 3.0, 4.0, 5.0]))
+
+
+def test_context_is_placed_by_the_affines_and_refused_when_off(tmp_path):
+    """The context's position comes from the two files' affines: a context with extra slices on one
+    side (the raw crop off its centre) gives the features of the centred context; a context moved
+    away from the raw crop, or rotated against it, is refused naming the context file."""
+    root = tmp_path / "d"
+    make_set(root, n=3)  # raw 16^3 at 1 mm, context 16^3 at 2 mm centred on it
+    dm = build_datamodule(cfg_for(root, tmp_path), None)
+    case = dm.cases["train"][0]
+    centred = dm.compute(case)
+    ctx_path = case.images["context"]
+    vol = read_volume(ctx_path)
+    arr, aff = vol.array[0], vol.affine
+    padded = np.concatenate([arr, np.full((8, 16, 16), 1.0, np.float32)])  # 8 more slices above: raw now off-centre
+    write_nifti(padded[None], ctx_path, affine=aff)
+    off = dm.compute(case)
+    torch.testing.assert_close(off["context"].float(), centred["context"].float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(off["raw"], centred["raw"])
+    far = aff.copy()
+    far[:3, 3] += [0.0, 0.0, 1000.0]  # 1 m away along D
+    write_nifti(arr[None], ctx_path, affine=far)
+    with pytest.raises(DataError, match="c0_ctx.nii.gz: does not contain the raw crop's field of view"):
+        dm.compute(case)
+    shifted = aff.copy()
+    shifted[:3, 3] += [0.0, 0.0, 10.0]  # 5 context voxels along D: the raw field (8 wide) sticks out by 1
+    write_nifti(arr[None], ctx_path, affine=shifted)
+    with pytest.raises(DataError, match="does not contain the raw crop's field of view"):
+        dm.compute(case)
+    flipped = aff @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    write_nifti(arr[None], ctx_path, affine=flipped)
+    with pytest.raises(DataError, match="rotated or flipped"):
+        dm.compute(case)
 
 
 def test_tri_planar_is_the_mean_of_three_plane_passes():
@@ -286,7 +328,7 @@ def test_data_errors(tmp_path):
         build_datamodule(cfg_for(root, tmp_path, {"context": "ctx"}), None)
     with pytest.raises(ConfigError, match="feature_channels=4"):
         build_datamodule(cfg_for(root, tmp_path, model__params={"feature_channels": 9}), None).dataset("val")
-    with pytest.raises(DataError, match="covers less than the raw field"):
+    with pytest.raises(DataError, match="does not contain the raw crop's field of view"):
         build_datamodule(cfg_for(root, tmp_path, {"context_scale": 0.5}), None).dataset("val")
     # a label volume that is not the raw grid scaled by one factor
     case = build_datamodule(cfg_for(tmp_path / "bad", tmp_path), None).cases["train"][0]

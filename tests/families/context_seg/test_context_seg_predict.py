@@ -66,7 +66,7 @@ def _oblique(shape, lps: bool):
     a = np.deg2rad(20.0)
     rot = np.eye(4)
     rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
-    aff = rot @ np.diag([0.9, 1.1, 1.3, 1.0])
+    aff = rot @ np.diag([0.95, 1.0, 1.05, 1.0])  # within 10% of the training voxels (1 mm)
     aff[:3, 3] = [-7.0, 12.0, 3.5]
     if lps:
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -145,6 +145,7 @@ def test_package_round_trip(run, tmp_path, monkeypatch):
     with zipfile.ZipFile(pkg) as zf:
         state = json.loads(zf.read("predictor.json"))
     assert state["num_classes"] == 2 and state["label_scale"] == [1.0, 1.0, 1.0] and state["encoder_weights_id"]
+    assert state["raw_spacing"] == [1.0, 1.0, 1.0]
     copies = tmp_path / "inputs"
     copies.mkdir()
     new = [shutil.copy(p, copies) for p in inputs]
@@ -159,3 +160,49 @@ def test_package_round_trip(run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     np.testing.assert_array_equal(a.affine, b.affine)
     assert (own / "c1_raw.nii.gz").read_bytes() == (tmp_path / out / "c1_raw.nii.gz").read_bytes()
+
+
+def test_a_context_away_from_the_raw_crop_is_refused(run, tmp_path):
+    """predict places the context by the two files' affines: one moved 1 m away is refused, naming it."""
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    _, root, run_dir = run
+    ctx = nib.load(str(root / "c0_ctx.nii.gz"))
+    aff = ctx.affine.copy()
+    aff[:3, 3] += 1000.0
+    far = write_nifti(np.asarray(ctx.dataobj)[None].transpose(0, 3, 2, 1), tmp_path / "far_ctx.nii.gz", affine=aff)
+    with pytest.raises(DataError, match=r"far_ctx.nii.gz: does not contain the raw crop's field of view"):
+        predict(run_dir, [str(root / "c0_raw.nii.gz"), str(far)], tmp_path / "out")
+
+
+def test_a_2d_raw_is_refused(run, tmp_path):
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    _, root, run_dir = run
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16)).astype(np.float32), np.eye(4)), str(flat))
+    with pytest.raises(DataError, match=r"flat.nii.gz.*2D"):
+        predict(run_dir, [str(flat), str(root / "c0_ctx.nii.gz")], tmp_path / "out")
+    assert not (tmp_path / "out" / "flat.nii.gz").exists()
+
+
+def test_a_raw_at_another_voxel_size_is_refused_from_run_and_package(run, tmp_path):
+    """Trained on 1 mm raw voxels: a raw at 2 mm (its context at 4 mm) is refused, from the run
+    directory and from the package (which records the training voxel size)."""
+    from medfuse.engine.package import export
+    from medfuse.engine.predict import predict
+    from medfuse.errors import DataError
+
+    _, root, run_dir = run
+    raw = np.asarray(nib.load(str(root / "c0_raw.nii.gz")).dataobj).transpose(2, 1, 0)
+    ctx = np.asarray(nib.load(str(root / "c0_ctx.nii.gz")).dataobj).transpose(2, 1, 0)
+    r = write_nifti(raw[None], tmp_path / "coarse_0000.nii.gz", affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    c = write_nifti(ctx[None], tmp_path / "coarse_0001.nii.gz", affine=np.diag([4.0, 4.0, 4.0, 1.0]))
+    msg = r"coarse_0000.nii.gz: has raw voxels of \(2.0, 2.0, 2.0\) \(d, h, w\), but the run was trained on \(1.0, 1.0, 1.0\)"
+    with pytest.raises(DataError, match=msg):
+        predict(run_dir, [str(r), str(c)], tmp_path / "o1")
+    pkg = export(run_dir, tmp_path / "ctx.zip")
+    with pytest.raises(DataError, match=msg):
+        predict(str(pkg), [str(r), str(c)], tmp_path / "o2")

@@ -11,7 +11,7 @@ EM cell phantom); configs are ``configs/context_seg_*.yaml``.
 
 from __future__ import annotations
 
-from medfuse.families.context_seg.data import build_context_seg_datamodule
+from medfuse.families.context_seg.data import ContextSegDataModule
 from medfuse.families.context_seg.demo import make_context_seg_demo
 from medfuse.families.context_seg.evaluate import ContextSegEvaluator
 from medfuse.families.context_seg.params import ContextSegDataParams, ContextSegParams, build_context_seg
@@ -28,7 +28,7 @@ FAMILY = Family(
                    help="3D UNet on frozen 2D features; context gates the skips (attention|concat|none)"),
     ),
     data_params=ContextSegDataParams,
-    datamodule=build_context_seg_datamodule,
+    datamodule=ContextSegDataModule,  # its table_problems() is data check --config's view of the table
     make_demo=make_context_seg_demo,
     demo_ablations=(
         ("attention fusion", ()),

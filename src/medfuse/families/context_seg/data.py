@@ -57,7 +57,7 @@ __all__ = ["ContextSegDataModule", "FeatureBuilder", "build_context_seg_datamodu
            "resample_to_grid"]
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "medfuse-context-seg-v2"  # v2: the raw file's grid (raw_affine, raw_shape)
+CACHE_FORMAT = "medfuse-context-seg-v3"  # v2: the raw file's grid (raw_affine, raw_shape); v3: context placed by affines
 
 
 def _triple(x: float | Sequence[float]) -> np.ndarray:
@@ -73,8 +73,8 @@ def read_volume(path: str) -> Any:
 
 
 def resample_to_grid(feats: torch.Tensor, out_shape: Sequence[int], fraction: Sequence[float] = (1.0, 1.0, 1.0),
-                     chunk: int = 64) -> torch.Tensor:
-    """Trilinear resampling of the centred ``fraction`` of a volume onto ``out_shape``.
+                     chunk: int = 64, centre: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """Trilinear resampling of the ``fraction`` of a volume around ``centre`` onto ``out_shape``.
 
     Args:
         feats: (C, d, h, w).
@@ -82,12 +82,14 @@ def resample_to_grid(feats: torch.Tensor, out_shape: Sequence[int], fraction: Se
         fraction: per axis, the share of the input extent that the output covers (centred); 1 =
             the whole input (plain resizing, voxel centres aligned as ``align_corners=False``).
         chunk: channels per ``grid_sample`` call (bounds memory).
+        centre: per axis, the centre of the sampled part in the input's normalised coordinates
+            (-1..1 = its edges; 0 = the input's centre).
 
     Returns:
         (C, D, H, W) float32.
     """
-    axes = [((torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1) * float(f)
-            for n, f in zip(out_shape, fraction, strict=True)]
+    axes = [((torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1) * float(f) + float(c)
+            for n, f, c in zip(out_shape, fraction, centre, strict=True)]
     gz, gy, gx = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack([gx, gy, gz], dim=-1)[None].to(feats.device)  # (1, D, H, W, 3) as (x, y, z)
     out = [F.grid_sample(part[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
@@ -119,9 +121,11 @@ class FeatureBuilder:
 
     @torch.no_grad()
     def stream(self, volume: np.ndarray, out_shape: Sequence[int], fraction: Sequence[float],
-               input_size: int | None, tri_planar: bool = False) -> torch.Tensor:
+               input_size: int | None, tri_planar: bool = False,
+               centre: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
         """One stream: volume (D, H, W) -> features (C, *out_shape) float32 on the CPU.
 
+        ``fraction`` and ``centre`` place the output field in the volume (:func:`resample_to_grid`);
         ``tri_planar`` averages the passes over XY (axial), XZ and YZ slices.
         """
         enc = self.extractor.encoder
@@ -137,11 +141,46 @@ class FeatureBuilder:
                 f = self.extractor(vol.permute(*order)[None, None])[0]  # (S, C, a, b): slices along `axis`
                 f = f.movedim(1, 0)  # (C, S, a, b), axes in `order`
                 f = f.permute(0, *(1 + order.index(t) for t in range(3)))  # (C, d', h', w') in (D, H, W) order
-                f = resample_to_grid(f, out_shape, fraction).cpu()
+                f = resample_to_grid(f, out_shape, fraction, centre=centre).cpu()
                 acc = f if acc is None else acc + f
         finally:
             enc.input_size = keep
         return acc / len(planes)
+
+
+def _context_placement(raw_vol, ctx_vol, raw_shape: Sequence[int], ctx_shape: Sequence[int], scale: np.ndarray,
+                       ctx_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Where the raw field of view lies in the context: (``fraction``, ``centre``) per axis (d, h, w)
+    in the context's normalised coordinates (see :func:`resample_to_grid`).
+
+    The two files' affines place the raw crop in the context (the context is cropped around the raw
+    crop's centre) when they agree with ``scale`` (always with ``context_scale: auto``); a context
+    that does not contain the raw field of view, or whose axes are rotated or flipped against the
+    raw's, is refused. When the affines' spacings contradict an explicit ``context_scale`` (files
+    without geometry, e.g. TIFF stacks), the files carry no usable position and the context is
+    taken as centred on the raw crop.
+    """
+    raw_shape, ctx_shape = np.asarray(raw_shape, float), np.asarray(ctx_shape, float)
+    fraction = raw_shape / (ctx_shape * scale)
+    centre = np.zeros(3)
+    m = np.linalg.inv(np.asarray(ctx_vol.affine, float)) @ np.asarray(raw_vol.affine, float)  # raw (i,j,k) -> ctx
+    lin = m[:3, :3]
+    ratio = np.linalg.norm(lin, axis=0)[::-1]  # (d, h, w): raw voxel / context voxel
+    if np.all(np.abs(ratio * scale - 1) <= 0.1):  # the affines describe this scale: trust their positions
+        if np.any(np.diag(lin) <= 0) or np.abs(lin - np.diag(np.diag(lin))).max() > 0.01 * ratio.max():
+            raise DataError(ctx_path, "is rotated or flipped against the raw volume (its affine's axes are not the "
+                            "raw's)", "resample the context onto the raw volume's orientation")
+        raw_c = (raw_shape[::-1] - 1) / 2  # raw centre, file order (i, j, k)
+        offset = (m[:3, :3] @ raw_c + m[:3, 3])[::-1] - (ctx_shape - 1) / 2  # context voxels, (d, h, w)
+        offset[np.abs(offset) < 1e-3] = 0.0  # a centred context samples exactly as before
+        centre = offset * 2 / ctx_shape
+    if np.any(np.abs(centre) + fraction > 1.001):
+        off = np.round(centre * ctx_shape / 2, 2)
+        raise DataError(ctx_path, f"does not contain the raw crop's field of view (raw/context extent "
+                        f"{fraction.round(3)}, raw centre {off} context voxels off the context's centre (d, h, w))",
+                        "give a context that covers the raw crop (check both files' origins/translations), "
+                        "or fix context_scale")
+    return fraction, centre
 
 
 def _label_affine(raw_affine: np.ndarray, ratio: np.ndarray, crop_lo: np.ndarray) -> np.ndarray:
@@ -209,6 +248,24 @@ class ContextSegDataModule(CaseDataModule):
         self.cache_root = Path(root) / "context_seg" if root else None
         self._memory: dict[str, dict[str, torch.Tensor]] = {}  # used only without a cache folder
         self.label_scale: np.ndarray | None = None
+        self.raw_spacing: np.ndarray | None = None  # the training raw voxel size (d, h, w), for prediction
+
+    @classmethod
+    def table_problems(cls, cfg, table) -> list[Any]:
+        """What this data module refuses in a case table before reading any voxel, as
+        ``data check --config`` problems (:func:`medfuse.data.check_config.check_as_run`): the
+        ``data.params`` themselves and, for a CellMap table, ``data.params.classes`` against the
+        classes the crops annotate (:func:`cellmap_table`)."""
+        from medfuse.data.checks import Problem
+        from medfuse.errors import MedfuseError
+
+        try:
+            params = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
+            if table.layout == "cellmap":
+                cellmap_table(table, params, warn=False)
+        except MedfuseError as e:
+            return [Problem(str(e.where), "config", e.problem, e.fix)]
+        return []
 
     # --------------------------------------------------------------------------------- features
     @property
@@ -273,6 +330,8 @@ class ContextSegDataModule(CaseDataModule):
         else:
             raw_vol = read_volume(raw_path)
         raw = self._finite(raw_vol.array[0].astype(np.float32), raw_path)
+        if not require_label:  # prediction: the raw voxel size must be the training one
+            self._check_raw_spacing(raw_vol, str(raw_path))
         if cm is not None or p.context_mode == "paired":
             ctx_path = str(raw_path) if cm is not None else case.images.get(p.context)
             if not ctx_path:
@@ -281,10 +340,7 @@ class ContextSegDataModule(CaseDataModule):
             ctx = self._finite(ctx_vol.array[0].astype(np.float32), ctx_path)
             scale = (np.asarray(ctx_vol.spacing) / np.asarray(raw_vol.spacing) if p.context_scale == "auto"
                      else _triple(p.context_scale))
-            fraction = np.asarray(raw.shape) / (np.asarray(ctx.shape) * scale)
-            if np.any(fraction > 1.001):
-                raise DataError(ctx_path, f"covers less than the raw field of view (raw/context extent {fraction.round(3)})",
-                                "give a context crop at least as wide as the raw crop, or fix context_scale")
+            fraction, centre = _context_placement(raw_vol, ctx_vol, raw.shape, ctx.shape, scale, ctx_path)
             full_shape = raw.shape
         else:
             full_shape = raw.shape
@@ -292,7 +348,7 @@ class ContextSegDataModule(CaseDataModule):
             lo = [(s - c) // 2 for s, c in zip(raw.shape, crop, strict=True)]
             ctx = F.interpolate(torch.as_tensor(raw)[None, None], mode="area", scale_factor=tuple(1 / _triple(
                 p.context_scale)), recompute_scale_factor=False)[0, 0].numpy()
-            fraction = np.asarray(crop) / np.asarray(raw.shape)
+            fraction, centre = np.asarray(crop) / np.asarray(raw.shape), np.zeros(3)
             raw = raw[lo[0]:lo[0] + crop[0], lo[1]:lo[1] + crop[1], lo[2]:lo[2] + crop[2]]
         if not case.mask:
             if require_label:
@@ -324,7 +380,7 @@ class ContextSegDataModule(CaseDataModule):
             "raw": b.stream(raw, out_shape, (1.0, 1.0, 1.0), p.raw_input_size,
                             p.tri_planar in (True, "raw")).half(),  # (C, D, H, W)
             "context": b.stream(ctx, out_shape, fraction, p.context_input_size,
-                                p.tri_planar in (True, "context")).half(),  # (C, D, H, W)
+                                p.tri_planar in (True, "context"), centre=centre).half(),  # (C, D, H, W)
             "intensity": self._preview(raw, out_shape),  # (1, D, H, W), for plots
             "label": torch.as_tensor(label.astype(np.uint8 if self.num_classes <= 255 else np.int32))[None],
             "label_scale": torch.as_tensor(ratio, dtype=torch.float64),  # label voxels per raw voxel (d, h, w)
@@ -340,6 +396,23 @@ class ContextSegDataModule(CaseDataModule):
         if self.label_scale is None and self.cases.get("train"):
             self.label_scale = _read(self.case_tensors(self.cases["train"][0]), "label_scale").numpy()
         return np.ones(3) if self.label_scale is None else np.asarray(self.label_scale, float)
+
+    def train_raw_spacing(self) -> np.ndarray | None:
+        """The raw voxel size (d, h, w) of the training cases (of the first one; a package stores it)."""
+        if self.raw_spacing is None and self.cases.get("train"):
+            aff = _read(self.case_tensors(self.cases["train"][0]), "raw_affine").numpy()
+            self.raw_spacing = np.linalg.norm(aff[:3, :3], axis=0)[::-1].astype(np.float64)
+        return None if self.raw_spacing is None else np.asarray(self.raw_spacing, float)
+
+    def _check_raw_spacing(self, raw_vol, path: str) -> None:
+        want = self.train_raw_spacing()
+        have = np.asarray(raw_vol.spacing, float)
+        if want is not None and np.any(np.abs(have / want - 1) > 0.1):
+            def fmt(v):
+                return tuple(float(f"{x:.4g}") for x in v)
+
+            raise DataError(path, f"has raw voxels of {fmt(have)} (d, h, w), but the run was trained on {fmt(want)}",
+                            "give the raw at the training voxel size (for OME-Zarr, the scale level at that size)")
 
     @staticmethod
     def _finite(arr: np.ndarray, path: str) -> np.ndarray:
@@ -370,25 +443,34 @@ class ContextSegDataModule(CaseDataModule):
         return self._datasets[split]
 
 
-def cellmap_table(table, p: ContextSegDataParams):
+def cellmap_table(table, p: ContextSegDataParams, warn: bool = True):
     """A CellMap case table for training: the chosen classes as mask labels; crops that do not annotate
-    every chosen class left out (``missing_classes: skip``, with a warning) or kept."""
+    every chosen class left out (``missing_classes: skip``, with a warning unless ``warn=False``) or
+    kept. A class that no crop annotates (e.g. a typo), or a choice that leaves no crop, is refused
+    in one line."""
     import dataclasses
 
     if not p.classes:
         raise ConfigError("data.params.classes", "no classes chosen for the CellMap label map",
                           "set data.params.classes, e.g. [mito, er, nuc] (value k = the k-th class)")
-    keep, dropped = [], []
+    keep, dropped, seen = [], [], set()
     for c in table.cases:
-        have = set(str(c.extra.get("classes") or "").split(";"))
+        have = {n for n in str(c.extra.get("classes") or "").split(";") if n}
+        seen |= have
         (keep if p.missing_classes == "background" or set(p.classes) <= have else dropped).append(c)
-    if dropped:
-        log.warning("%d CellMap crop(s) do not annotate every class of data.params.classes and are left out "
-                    "(e.g. %s); set data.params.missing_classes=background to keep them", len(dropped),
-                    dropped[0].case_id)
+    unknown = [n for n in p.classes if n not in seen]
+    if unknown and table.cases:
+        names = sorted(seen)
+        raise ConfigError("data.params.classes", f"{unknown} annotated by no crop of {table.root} (the crops annotate "
+                          f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''})",
+                          "choose classes the crops annotate")
     if not keep:
         raise DataError(table.root, f"no crop annotates all of {p.classes}",
                         "choose classes the crops annotate, or set data.params.missing_classes=background")
+    if dropped and warn:  # after the refusal: a refused table prints one line, not a note and then the error
+        log.warning("%d CellMap crop(s) do not annotate every class of data.params.classes and are left out "
+                    "(e.g. %s); set data.params.missing_classes=background to keep them", len(dropped),
+                    dropped[0].case_id)
     labels = {"background": 0, **{name: k for k, name in enumerate(p.classes, start=1)}}
     return dataclasses.replace(table, cases=keep, mask_labels=labels)
 

@@ -31,16 +31,21 @@ class ContextSegPredictor(SegmentationPredictor):
     probabilities) and the label map is their argmax. With ``eval.save_probabilities`` also
     ``<case_id>_probs.nii.gz`` (K channels, same grid).
 
-    A model package records the class count, the training ``label_scale`` and the frozen encoder's
-    weights id (a package whose encoder builds other weights on this machine is refused).
+    A model package records the class count, the training ``label_scale``, the training raw voxel
+    size (a raw input whose voxels differ by more than 10% is refused, as from the run directory)
+    and the frozen encoder's weights id (a package whose encoder builds other weights on this
+    machine is refused). A 2D NIfTI/TIFF raw is refused (:meth:`check_dims`; Zarr by its reader).
     """
 
     partial_modalities = True  # its cases check RAW [CONTEXT] themselves (derived context needs none)
 
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        train_spacing = getattr(dm, "train_raw_spacing", None)  # a stand-in data module may not have it
+        spacing = train_spacing() if train_spacing is not None else None
         return {"num_classes": int(dm.num_classes),
                 "label_scale": [float(v) for v in dm._predict_scale()],  # the training cases' factor
+                "raw_spacing": None if spacing is None else [float(v) for v in spacing],  # training raw voxels
                 "encoder_weights_id": str(dm.builder.weights_id)}
 
     @classmethod
@@ -63,7 +68,20 @@ class ContextSegPredictor(SegmentationPredictor):
         from medfuse.data.paths import check_case_id
 
         name = check_case_id(case_id_of(inputs[0]), inputs[0])  # nnU-Net naming: no _XXXX, no ending
-        return [Case(case_id=name, patient_id=name, images=images)]
+        case = Case(case_id=name, patient_id=name, images=images)
+        from medfuse.data.containers import split_container_path
+
+        files = {m: f for m, f in images.items() if split_container_path(f) is None}  # Zarr: read_zarr checks dims
+        if files:
+            self.check_dims([Case(case_id=name, patient_id=name, images=files)])
+            if self.refused and self.refused[-1][0].case_id == name:
+                return []
+        return [case]
+
+    def reference_shape(self) -> tuple[int, ...] | None:
+        if isinstance(self.dm, PackagedContextData):
+            return self.dm.reference_shape
+        return super().reference_shape()
 
     def batches(self, cases: list[Any]):
         """One case per batch: its two feature streams stacked, as the data module's items, plus
@@ -96,6 +114,9 @@ class PackagedContextData(ContextSegDataModule):
         self.cellmap = False  # no CellMap table: predict reads RAW [CONTEXT] files (as a CellMap run directory does)
         self.num_classes = int(state["num_classes"])
         self.label_scale = np.asarray(state["label_scale"], dtype=np.float64)
+        spacing = state.get("raw_spacing")  # None: a package from before it was recorded (no check)
+        self.raw_spacing = None if spacing is None else np.asarray(spacing, dtype=np.float64)
+        self.reference_shape = data.reference_shape
         self.weights_id = state.get("encoder_weights_id")
         self._builder = None
         self.cache_root = None
