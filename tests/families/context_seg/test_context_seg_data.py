@@ -16,12 +16,8 @@ from medfuse.config import load_config
 from medfuse.data.io import write_nifti
 from medfuse.engine.build import build_datamodule
 from medfuse.errors import ConfigError, DataError
-from medfuse.families.context_seg.data import (
-    ContextSegDataModule,
-    FeatureBuilder,
-    read_volume,
-    resample_to_grid,
-)
+from medfuse.families.context_seg.data import ContextSegDataModule, read_volume
+from medfuse.families.context_seg.features import FeatureBuilder, resample_to_grid
 from medfuse.families.context_seg.model import ContextSegModel
 from medfuse.families.context_seg.params import ContextSegDataParams
 

@@ -3,10 +3,12 @@ coarse, wide context (seed 004).
 
 Where things are: ``network.py`` (``ContextUNet3D``), ``fusion.py`` (``ContextAttentionFusion``),
 ``model.py`` (the registered model: stacked-input split, ``forward_intermediates``), ``params.py``
-(``model.params`` and ``data.params``), ``data.py`` (two-stream frozen features on the label grid),
-``task.py`` (training and inference with attention gates), ``evaluate.py`` (per-class scores,
-overlays, attention maps), ``predict.py`` (``medfuse predict RUN RAW [CONTEXT]``), ``demo.py`` (the
-EM cell phantom); configs are ``configs/context_seg_*.yaml``.
+(``model.params`` and ``data.params``), ``data.py`` (the data module: cases -> two-stream frozen
+features on the label grid, feature cache, CellMap table), ``features.py`` (the frozen slice
+encoder, resampling onto the label grid, context placement), ``task.py`` (training and inference
+with attention gates), ``evaluate.py`` (per-class scores, overlays, attention maps), ``predict.py``
+(``medfuse predict RUN RAW [CONTEXT]``), ``demo.py`` (the EM cell phantom); configs are
+``configs/context_seg_*.yaml``.
 """
 
 from __future__ import annotations

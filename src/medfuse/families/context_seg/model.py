@@ -6,7 +6,7 @@ Pipeline:
 
 1. :mod:`medfuse.families.context_seg.data` extracts raw and context features slice by slice with a frozen
    2D encoder (DINOv3 or the tiny CPU encoder), resamples both onto the label grid and keeps them
-   as two streams.
+   as two streams (the extraction is in :mod:`medfuse.families.context_seg.features`).
 2. :class:`~medfuse.families.context_seg.network.ContextUNet3D`: the raw stream runs a 1x1 input conv, four
    encoder levels, a bottleneck and a trilinear decoder; the context stream (own 1x1 conv,
    avg-pool and 1x1 projection per level) gates the four encoder skips through
