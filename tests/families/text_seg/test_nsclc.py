@@ -126,7 +126,8 @@ def test_layout_pairs_each_seg_with_its_ct_and_reads_the_csv(replica):
 
 
 def test_tumour_slices_become_records_on_the_ct_grid(replica):
-    from medfuse.families.text_seg.data import read_mask, read_plane, tumour_slice_records
+    from medfuse.families.text_seg.data import tumour_slice_records
+    from medfuse.families.text_seg.pixels import read_mask, read_plane
 
     table = load_cases(replica)
     recs = tumour_slice_records(table.cases[:2], "ct")
@@ -179,29 +180,29 @@ def test_a_shuffled_first_epoch_reads_each_series_once(replica, monkeypatch):
 def test_volume_cache_is_bounded_and_sees_edited_files(replica, monkeypatch):
     import os
 
-    from medfuse.families.text_seg import data as ts_data
+    from medfuse.families.text_seg import pixels as ts_pixels
 
-    monkeypatch.setattr(ts_data, "VOLUMES", ts_data.VolumeCache(max_items=2))
+    monkeypatch.setattr(ts_pixels, "VOLUMES", ts_pixels.VolumeCache(max_items=2))
     calls = _spy_read_label(monkeypatch)
     cases = load_cases(replica).cases[:3]
-    a = ts_data._volume(cases[0].images["ct"])
+    a = ts_pixels._volume(cases[0].images["ct"])
     assert not a.flags.writeable  # shared between records: read-only
-    assert ts_data._volume(cases[0].images["ct"]) is a and len(calls) == 1
-    ts_data._volume(cases[0].mask, cases[0].images["ct"])  # the SEG on the CT's grid: another entry
-    assert ts_data._volume(cases[0].mask, cases[0].images["ct"]) is not a and len(calls) == 2
-    ts_data._volume(cases[1].images["ct"])  # a third volume: the least recently used (the CT) goes
-    assert len(ts_data.VOLUMES) == 2
-    ts_data._volume(cases[0].images["ct"])
+    assert ts_pixels._volume(cases[0].images["ct"]) is a and len(calls) == 1
+    ts_pixels._volume(cases[0].mask, cases[0].images["ct"])  # the SEG on the CT's grid: another entry
+    assert ts_pixels._volume(cases[0].mask, cases[0].images["ct"]) is not a and len(calls) == 2
+    ts_pixels._volume(cases[1].images["ct"])  # a third volume: the least recently used (the CT) goes
+    assert len(ts_pixels.VOLUMES) == 2
+    ts_pixels._volume(cases[0].images["ct"])
     assert len(calls) == 4
     f = sorted(Path(cases[0].images["ct"]).glob("*.dcm"))[0]  # an edited slice: the series is read again
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     try:
-        ts_data._volume(cases[0].images["ct"])
+        ts_pixels._volume(cases[0].images["ct"])
         assert len(calls) == 5
     finally:
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    big = ts_data.VolumeCache(max_bytes=10)  # a volume over the byte bound is not kept
+    big = ts_pixels.VolumeCache(max_bytes=10)  # a volume over the byte bound is not kept
     big.get("x", None, lambda: np.zeros(100, np.uint8))
     assert len(big) == 0
 

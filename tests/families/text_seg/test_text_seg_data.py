@@ -17,10 +17,9 @@ from medfuse.families.text_seg.data import (
     TextSegDataModule,
     TextSegDataset,
     apply_counterfactual,
-    box_from_mask,
-    read_plane,
 )
 from medfuse.families.text_seg.params import TextSegDataParams
+from medfuse.families.text_seg.pixels import box_from_mask, read_plane
 
 TEMPLATE = "{shade} mass, {margin} margins"
 

@@ -13,8 +13,9 @@ import pytest
 from medfuse.config import validate_params
 from medfuse.data.dicom import use_dicom_options
 from medfuse.errors import DataError
-from medfuse.families.text_seg.data import VOLUMES, Record, TextSegDataset
+from medfuse.families.text_seg.data import Record, TextSegDataset
 from medfuse.families.text_seg.params import TextSegDataParams
+from medfuse.families.text_seg.pixels import VOLUMES
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "data"))
 from test_dicom import write_series  # noqa: E402 - the DICOM series writer of tests/data

@@ -165,7 +165,7 @@ class SplitScores:
 
     def add(self, batch: dict[str, Any], out: dict[str, Any], dm: Any, split: str) -> None:
         """Score one batch's ``mask_logits`` against the masks read at each image's original size."""
-        from medfuse.families.text_seg.data import read_mask
+        from medfuse.families.text_seg.pixels import read_mask
         from medfuse.metrics import segmentation_case_metrics
 
         recs = dm.record_index(split)
@@ -319,7 +319,7 @@ def plot_overlays(dm: Any, split: str, res: SplitScores, png: Path, n: int = 6) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medfuse.families.text_seg.data import read_mask, read_plane
+    from medfuse.families.text_seg.pixels import read_mask, read_plane
 
     recs = dm.record_index(split)
     ids = res.case_id[:n]

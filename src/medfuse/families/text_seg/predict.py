@@ -122,7 +122,7 @@ class TextSegPredictor(Predictor):
             volumes: the run was trained on slices of volumes (:meth:`trained_on_volumes`).
             kinds: image path -> its kind (or its read error), filled here: each image is looked at once.
         """
-        from medfuse.families.text_seg.data import is_volume
+        from medfuse.families.text_seg.pixels import is_volume
 
         r, p = record, self.dm.params
         if r.image not in kinds:
