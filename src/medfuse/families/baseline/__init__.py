@@ -12,7 +12,7 @@ from pydantic import Field
 
 from medfuse.config import Params
 from medfuse.engine.evaluate import ClassificationEvaluator, RetrievalEvaluator
-from medfuse.engine.predict import ClassificationPredictor, EmbeddingPredictor, SegmentationPredictor
+from medfuse.engine.predictors import ClassificationPredictor, EmbeddingPredictor, SegmentationPredictor
 from medfuse.engine.segmentation_evaluator import SegmentationEvaluator
 from medfuse.engine.tasks import ClassificationTask, ContrastiveTask, SegmentationTask
 from medfuse.registry import Family, ModelEntry

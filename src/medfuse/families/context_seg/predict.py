@@ -12,7 +12,8 @@ import torch
 
 from medfuse.config import Config, validate_params
 from medfuse.engine.evaluate import to_device
-from medfuse.engine.predict import PackagedData, SegmentationPredictor
+from medfuse.engine.predict import PackagedData
+from medfuse.engine.predictors import SegmentationPredictor
 from medfuse.errors import DataError, WeightsError
 from medfuse.families.context_seg.data import ContextSegDataModule
 from medfuse.families.context_seg.params import ContextSegDataParams

@@ -7,7 +7,7 @@ phantom); configs are ``configs/staging_*.yaml``.
 
 from __future__ import annotations
 
-from medfuse.engine.predict import ClassificationPredictor
+from medfuse.engine.predictors import ClassificationPredictor
 from medfuse.families.staging.demo import make_staging_demo
 from medfuse.families.staging.evaluate import StagingEvaluator
 from medfuse.families.staging.params import StagingParams, build_staging
