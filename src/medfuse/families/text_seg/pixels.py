@@ -14,14 +14,11 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from medfuse.errors import DataError
-
-if TYPE_CHECKING:
-    from medfuse.families.text_seg.data import Record
 
 __all__ = ["VOLUMES", "VolumeCache", "box_from_mask", "is_volume", "read_mask", "read_plane"]
 
@@ -145,8 +142,9 @@ def _read_dicom_file(path: str) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)[:3]
 
 
-def read_mask(rec: Record, value: int | None, shape: tuple[int, int]) -> np.ndarray:
-    """The target mask of a record as a bool (H, W) array on the image grid."""
+def read_mask(rec: Any, value: int | None, shape: tuple[int, int]) -> np.ndarray:
+    """The target mask of a record (a :class:`~medfuse.families.text_seg.data.Record`: its ``mask``,
+    ``slice_index``, ``case_id`` and ``image``) as a bool (H, W) array on the image grid."""
     plane = read_plane(rec.mask, rec.slice_index, False, rec.case_id, reference=rec.image)[0]
     if plane.shape != shape:
         raise DataError(rec.mask, f"mask is {plane.shape[0]}x{plane.shape[1]} but the image is {shape[0]}x{shape[1]}",
