@@ -165,3 +165,20 @@ def test_group_count_must_match_the_cases():
         bootstrap_ci(np.mean, np.arange(4.0), groups=["a", "b"])
     empty = bootstrap_ci(np.mean, np.zeros(0), groups=[])
     assert empty["n"] == 0 and empty["n_items"] == 0 and empty["n_boot"] == 0
+
+
+def test_a_single_case_or_patient_gives_no_interval():
+    """One resampling unit resamples to itself: a [v, v] 'CI' over one CellMap dataset said nothing."""
+    import math
+
+    import numpy as np
+
+    from medfuse.metrics.bootstrap import bootstrap_ci, cluster_mean_ci
+
+    one = bootstrap_ci(lambda x: x.mean(-1), np.array([0.062]), vectorized=True)
+    assert one["value"] == 0.062 and math.isnan(one["low"]) and math.isnan(one["high"]) and one["n"] == 1
+    pooled = cluster_mean_ci(np.array([0.2, 0.4, 0.6]), ["ds1", "ds1", "ds1"])
+    assert math.isclose(pooled["value"], 0.4) and math.isnan(pooled["low"]) and pooled["n"] == 1
+    assert pooled["n_items"] == 3
+    two = cluster_mean_ci(np.array([0.2, 0.4, 0.6]), ["ds1", "ds1", "ds2"], n_boot=200)
+    assert two["low"] < two["high"] and two["n"] == 2  # two patients: an interval again

@@ -29,3 +29,4 @@ def test_a_left_out_cutoff_is_trivial_for_a_random_and_a_collapsed_model():
     rng = np.random.default_rng(1)
     for sim in (rng.normal(size=(6, 6)), np.ones((6, 6)), -np.eye(6)):
         assert recall_at_k(sim, ks=(6,))["R@6"] == 1.0
+

@@ -110,7 +110,8 @@ def bootstrap_ci(
 
     Returns:
         ``{"value", "low", "high", "n", "n_boot"}``: ``value`` is ``metric_fn`` on the full data
-        (NaN when undefined), ``low``/``high`` the interval (NaN when no resample was usable),
+        (NaN when undefined), ``low``/``high`` the interval (NaN when no resample was usable, or
+        when a single case or a single group is resampled: every resample would be the data itself),
         ``n`` the number of cases (of groups with ``groups``) and ``n_boot`` the number of
         resamples used; with ``groups`` also ``n_items``, the number of cases.
     """
@@ -142,7 +143,10 @@ def bootstrap_ci(
                 value = _finite_float(metric_fn(*data))
         except (ValueError, ZeroDivisionError):
             value = math.nan
-        batches = _index_chunks(rng, n, int(n_boot)) if members is None else \
+        units = n if members is None else len(members)
+        # one case (one patient) resamples to itself every time: a zero-width "interval" that says
+        # nothing about the uncertainty, so none is given (low/high NaN; reports drop the interval)
+        batches = [] if units < 2 else _index_chunks(rng, n, int(n_boot)) if members is None else \
             _cluster_chunks(rng, members, int(n_boot))
         for idx in batches:  # (rows, length) case indices, one resample per row
             if vectorized:
