@@ -19,6 +19,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 AFFINE = np.diag([0.8, 0.8, 3.0, 1.0])
 
 
+def write_manifest(root: Path, rows: list[dict], sidecar: dict) -> Path:
+    """``root/manifest.csv`` from ``rows`` (the first row's keys are the columns) and the
+    ``root/dataset.json`` sidecar; returns the manifest."""
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (root / "dataset.json").write_text(json.dumps(sidecar))
+    return root / "manifest.csv"
+
+
 def write_cls_dataset(root: Path, n_patients: int = 24, shape=(6, 16, 16), seed: int = 0, classes: int = 2) -> Path:
     """A separable 2-modality classification set: class k brightens a blob in modality 'b'."""
     from medfuse.data.io import write_nifti
@@ -37,13 +48,7 @@ def write_cls_dataset(root: Path, n_patients: int = 24, shape=(6, 16, 16), seed:
             write_nifti(arr[None], root / "images" / f"{cid}_{mod}.nii.gz", affine=AFFINE)
         rows.append({"case_id": cid, "patient_id": f"p{i:03d}", "image_a": f"images/{cid}_a.nii.gz",
                      "image_b": f"images/{cid}_b.nii.gz", "label": y})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["a", "b"],
-                                                   "class_names": [f"c{k}" for k in range(classes)]}))
-    return root / "manifest.csv"
+    return write_manifest(root, rows, {"modalities": ["a", "b"], "class_names": [f"c{k}" for k in range(classes)]})
 
 
 def write_seg_dataset(root: Path, n_cases: int = 16, shape=(8, 16, 16), seed: int = 0) -> Path:
@@ -64,12 +69,7 @@ def write_seg_dataset(root: Path, n_cases: int = 16, shape=(8, 16, 16), seed: in
         write_nifti(mask[None], root / "images" / f"c{i}_seg.nii.gz", affine=AFFINE)
         rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_mr": f"images/c{i}.nii.gz",
                      "mask": f"images/c{i}_seg.nii.gz"})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["mr"],
-                                                   "mask_labels": {"background": 0, "lesion": 1}}))
+    write_manifest(root, rows, {"modalities": ["mr"], "mask_labels": {"background": 0, "lesion": 1}})
     return root
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 
-from conftest import AFFINE
+from conftest import AFFINE, write_manifest
 from medfuse.config import validate
 from medfuse.data.io import write_nifti
 from medfuse.engine.evaluate import evaluate
@@ -28,11 +27,7 @@ def _dataset(root):
         write_nifti(img[None], root / "images" / f"c{i}.nii.gz", affine=AFFINE)
         rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "image_ct": f"images/c{i}.nii.gz",
                      "text": f"a bright lesion in the {WHERE[k]} corner"})
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "dataset.json").write_text(json.dumps({"modalities": ["ct"]}))
+    write_manifest(root, rows, {"modalities": ["ct"]})
     return root
 
 
