@@ -73,3 +73,31 @@ def test_data_check_clean_exits_0(cls_dataset, capsys):
     code, out, _ = run_cli(["data", "check", str(cls_dataset.parent)], capsys)
     assert code == 0
     assert "OK" in out
+
+
+def test_medfuse_warnings_print_as_one_line_without_source(tmp_path):
+    """A medfuse warning is a note to the user: one ``warning: ...`` line, not Python's
+    ``file:line: UserWarning`` plus the source line that raised it (which reads like a traceback)."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    for cid, name in (("B_001", "B_001"), ("B_002", "B_999")):  # B_002 was renamed, its files were not
+        for k in ("flair", "t1", "t1ce", "t2"):
+            (tmp_path / cid).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype("float32"), np.eye(4)),
+                     tmp_path / cid / f"{name}_{k}.nii.gz")
+    out = subprocess.run([sys.executable, "-m", "medfuse", "data", "check", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if "not named after the folder" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 folder(s) under "), out.stderr
+    assert "UserWarning" not in out.stderr and "warnings.warn(" not in out.stderr, out.stderr
+
+
+def test_other_libraries_warnings_keep_pythons_format():
+    from medfuse.cli import _format_warning
+
+    text = _format_warning("deprecated", DeprecationWarning, "/usr/lib/python3/somewhere/lib.py", 12)
+    assert text.startswith("/usr/lib/python3/somewhere/lib.py:12: DeprecationWarning: deprecated")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -305,10 +306,25 @@ def _print_error(err: MedfuseError) -> None:
     err_console.print(f"{label}: {err.one_line()}", markup=False, highlight=False, soft_wrap=True)
 
 
+_python_format_warning = warnings.formatwarning
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """medfuse's own warnings as one ``warning: ...`` line; other libraries' in Python's format.
+
+    Python's format prints the file, line number and the source line that raised the warning,
+    which reads like a fragment of a traceback; a medfuse warning is a note to the user."""
+    if os.path.realpath(filename).startswith(_PACKAGE_DIR):
+        return f"warning: {' '.join(str(message).split())}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the typer app and maps user errors to exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    warnings.formatwarning = _format_warning
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit as e:
