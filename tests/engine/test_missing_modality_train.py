@@ -48,6 +48,7 @@ def test_a_refused_data_check_keeps_the_split_of_a_run_that_had_one(cls_dataset,
         fit(validate(tiny_cls_config(data / "manifest.csv", tmp_path / "runs", train__max_epochs=1)))
     assert "has no 'b' image" in err.value.one_line()
     assert (run / "splits.csv").read_text() == saved  # regression guard: only a split this call wrote goes
+    assert run.is_dir()  # a run folder that was there before the call stays
 
 
 def test_families_built_for_partial_inputs_take_them():
@@ -79,6 +80,8 @@ def test_a_run_refused_while_training_before_its_first_checkpoint_keeps_no_split
         fit(validate(cfg))
     assert "case004_a.nii.gz" in err.value.one_line()
     assert not (tmp_path / "runs" / "t" / "splits.csv").exists()
+    assert not (tmp_path / "runs" / "t").exists()  # the folder this refused call created goes too
+    assert (tmp_path / "runs").is_dir()  # ... not its parent
     lines = (data / "manifest.csv").read_text().splitlines()
     extra = lines[1].replace("case000", "case099").replace("p000", "p099")
     shutil.copy(data / "images" / "case000_a.nii.gz", data / "images" / "case099_a.nii.gz")

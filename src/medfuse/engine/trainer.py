@@ -237,7 +237,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
         Interrupted: Ctrl-C (naming the last checkpoint).
     """
     from medfuse.data.paths import output_dir
-    from medfuse.engine.lock import RunLock
+    from medfuse.engine.lock import RunLock, is_rank_zero
 
     cfg = resolve(cfg)  # family and task filled in (and checked) before anything is written
     cfg = absolute_paths(cfg)  # evaluate and predict may run from another folder
@@ -247,21 +247,33 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Any] | None = None,
     check_hardware(cfg)
     check_launch(cfg)
     run_dir = cfg.run_dir
+    new_dir = not run_dir.exists()
     output_dir(run_dir, "run directory")
     split_file = run_dir / "splits.csv"
-    with RunLock(run_dir, "train"):
-        new_split = not split_file.exists()
-        try:
-            return _fit(cfg, run_dir, resume, callbacks, only_stage)
-        except KeyboardInterrupt:
-            raise _interrupted(cfg, run_dir) from None
-        except MedfuseError:
-            # a run refused before its first checkpoint keeps no split: the rerun on mended data
-            # (an empty validation split, a NaN volume) splits afresh instead of meeting a stale one
-            ckpts = checkpoint_dir(run_dir)
-            if new_split and not (ckpts.exists() and any(ckpts.rglob("*.ckpt"))):
-                split_file.unlink(missing_ok=True)
-            raise
+    try:
+        with RunLock(run_dir, "train"):
+            new_split = not split_file.exists()
+            try:
+                return _fit(cfg, run_dir, resume, callbacks, only_stage)
+            except KeyboardInterrupt:
+                raise _interrupted(cfg, run_dir) from None
+            except MedfuseError:
+                # a run refused before its first checkpoint keeps no split: the rerun on mended data
+                # (an empty validation split, a NaN volume) splits afresh instead of meeting a stale one
+                if new_split and not _has_checkpoint(run_dir):
+                    split_file.unlink(missing_ok=True)
+                raise
+    except MedfuseError as e:
+        # ... and a run directory this call created goes with it (its logs and config are of a run
+        # that never trained), so a refused run leaves no empty runs/<name>/ behind
+        if new_dir and not isinstance(e, Interrupted) and is_rank_zero() and not _has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    ckpts = checkpoint_dir(run_dir)
+    return ckpts.exists() and any(ckpts.rglob("*.ckpt"))
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, callbacks: list[Any] | None, only_stage: str | None) -> Path:
