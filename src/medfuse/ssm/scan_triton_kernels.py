@@ -52,6 +52,51 @@ def _last_column(x, offs_t, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, rows, t, mask, s_r, s_l):
+    """A (rows, T) tile of a (..., L) tensor as fp32, 0 where ``mask`` is off."""
+    return tl.load(ptr + rows[:, None] * s_r + t[None, :] * s_l, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta_tile(delta_ptr, offs_d, t, mask, s_dt_d, s_dt_l, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(pre, dt) of a (BD, T) tile of delta: delta (+ bias) before and after the softplus, fp32."""
+    pre = _tile(delta_ptr, offs_d, t, mask, s_dt_d, s_dt_l)
+    if HAS_BIAS:
+        pre += bias[:, None]
+    dt = pre
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    return pre, dt
+
+
+@triton.jit
+def _lanes(DIM, NSTATE, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's batch index (int64), its channel, state and in-chunk step offsets, and the
+    channel, state and (channel, state) masks."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < NSTATE
+    return pid_b, offs_d, offs_n, tl.arange(0, CHUNK), mask_d, mask_n, mask_d[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, s_A_d, s_A_n,
+                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BD, BN), D and delta_bias (BD,) of this program's channels as fp32 (zeros when absent).
+    Padded channels/states read A = 0: their decay is 1."""
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A, Dv, bias
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr,
     L, DIM, NSTATE,
@@ -68,14 +113,7 @@ def _fwd_kernel(
 ):
     """Forward: out (B, Dm, L) and, when SAVE_STATES, the state entering every chunk into hs
     (B, n_chunks, Dm, N) fp32 contiguous. Grid: (B, cdiv(Dm, BLOCK_D))."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    pid_b, offs_d, offs_n, offs_t, mask_d, mask_n, mask_dn = _lanes(DIM, NSTATE, BLOCK_D, BLOCK_N, CHUNK)
     u_ptr += pid_b * s_u_b
     delta_ptr += pid_b * s_dt_b
     B_ptr += pid_b * s_B_b
@@ -86,11 +124,8 @@ def _fwd_kernel(
     hs_ptr += pid_b * n_chunks * DIM * NSTATE
     hs_offs = offs_d[:, None] * NSTATE + offs_n[None, :]
     # Padded channels/states read A = 0, B = C = 0: their decay is 1 and their state stays 0.
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, s_A_d, s_A_n,
+                                  HAS_D, HAS_BIAS, BLOCK_D)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(0, n_chunks):
         start = c * CHUNK
@@ -122,16 +157,11 @@ def _fwd_kernel(
             mask_t = t < L
             m2 = mask_d[:, None] & mask_t[None, :]
             mnt = mask_n[:, None] & mask_t[None, :]
-            u = tl.load(u_ptr + offs_d[:, None] * s_u_d + t[None, :] * s_u_l, mask=m2, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + offs_d[:, None] * s_dt_d + t[None, :] * s_dt_l, mask=m2, other=0.0)
-            dt = dt.to(tl.float32)
-            if HAS_BIAS:
-                dt += bias[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt)
+            u = _tile(u_ptr, offs_d, t, m2, s_u_d, s_u_l)
+            _, dt = _delta_tile(delta_ptr, offs_d, t, m2, s_dt_d, s_dt_l, bias, HAS_BIAS, SOFTPLUS)
             dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, input 0, so the last column is the carry
-            Bt = tl.load(B_ptr + offs_n[:, None] * s_B_n + t[None, :] * s_B_l, mask=mnt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + offs_n[:, None] * s_C_n + t[None, :] * s_C_l, mask=mnt, other=0.0).to(tl.float32)
+            Bt = _tile(B_ptr, offs_n, t, mnt, s_B_n, s_B_l)
+            Ct = _tile(C_ptr, offs_n, t, mnt, s_C_n, s_C_l)
             a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BD, BN, T)
             b = (dt * u)[:, None, :] * Bt[None, :, :]
             a_run, h_loc = tl.associative_scan((a, b), 2, _affine_combine)
@@ -140,7 +170,7 @@ def _fwd_kernel(
             if HAS_D:
                 y += u * Dv[:, None]
             if HAS_Z:
-                z = tl.load(z_ptr + offs_d[:, None] * s_z_d + t[None, :] * s_z_l, mask=m2, other=0.0).to(tl.float32)
+                z = _tile(z_ptr, offs_d, t, m2, s_z_d, s_z_l)
                 y *= z * tl.sigmoid(z)
             tl.store(out_ptr + offs_d[:, None] * s_o_d + t[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty), mask=m2)
             h = _last_column(hh, offs_t, CHUNK)
@@ -166,14 +196,7 @@ def _bwd_kernel(
 ):
     """Backward over the chunks in reverse. dB, dC: fp32 (B, N, L) contiguous, zeroed, atomically
     added; dA (B, Dm, N), dD and dbias (B, Dm): fp32 per-batch partials. Grid: (B, cdiv(Dm, BLOCK_D))."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    pid_b, offs_d, offs_n, offs_t, mask_d, mask_n, mask_dn = _lanes(DIM, NSTATE, BLOCK_D, BLOCK_N, CHUNK)
     u_ptr += pid_b * s_u_b
     delta_ptr += pid_b * s_dt_b
     B_ptr += pid_b * s_B_b
@@ -188,11 +211,8 @@ def _bwd_kernel(
     n_chunks = tl.cdiv(L, CHUNK)
     hs_ptr += pid_b * n_chunks * DIM * NSTATE
     hs_offs = offs_d[:, None] * NSTATE + offs_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A, Dv, bias = _channel_params(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_dn, s_A_d, s_A_n,
+                                  HAS_D, HAS_BIAS, BLOCK_D)
     carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a g of the step after this chunk
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -205,24 +225,19 @@ def _bwd_kernel(
         mnt = mask_n[:, None] & mask_t[None, :]
         # Recompute the chunk's states from its entry state.
         h0 = tl.load(hs_ptr + c * DIM * NSTATE + hs_offs, mask=mask_dn, other=0.0)
-        u = tl.load(u_ptr + offs_d[:, None] * s_u_d + t[None, :] * s_u_l, mask=m2, other=0.0).to(tl.float32)
-        pre = tl.load(delta_ptr + offs_d[:, None] * s_dt_d + t[None, :] * s_dt_l, mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            pre += bias[:, None]
-        dt = pre
-        if SOFTPLUS:
-            dt = _softplus(pre)
+        u = _tile(u_ptr, offs_d, t, m2, s_u_d, s_u_l)
+        pre, dt = _delta_tile(delta_ptr, offs_d, t, m2, s_dt_d, s_dt_l, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(m2, dt, 0.0)
-        Bt = tl.load(B_ptr + offs_n[:, None] * s_B_n + t[None, :] * s_B_l, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_n[:, None] * s_C_n + t[None, :] * s_C_l, mask=mnt, other=0.0).to(tl.float32)
+        Bt = _tile(B_ptr, offs_n, t, mnt, s_B_n, s_B_l)
+        Ct = _tile(C_ptr, offs_n, t, mnt, s_C_n, s_C_l)
         x = dt * u  # (BD, T)
         a = tl.exp(dt[:, None, :] * A[:, :, None])  # (BD, BN, T)
         b = x[:, None, :] * Bt[None, :, :]
         a_run, h_loc = tl.associative_scan((a, b), 2, _affine_combine)
         hh = h_loc + a_run * h0[:, :, None]
-        dy = tl.load(dout_ptr + offs_d[:, None] * s_do_d + t[None, :] * s_do_l, mask=m2, other=0.0).to(tl.float32)
+        dy = _tile(dout_ptr, offs_d, t, m2, s_do_d, s_do_l)
         if HAS_Z:
-            z = tl.load(z_ptr + offs_d[:, None] * s_z_d + t[None, :] * s_z_l, mask=m2, other=0.0).to(tl.float32)
+            z = _tile(z_ptr, offs_d, t, m2, s_z_d, s_z_l)
             y = tl.sum(hh * Ct[None, :, :], axis=1)
             if HAS_D:
                 y += u * Dv[:, None]
@@ -233,13 +248,8 @@ def _bwd_kernel(
         # Decay of the next step inside the chunk; 0 past the chunk's end (the carry enters there instead).
         t1 = t + 1
         m_next = mask_d[:, None] & ((offs_t + 1 < CHUNK) & (t1 < L))[None, :]
-        pre1 = tl.load(delta_ptr + offs_d[:, None] * s_dt_d + t1[None, :] * s_dt_l, mask=m_next, other=0.0)
-        pre1 = pre1.to(tl.float32)
-        if HAS_BIAS:
-            pre1 += bias[:, None]
-        if SOFTPLUS:
-            pre1 = _softplus(pre1)
-        a_next = tl.where(m_next[:, None, :], tl.exp(pre1[:, None, :] * A[:, :, None]), 0.0)
+        _, dt1 = _delta_tile(delta_ptr, offs_d, t1, m_next, s_dt_d, s_dt_l, bias, HAS_BIAS, SOFTPLUS)
+        a_next = tl.where(m_next[:, None, :], tl.exp(dt1[:, None, :] * A[:, :, None]), 0.0)
         src = dy[:, None, :] * Ct[None, :, :]
         src += tl.where(offs_t[None, None, :] == CHUNK - 1, carry[:, :, None], 0.0)
         _, g = tl.associative_scan((a_next, src), 2, _affine_combine, reverse=True)  # dL/dh_t
