@@ -52,3 +52,24 @@ def test_contrastive_aligns_image_and_text(tmp_path):
     # 4 distinct texts among 8 test cases: a matched model ranks the 2 same-text items first,
     # so R@5 reaches 1; chance is 5/8.
     assert r5["value"] >= 0.875
+
+
+def test_validation_recall_leaves_out_k_at_or_above_the_split_size(caplog):
+    """The generic contrastive task (baseline_clip3d) follows the evaluation's rule too: over 5
+    validation pairs R@5 is 1.0 for any model, so it is neither logged nor averaged into
+    ``val/mean_recall`` (it was), and one warning says so."""
+    import logging
+
+    from medfuse.engine.tasks import ContrastiveTask
+
+    task = ContrastiveTask({"task": "contrastive", "model": {"name": "baseline_clip3d", "params": {"in_channels": 1}},
+                            "train": {"monitor": "val/mean_recall"}})
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+    merged = {"image_emb": img / np.linalg.norm(img, axis=1, keepdims=True),
+              "text_emb": txt / np.linalg.norm(txt, axis=1, keepdims=True)}
+    with caplog.at_level(logging.WARNING, logger="medfuse"):
+        res = task.epoch_metrics(merged)
+    assert sorted(res) == ["i2t_R@1", "mean_recall", "t2i_R@1"]
+    assert res["mean_recall"] == (res["i2t_R@1"] + res["t2i_R@1"]) / 2
+    assert sum("k = 5, 10" in r.getMessage() for r in caplog.records) == 1

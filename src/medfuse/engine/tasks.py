@@ -28,6 +28,7 @@ that checkpoint selection sees the whole validation split.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
 
@@ -50,6 +51,8 @@ from medfuse.engine.batch import (  # noqa: F401 - the names that moved to batch
     pad_batch,
 )
 from medfuse.engine.build import build_model, family_of, model_params, resolve
+
+log = logging.getLogger(__name__)
 
 
 class BaseTask(L.LightningModule):
@@ -450,6 +453,7 @@ class ContrastiveTask(BaseTask):
         from medfuse.losses import InfoNCE
 
         self.contrastive = InfoNCE()
+        self._logged_trivial_ks = False  # epoch_metrics says once which Recall@k it leaves out
 
     def forward_batch(self, batch) -> EmbeddingOutput:
         img, txt = self.model(batch["image"], batch["text"])
@@ -462,15 +466,35 @@ class ContrastiveTask(BaseTask):
         return {"image_emb": F.normalize(out["image_emb"].float(), dim=-1).detach().cpu().numpy(),
                 "text_emb": F.normalize(out["text_emb"].float(), dim=-1).detach().cpu().numpy()}
 
-    def epoch_metrics(self, merged):
-        from medfuse.metrics import recall_at_k
+    val_ks = (1, 5, 10)
+    """Validation Recall@k cut-offs (``val/i2t_R@k``, ``val/t2i_R@k``, averaged in ``val/mean_recall``)."""
 
-        sim = merged["image_emb"] @ merged["text_emb"].T
-        ks = tuple(k for k in (1, 5, 10) if k <= sim.shape[0])
-        i2t, t2i = recall_at_k(sim, ks), recall_at_k(sim.T, ks)
-        res = {f"i2t_R@{k}": float(i2t[f"R@{k}"]) for k in ks}
-        res.update({f"t2i_R@{k}": float(t2i[f"R@{k}"]) for k in ks})
-        res["mean_recall"] = float(np.mean(list(res.values())))
+    def epoch_metrics(self, merged):
+        """Validation Recall@k both ways and their mean, with the evaluation's rule
+        (:func:`~medfuse.metrics.retrieval.paired_recalls`): a k at or above the split's pair count
+        is 1.0 for any model, so it is left out of the logged keys and of ``mean_recall`` (logged
+        once). The key ``train.monitor`` names is still logged when its k are all left out (its
+        value is then the constant), because checkpoint selection stops on a missing key.
+
+        ``merged``: ``image_emb`` and ``text_emb`` (N, C), L2-normalised; pair i is (i, i).
+        """
+        from medfuse.metrics.retrieval import paired_recalls, trivial_ks_note
+
+        sim = merged["image_emb"] @ merged["text_emb"].T  # (N, N), rows images, columns texts
+        res, left = paired_recalls(sim, self.val_ks)
+        monitor = str(self.cfg.train.monitor)
+        key = monitor.removeprefix("val/")
+        kept_constant = False
+        if left and monitor.startswith("val/") and key not in res:
+            full, _ = paired_recalls(sim, self.val_ks, drop_trivial=False)
+            if key in full:
+                res[key], kept_constant = full[key], True
+        if left and not self._logged_trivial_ks:
+            self._logged_trivial_ks = True
+            line = trivial_ks_note(left, sim.shape[0], "validation i2t/t2i R@k (and their share of mean_recall)")
+            if kept_constant:
+                line += f"; train.monitor={monitor} reads only such k: it is still logged, but constant"
+            log.warning(line)
         return res
 
     def predict_step(self, batch, batch_idx=0):

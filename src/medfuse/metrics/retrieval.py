@@ -87,6 +87,41 @@ def trivial_ks(ks: Sequence[int], gallery: int) -> list[int]:
     return [int(k) for k in ks if k >= gallery]
 
 
+def trivial_ks_note(left: Sequence[int], gallery: int, what: str = "image_to_text/text_to_image R@k") -> str:
+    """The one line that says which cut-offs were left out (:func:`trivial_ks`) and why; the
+    evaluation report's ``notes`` and the training log of validation Recall@k both use it."""
+    return (f"{what} left out for k = {', '.join(map(str, left))}: k at or above the split size "
+            f"({gallery} pair{'s' if gallery != 1 else ''}) gives 1.0 for any model")
+
+
+def paired_recalls(sim: Any, ks: Sequence[int] = (1, 5, 10), drop_trivial: bool = True) -> tuple[dict[str, float], list[int]]:
+    """Point Recall@k both ways of a paired (N, N) matrix (no CIs: the per-epoch validation numbers),
+    with the rule of :func:`retrieval_report`: cut-offs at or above N are left out (:func:`trivial_ks`).
+
+    Args:
+        sim: paired similarity matrix (N, N); rows are images, columns texts, pair i is (i, i).
+        ks: cut-offs.
+        drop_trivial: False keeps every k, trivial or not (R@k = 1.0 for every ranked query when
+            k >= N).
+
+    Returns:
+        ``({"i2t_R@k": r, "t2i_R@k": r, ..., "mean_recall": mean of those}, left out ks)``; without
+        any kept k the dict is empty (no ``mean_recall``).
+    """
+    s = to_numpy(sim)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"paired_recalls needs a paired square matrix (N, N); got {s.shape}")
+    left = trivial_ks(ks, s.shape[1]) if drop_trivial else []
+    kept = [int(k) for k in ks if k not in left]
+    out: dict[str, float] = {}
+    for direction, matrix in (("i2t", s), ("t2i", s.T)):
+        ranks = retrieval_ranks(matrix)
+        out.update({f"{direction}_R@{k}": _recall(ranks, k) for k in kept})
+    if out:
+        out["mean_recall"] = float(np.mean(list(out.values())))
+    return out, left
+
+
 def same_text_positives(texts: Sequence[str]) -> np.ndarray | None:
     """(N, N) bool: pair j's text is the same as pair i's (whitespace-normalised), or None when
     every text is unique. Identical reports (several reconstructions of one scan share their

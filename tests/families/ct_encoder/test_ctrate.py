@@ -378,9 +378,23 @@ def test_a_tiny_validation_split_warns_and_the_report_leaves_trivial_recall_out(
         run = fit(cfg)
     lines = [r.getMessage() for r in caplog.records if "validation split holds" in r.getMessage()]
     assert len(lines) == 1 and "train.monitor=val/mean_recall" in lines[0] and "1 patient" in lines[0]
+    # validation leaves out the same k as the report; the monitor stays (as the constant it is)
+    left = [r.getMessage() for r in caplog.records if "validation i2t/t2i R@k" in r.getMessage()]
+    assert len(left) == 1 and "k = 1, 5, 10" in left[0] and "(1 pair)" in left[0]
+    assert "train.monitor=val/mean_recall reads only such k" in left[0]
+    with (run / "metrics.csv").open() as f:
+        header = next(csv.reader(f))
+    assert "val/mean_recall" in header and not any("R@" in h for h in header)
+    assert (run / "checkpoints" / "best.ckpt").is_file()
     rep = evaluate(run, n_boot=10)
     assert rep["n"] == 1 and not any("R@" in k for k in rep["metrics"])
     assert any("R@k left out for k = 1, 5, 10, 50, 100" in n and "split size (1 pair)" in n for n in rep["notes"])
+    # one case: every value (nn_copy/ce_f1 among them) comes without an interval (bootstrap_ci's rule)
+    def no_interval(v):
+        return all(v[b] is None or not np.isfinite(v[b]) for b in ("low", "high"))
+
+    assert rep["metrics"]["nn_copy/ce_f1"]["n"] == 1
+    assert all(v["n"] == 1 and no_interval(v) for v in rep["metrics"].values())
 
 
 def test_a_validation_split_of_several_patients_does_not_warn(tmp_path, caplog):

@@ -276,7 +276,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
 
     def compute(self):
         from medfuse.metrics import bootstrap_ci, retrieval_report
-        from medfuse.metrics.retrieval import trivial_ks
+        from medfuse.metrics.retrieval import trivial_ks, trivial_ks_note
 
         sim = self.similarity()
         groups = self.groups()
@@ -285,8 +285,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
                                    groups=groups, positives=self.positives())
         left, n = trivial_ks(ks, sim.shape[1]), sim.shape[1]
         if left:
-            self.notes.append(f"image_to_text/text_to_image R@k left out for k = {', '.join(map(str, left))}: k at or "
-                              f"above the split size ({n} pair{'s' if n != 1 else ''}) gives 1.0 for any model")
+            self.notes.append(trivial_ks_note(left, n))
         rep: dict[str, Any] = {"n": metrics.pop("n"), "metrics": metrics}
         if "n_patients" in metrics:
             rep["n_patients"] = metrics.pop("n_patients")
