@@ -13,15 +13,10 @@ import pytest
 from medfuse.config import validate
 from medfuse.errors import ConfigError, DataError
 from medfuse.families.ct_encoder.cot import RegionVocab, cot_steps, region_sentences
-from medfuse.families.ct_encoder.data import (
-    CTEncoderDataModule,
-    case_item,
-    ct_transforms,
-    predict_cases,
-    read_ctrate,
-)
+from medfuse.families.ct_encoder.data import CTEncoderDataModule, predict_cases, read_ctrate
 from medfuse.families.ct_encoder.demo import make_ct_encoder_demo
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
+from medfuse.families.ct_encoder.transforms import case_item, ct_transforms
 
 SHAPE = (8, 32, 32)
 

@@ -14,8 +14,9 @@ import pytest
 from test_ctrate import AFFINE, CONFIGS, SHAPE, TINY, make_ctrate  # same folder (pytest prepend mode)
 
 from medfuse.errors import DataError
-from medfuse.families.ct_encoder.data import case_item, ct_transforms, read_ctrate
+from medfuse.families.ct_encoder.data import read_ctrate
 from medfuse.families.ct_encoder.params import CTEncoderDataParams
+from medfuse.families.ct_encoder.transforms import case_item, ct_transforms
 
 REPORTS = "radiology_text_reports/train_reports.csv"
 META = "metadata/train_metadata.csv"

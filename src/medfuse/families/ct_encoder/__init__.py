@@ -8,8 +8,9 @@ LM report generator), ``labeler.py`` (findings labelers for clinical efficacy), 
 (every metric of the seed's list: retrieval, volume-to-volume retrieval, zero-shot AUROC, linear
 probe, region-text alignment, step-patch correlation, localization IoU, report generation with a
 nearest-neighbour baseline), ``predict.py`` (embeddings and generated reports per volume),
-``data.py`` (CT-RATE layout, CoT, masks, lesion masks, HU once), ``demo.py`` (the chest/abdomen
-phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
+``data.py`` (CT-RATE layout, CoT, masks, lesion masks, HU once), ``transforms.py`` (the per-case
+transform chain: HU step, lesion masks as a second mask channel, OmniAbnorm-CT slabs), ``demo.py``
+(the chest/abdomen phantom); the demo config is ``configs/ct_encoder_demo.yaml``.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class CTEncoderPredictor(Predictor):
     def batches(self, cases):
         """One volume per batch, through the run's evaluation transforms (with the HU step)."""
         from medfuse.data.datamodule import collate
-        from medfuse.families.ct_encoder.data import case_item, ct_transforms
+        from medfuse.families.ct_encoder.transforms import case_item, ct_transforms
 
         tf = ct_transforms(self.cfg, train=False, regions=self.task.model.num_regions)  # no lesion masks here
         for c in cases:
