@@ -212,3 +212,27 @@ def test_seeds_without_a_key_metric_take_the_first_metric_not_a_count(tmp_path, 
     monkeypatch.setattr(demo, "demo_family", lambda family: type("F", (), {"demo_config": tmp_path / "x.yaml"})())
     summary = demo.run_demo("fam", tmp_path / "out", seeds=[0, 1])
     assert summary["metric"] == "acc" and (tmp_path / "out" / "seeds.md").is_file()
+
+
+def test_the_combined_report_keeps_every_variants_evaluation_notes(tmp_path, monkeypatch):
+    """The demo's report.json used to replace the main variant's own notes (e.g. "R@k left out for
+    k = 10 ...") with the demo's, and dropped the other variants' notes; now the main variant's stay
+    as they are and another variant's are kept under its name."""
+    import medfuse.reports
+
+    def fake_runs(family, cfg_path, base, variants, slug, console):
+        rows = [_row("full", 0.9, 0.8, 1.0), _row("ablated", 0.7, 0.6, 0.8)]
+        for r in rows:
+            r["run"] = str(tmp_path / r["run"])
+        return rows, {"full": {"ci": 0.95, "notes": ["R@k left out for k = 10"]},
+                      "ablated": {"ci": 0.95, "notes": ["3 of 8 generated reports are empty"]}}
+
+    written = {}
+    monkeypatch.setattr(demo, "_run_variants", fake_runs)
+    monkeypatch.setattr(demo, "ablations", lambda family: [("full", []), ("ablated", ["x=1"])])
+    monkeypatch.setattr(demo, "demo_family",
+                        lambda family: type("F", (), {"demo_config": tmp_path / "x.yaml", "demo_compare": None})())
+    monkeypatch.setattr(medfuse.reports, "write_report", lambda run, rep, plots: written.update(rep))
+    combined = demo.run_demo("fam", tmp_path / "out")
+    assert combined["notes"][:2] == ["R@k left out for k = 10", "ablated: 3 of 8 generated reports are empty"]
+    assert any(n.startswith("demo wall time") for n in combined["notes"]) and written["notes"] == combined["notes"]

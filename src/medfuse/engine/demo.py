@@ -277,7 +277,11 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
         combined["paired"] = compare([r for r in rows if "weights_from" not in r])
         for c in combined["paired"].values():
             console.print(c["markdown"])
-    combined["notes"] = [f"demo wall time {time.perf_counter() - t0:.0f} s",
+    # the main variant's own evaluation notes stay; another variant's are kept under its name
+    combined["notes"] = [*reports[variants[0][1]].get("notes", []),
+                         *(f"{name}: {note}" for _, name, _ in variants[1:]
+                           for note in reports[name].get("notes", [])),
+                         f"demo wall time {time.perf_counter() - t0:.0f} s",
                          "each variant selected on validation; test evaluated once per variant"]
     if any("weights_from" in r for r in rows):
         combined["notes"].append("variants with weights_from are not trained: they evaluate another "
