@@ -89,3 +89,20 @@ def test_report_names_and_cis():
     assert perfect["bleu4"]["value"] == pytest.approx(1.0) and perfect["rouge_l"]["value"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="hypotheses"):
         bleu_stats(HYPS, REFS[:2])
+
+
+def test_rouge_leaves_the_root_logger_alone():
+    """rouge-score's RougeScorer, left to choose its tokenizer, logs through absl, which calls
+    logging.basicConfig(): every later medfuse log line then printed as ``WARNING:medfuse...:``."""
+    import logging
+
+    from medfuse.metrics.generation import rouge_scores
+
+    before = list(logging.root.handlers)
+    try:
+        logging.root.handlers.clear()
+        scores = rouge_scores(["the left lung is clear"], ["the right lung is clear"])
+        assert logging.root.handlers == []
+    finally:
+        logging.root.handlers[:] = before
+    assert 0.5 < scores[0] < 1.0

@@ -79,9 +79,11 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], order: int = 4) -> flo
 
 def rouge_scores(hyps: Sequence[str], refs: Sequence[str], kind: str = "rougeL") -> np.ndarray:
     """rouge-score F-measure per report, (N,); ``kind`` is ``rougeL`` or ``rouge1`` (no stemming)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+    # the tokenizer given explicitly is the one RougeScorer would make; left to choose it, RougeScorer
+    # logs through absl, which calls logging.basicConfig() and so reformats every later log line
+    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False, tokenizer=tokenizers.DefaultTokenizer(False))
     return np.asarray([scorer.score(str(r), str(h))[kind].fmeasure for h, r in zip(hyps, refs, strict=True)],
                       dtype=np.float64)
 
