@@ -205,3 +205,28 @@ def test_incomplete_seg_skips_an_unreadable_case_and_keeps_partial_ones(inc_run,
     assert {k: r["modalities"] for k, r in _rows(out / "predictions.csv").items()} == \
         {"full": "+".join(mods), "half": f"{mods[0]}+{mods[2]}"}
     assert sorted(_rows(out / "refused.csv")) == ["cut", "flat"] and _recorded(out) == {"full", "half"}
+
+
+def test_a_case_refused_while_inferred_is_skipped_too(seg_run, tmp_path, capsys, monkeypatch):
+    """A DataError raised in inference (after the case was read) refuses that case like a read error:
+    no output, no inputs.csv record, a refused.csv row; it stopped the whole run with the flag."""
+    from medfuse.engine.predict import Predictor
+    from medfuse.errors import DataError
+
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for name in ("g1", "g2"):
+        _volume(folder / f"{name}_0000.nii.gz", seed=int(name[1]))
+    infer = Predictor.infer
+
+    def refusing(self, batch):
+        if list(batch["case_id"]) == ["g1"]:
+            raise DataError("g1", "the model's output is not finite", "check the input's intensities")
+        return infer(self, batch)
+
+    monkeypatch.setattr(Predictor, "infer", refusing)
+    out = tmp_path / "out"
+    code, err = run_cli(["predict", seg_run, folder, "--out", out, "--skip-refused"], capsys)
+    assert code == 0 and "1 of 2 cases refused" in err, err
+    assert [p.name for p in out.glob("*.nii.gz")] == ["g2.nii.gz"] and _recorded(out) == {"g2"}
+    assert "not finite" in _rows(out / "refused.csv")["g1"]["problem"]

@@ -300,8 +300,9 @@ class Predictor:
             case_id: the name of the one case that ``inputs`` hold (its outputs are named by it).
             skip_refused: a case refused by a :class:`~medfuse.errors.DataError` (the 2D/3D and
                 missing-modality checks, or an error while its files are read and transformed in
-                :meth:`batches`) is skipped instead of stopping the run: it gets no output and no
-                ``inputs.csv`` record, and a row of ``refused.csv`` (case_id, file, problem, fix).
+                :meth:`batches` or while it is inferred) is skipped instead of stopping the run: it
+                gets no output and no ``inputs.csv`` record, and a row of ``refused.csv`` (case_id,
+                file, problem, fix).
                 The other cases are predicted one per batch (batch size 1), each into the same
                 files as without the flag, and one line on stderr says how many were refused.
                 Errors that are not about one case (no case at all, a case id another run
@@ -388,16 +389,17 @@ class Predictor:
         return [c for c in cases if id(c) not in out]
 
     def predict_one(self, case: Any, out_dir: Path) -> None:
-        """Read, record and predict one case (``skip_refused``): a :class:`~medfuse.errors.DataError`
-        while its batch is built refuses the case (:meth:`refuse`) before anything of it is written."""
+        """Read, infer, record and write one case (``skip_refused``): a
+        :class:`~medfuse.errors.DataError` while its batch is built or inferred refuses the case
+        (:meth:`refuse`) before anything of it is written."""
         try:
-            batches = list(self.batches([case]))  # one case: one batch
+            done = [(batch, self.infer(batch)) for batch in self.batches([case])]  # one case: one batch
         except DataError as e:
             self.refuse(case, e)
             return
         self.record(out_dir, dict(x for x in [self.case_inputs(case)] if x is not None), [case.case_id])
-        for batch in batches:
-            self.write(batch, self.infer(batch), out_dir)
+        for batch, out in done:
+            self.write(batch, out, out_dir)
 
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
