@@ -66,6 +66,9 @@ def test_a_coarser_overlapping_modality_is_resampled(tmp_path):
     img = out["image"].numpy()  # (M, i, j, k)
     assert img.shape == (2, 16, 16, 8)
     assert np.all(img[1, 9:14, :14, :6] == pytest.approx(50.0)) and np.all(img[1, :6] == 0.0)
+    # predict says so, once per case (engine.predict.Predictor.note_resampled); one grid: nothing to say
+    assert out["resampled"] == "image(s) 'dwi' resampled (trilinear) onto the grid of image 't2w'"
+    assert _load([t2, _write(tmp_path / "same.nii.gz", T2)])["resampled"] == ""
 
 
 def test_an_oblique_modality_over_the_same_place_is_resampled(tmp_path):

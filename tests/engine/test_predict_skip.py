@@ -230,3 +230,24 @@ def test_a_case_refused_while_inferred_is_skipped_too(seg_run, tmp_path, capsys,
     assert code == 0 and "1 of 2 cases refused" in err, err
     assert [p.name for p in out.glob("*.nii.gz")] == ["g2.nii.gz"] and _recorded(out) == {"g2"}
     assert "not finite" in _rows(out / "refused.csv")["g1"]["problem"]
+
+
+def test_a_modality_resampled_at_predict_is_said_once(cls_run, cls_dataset, tmp_path, caplog):
+    """A case whose 'b' image lies on another (overlapping) grid is predicted on 'a''s grid, as data
+    check's ``grid`` rule and the README say, and predict now logs one warning naming the case."""
+    import logging
+
+    import nibabel as nib
+
+    from medfuse.engine.predict import predict
+
+    images = cls_dataset.parent / "images"
+    b = nib.load(images / "case000_b.nii.gz")
+    moved = b.affine.copy()
+    moved[:3, 3] += 1.0  # 1 mm along each axis: still over 'a'
+    nib.save(nib.Nifti1Image(np.asarray(b.dataobj), moved), tmp_path / "case000_b.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medfuse"):
+        predict(cls_run, [str(images / "case000_a.nii.gz"), str(tmp_path / "case000_b.nii.gz")], tmp_path / "out")
+        predict(cls_run, [str(images / "case001_a.nii.gz"), str(images / "case001_b.nii.gz")], tmp_path / "out2")
+    said = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert said == ["case000_a: image(s) 'b' resampled (trilinear) onto the grid of image 'a'"]

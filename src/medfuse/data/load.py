@@ -77,7 +77,8 @@ class LoadCased(mt.MapTransform):
     onto it with MONAI ``ResampleToMatch`` (trilinear, zeros outside its field of view). A missing
     modality (``None``) becomes zeros and ``item["present"]`` is a float tensor ``(M,)`` of 1/0.
     ``item["mask"]`` (a path) becomes an integer ``(1, i, j, k)`` MetaTensor on the same grid
-    (nearest-neighbour when resampled).
+    (nearest-neighbour when resampled). ``item["resampled"]`` (a str) says which modalities were
+    resampled onto which ("" when none was).
 
     The per-file rules of ``medfuse data check`` run here, on every case read (one code path,
     :mod:`medfuse.data.checks`): ``nonfinite``, ``dims`` (a single-slice image or mask next to 3D
@@ -140,6 +141,10 @@ class LoadCased(mt.MapTransform):
             d[key] = MetaTensor(torch.cat(chans_out), affine=ref.affine.clone(),
                                 meta={"filename_or_obj": ref.meta["filename_or_obj"]})  # (M, i, j, k)
             d["present"] = torch.tensor([0.0 if x is None else 1.0 for x in loaded])
+            moved = [m for x, m in zip(loaded, self.modalities, strict=True) if x is not None and not _same_grid(x, ref)]
+            # said once per case by predict (engine.predict.Predictor.note_resampled)
+            d["resampled"] = (f"image(s) {', '.join(repr(m) for m in moved)} resampled (trilinear) onto the "
+                              f"grid of image '{ref_m}'") if moved else ""
             # the input's own grid, for writing predictions back onto it (engine.inference.to_input_grid)
             d["orig_affine"] = ref.affine.detach().cpu().to(torch.float64).clone()  # (4, 4)
             d["orig_shape"] = torch.tensor(_cdhw(ref)[1:], dtype=torch.long)  # (3,) = (D, H, W)

@@ -23,6 +23,7 @@ from the package (:meth:`Predictor.package_data`, on top of a :class:`PackagedDa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +44,8 @@ from medfuse.engine.outputs import (
 )
 from medfuse.engine.tasks import BaseTask
 from medfuse.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 class PackagedTable:
@@ -359,6 +362,7 @@ class Predictor:
                     bar.advance(job, 1)
             else:
                 for batch in self.batches(cases):
+                    self.note_resampled(batch)
                     self.record(out_dir, records, batch.get("case_id", []))
                     self.write(batch, self.infer(batch), out_dir)
                     bar.advance(job, len(batch.get("case_id", [None])))
@@ -399,7 +403,17 @@ class Predictor:
             return
         self.record(out_dir, dict(x for x in [self.case_inputs(case)] if x is not None), [case.case_id])
         for batch, out in done:
+            self.note_resampled(batch)
             self.write(batch, out, out_dir)
+
+    @staticmethod
+    def note_resampled(batch: dict[str, Any]) -> None:
+        """One logged warning per case whose modalities were not on one grid and were resampled
+        onto its first one (``batch["resampled"]``, from :class:`~medfuse.data.load.LoadCased`):
+        ``medfuse data check`` reports such a case under ``grid``; predict goes on and says so."""
+        for case, what in zip(batch.get("case_id", []), batch.get("resampled", []), strict=False):
+            if what:
+                log.warning("%s: %s", case, what)
 
 
 def predict(run_dir: str | Path, inputs: list[str], out: str | Path,
