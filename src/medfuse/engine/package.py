@@ -223,21 +223,29 @@ def model_card(cfg: Config, family: str, which: str, epoch: Any, labels: dict[st
                report: dict[str, Any] | None, splits_csv: str | None, external: dict[str, str] | None = None,
                ids_included: bool = True) -> str:
     """The package's ``model_card.md``: model, inputs, outputs, data split and the run's evaluation
-    (metrics with their bootstrap CIs and n, from ``report.json``; "not evaluated" without one)."""
+    (metrics with their bootstrap CIs and n, from ``report.json``; "not evaluated" without one).
+
+    ``labels["card"]`` (optional, filled by a family's ``package_labels``) replaces the generic
+    ``inputs``, ``preprocessing`` and ``outputs`` (grid) texts where the family's differ."""
     t = prep["transforms"]
+    card = labels.get("card") or {}
     lines = [f"# {cfg.name}", "",
              f"- family `{family}`, model `{cfg.model.name}`, task `{cfg.task}`",
              f"- weights: `{which}.ckpt`" + (f" (epoch {epoch})" if isinstance(epoch, int) else "")
              + (f", selected on `{cfg.train.monitor}` ({cfg.train.mode}) on the validation split" if which == "best"
                 else ""),
-             f"- inputs: {', '.join(labels['modalities'])} (one image per modality, in this channel order)",
-             f"- preprocessing: orientation {t.get('orientation')}, spacing {t.get('spacing') or 'as stored'}, "
-             f"intensity {json.dumps(t.get('intensity'))}"
-             + (f"; sizes padded to a multiple of {prep['size_divisor']}" if prep.get("size_divisor") else ""),
+             "- inputs: " + (card.get("inputs")
+                             or f"{', '.join(labels['modalities'])} (one image per modality, in this channel order)"),
+             "- preprocessing: " + (card.get("preprocessing")
+                                    or f"orientation {t.get('orientation')}, spacing {t.get('spacing') or 'as stored'}, "
+                                    f"intensity {json.dumps(t.get('intensity'))}"
+                                    + (f"; sizes padded to a multiple of {prep['size_divisor']}"
+                                       if prep.get("size_divisor") else "")),
              ]
     out_labels = labels.get("output_labels") or labels.get("mask_labels")
     if out_labels:
-        lines.append(f"- outputs: label map with {json.dumps(out_labels)}, on each input's own grid")
+        lines.append(f"- outputs: label map with {json.dumps(out_labels)}, "
+                     + (card.get("outputs") or "on each input's own grid"))
     elif labels.get("class_names"):
         lines.append(f"- outputs: classes {', '.join(labels['class_names'])}")
     if splits_csv:

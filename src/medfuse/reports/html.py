@@ -206,7 +206,8 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, str | Path] | Non
         parts += ["<h2>Per class</h2>", _nested_table(per_class, "class")]
     per_case = report.get("per_case")
     if isinstance(per_case, Mapping) and per_case.get("rows"):
-        parts += ["<h2>Per case</h2>", '<p class="meta">also in metrics_per_case.csv; HD95 in mm on the label grid</p>',
+        unit = html.escape(str(per_case.get("hd95_unit") or "mm"))
+        parts += ["<h2>Per case</h2>", f'<p class="meta">also in metrics_per_case.csv; HD95 in {unit} on the label grid</p>',
                   _table(list(per_case["columns"]), [list(r) for r in per_case["rows"]])]
     splits = report.get("splits")
     if isinstance(splits, Mapping) and splits:

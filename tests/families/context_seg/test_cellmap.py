@@ -252,11 +252,18 @@ def test_export_and_predict_from_run_and_package_agree_on_the_raw_grid(cm_run, t
     with zipfile.ZipFile(pkg) as zf:
         assert json.loads(zf.read("preprocessing.json"))["reference_shape"] == [1, 64, 64, 64]  # the EM s0
         assert json.loads(zf.read("predictor.json"))["label_scale"] == [1.0, 1.0, 1.0]
+        card = {line.split(":")[0]: line for line in zf.read("model_card.md").decode().splitlines()}
+    # the card says what predict takes (RAW CONTEXT, the training raw voxel size in nm) and gives
+    assert card["- inputs"].startswith("- inputs: RAW CONTEXT (`medfuse predict model.zip RAW CONTEXT`)")
+    assert "training raw voxel size (8, 8, 8) nm" in card["- inputs"] and "at 64 nm" in card["- inputs"]
+    assert "intensity percentile" not in card["- preprocessing"] and "encoder `tiny`" in card["- preprocessing"]
+    assert "mm" in card["- outputs"] and "(x, y, z)" in card["- outputs"]
     em = root / "jrc_test-4" / "jrc_test-4.zarr" / "recon-1" / "em" / "fibsem-uint8"
     raw, ctx = str(em / "s0"), str(em / "s3")  # 8 nm (the training raw's), 64^3 and 64 nm, 8^3: the same field of view
     assert _cli("predict", str(run), raw, ctx, "--out", str(tmp_path / "own")) == 0
     assert _cli("predict", str(pkg), raw, ctx, "--out", str(tmp_path / "pk")) == 0
-    own, pk = tmp_path / "own" / "s0.nii.gz", tmp_path / "pk" / "s0.nii.gz"
+    name = "jrc_test-4_recon-1_em_fibsem-uint8.nii.gz"  # the data set and group, not the scale level "s0"
+    own, pk = tmp_path / "own" / name, tmp_path / "pk" / name
     img, src = nib.load(str(own)), read_zarr(raw)
     assert img.shape == (64, 64, 64) == src.shape[1:]
     np.testing.assert_allclose(img.affine, src.affine, rtol=1e-6, atol=0)  # 8 nm voxels, in mm
@@ -331,3 +338,124 @@ def test_a_refused_class_choice_is_one_line_without_a_note(replica, caplog):
     with caplog.at_level("WARNING"), pytest.raises(DataError, match=r"no crop annotates all of \['mito', 'er'\]"):
         cellmap_table(table, ContextSegDataParams(classes=["mito", "er"]))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _raw_box(em: Path, lo, size, out: Path) -> Path:
+    """The s0 voxels ``lo .. lo + size`` (z, y, x) of ``em`` as a one-level OME-Zarr group ``out``
+    (container and groups created) with the box's own translation; returns ``out / "s0"``."""
+    lo, size = np.asarray(lo), np.asarray(size)
+    box = np.asarray(open_node(em)["s0"][tuple(slice(a, a + n) for a, n in zip(lo, size, strict=True))])
+    container = next(q for q in [out, *out.parents] if q.suffix == ".zarr")
+    for group in [container, *reversed([q for q in out.parents if container in q.parents]), out]:
+        g = _group(group)
+    _array(g, "s0", box.shape, "uint8", (16, 16, 16))[...] = box
+    _multiscales(g, [RAW_NM], [lo * RAW_NM])  # s0 voxel centres of the box, nm (z, y, x)
+    return out / "s0"
+
+
+def test_predictions_are_named_after_the_data_set_and_case_id_wins(cm_run, tmp_path):
+    """The s0 arrays of two data sets go to one --out as two files (before: both were 's0', the second
+    refused); ``--case-id`` still names the case."""
+    root, run = cm_run
+    out = tmp_path / "out"
+    for ds in ("jrc_test-1", "jrc_test-2"):  # a small box of each data set, stored as CellMap stores EM
+        em = root / ds / f"{ds}.zarr" / "recon-1" / "em" / "fibsem-uint8"
+        raw = _raw_box(em, (24, 24, 24), (16, 16, 16), tmp_path / f"{ds}.zarr" / "recon-1" / "em" / "fibsem-uint8")
+        assert _cli("predict", str(run), str(raw), str(em / "s3"), "--out", str(out)) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["jrc_test-1_recon-1_em_fibsem-uint8.nii.gz",
+                                                             "jrc_test-2_recon-1_em_fibsem-uint8.nii.gz"]
+    assert _cli("predict", str(run), str(raw), str(em / "s3"), "--out", str(out), "--case-id", "mine") == 0
+    assert (out / "mine.nii.gz").is_file()
+
+
+def test_a_zarr_prediction_is_nifti_in_mm_with_the_axes_reversed(cm_run, tmp_path):
+    """What the docs and the model card say: a (z, y, x) = (24, 20, 16) raw box at 8 nm with an OME
+    translation comes back as NIfTI of shape (x, y, z) = (16, 20, 24), affine diag(8e-06 mm) with the
+    translation in mm as its origin, header unit mm."""
+    import nibabel as nib
+
+    root, run = cm_run
+    em = root / "jrc_test-3" / "jrc_test-3.zarr" / "recon-1" / "em" / "fibsem-uint8"
+    lo = np.array([8, 12, 16])
+    raw = _raw_box(em, lo, (24, 20, 16), tmp_path / "pred.zarr" / "box")
+    out = tmp_path / "out"
+    assert _cli("predict", str(run), str(raw), str(em / "s3"), "--out", str(out)) == 0
+    img = nib.load(str(out / "pred_box.nii.gz"))
+    assert img.shape == (16, 20, 24)
+    np.testing.assert_allclose(img.affine[:3, :3], np.diag([8e-6] * 3), rtol=1e-6)
+    np.testing.assert_allclose(img.affine[:3, 3], (lo * RAW_NM * 1e-6)[::-1], rtol=1e-6)
+    assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_em_hd95_is_reported_in_nm_and_named(cm_run, tmp_path, monkeypatch):
+    """HD95 on 8 nm voxels reads in nm under keys that say so, in report.json, report.html and
+    metrics_per_case.csv: a prediction one voxel off the truth has HD95 8-14 nm (before: ~1e-05, 'hd95')."""
+    import torch
+    import torch.nn.functional as F
+
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.families.context_seg.evaluate import ContextSegEvaluator
+
+    def one_voxel_off(self, batch):  # the truth moved by one voxel along D, H and W
+        mask = torch.roll(batch["mask"][:, 0].long(), (1, 1, 1), dims=(-3, -2, -1))  # (B, D, H, W)
+        return {"logits": F.one_hot(mask, 3).permute(0, 4, 1, 2, 3).float() * 10}  # (B, K, D, H, W)
+
+    monkeypatch.setattr(ContextSegEvaluator, "infer", one_voxel_off)
+    _, run = cm_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rep = evaluate(copy, split="test")
+    assert rep["context_seg"]["hd95_unit"] == "nm" and set(rep["case_metrics"]) == {"dice", "iou", "hd95_nm"}
+    assert all("hd95_nm" in rep["per_class"][c] and "hd95" not in rep["per_class"][c] for c in ("mito", "er"))
+    page = (copy / "report.html").read_text()
+    assert any("in nm" in n for n in rep["notes"]) and "HD95 in nm on the label grid" in page
+    assert "HD95 in mm" not in page  # the per-case table's caption said mm whatever the unit
+    assert 4.0 <= rep["case_metrics"]["hd95_nm"]["value"] <= 16.0  # one 8 nm voxel along each axis: 8 to 8 * sqrt(3) nm
+    rows = list(csv.DictReader((copy / "metrics_per_case.csv").open()))
+    assert {"hd95_nm_mito", "hd95_nm_er"} <= set(rows[0]) and not {"hd95_mito", "hd95_er"} & set(rows[0])
+    values = [float(r[k]) for r in rows for k in ("hd95_nm_mito", "hd95_nm_er") if r[k] != "nan"]
+    assert values and all(4.0 <= v <= 16.0 for v in values)
+
+
+def _header_commands() -> tuple[str, list[list[str]]]:
+    """The config header's comment (one line) and its CPU ``medfuse train`` commands (overrides only)."""
+    import shlex
+
+    header = [line for line in CONFIG.read_text().splitlines() if line.startswith("#")]
+    commands: list[list[str]] = []
+    current: list[str] | None = None
+    for line in header:
+        body = line[1:].strip()
+        if body.startswith("medfuse train context_seg_cellmap.yaml"):
+            current = shlex.split(body)[3:]
+            commands.append(current)
+        elif current is not None and line.startswith("#     "):
+            current += shlex.split(body)
+        else:
+            current = None
+    prose = " ".join(line[1:].strip() for line in header)  # one line: sentences run across comment lines
+    return prose, [c for c in commands if "train.accelerator=cpu" in c]
+
+
+def test_the_header_labels_its_plumbing_check_and_gives_a_cpu_run_that_learns():
+    """The 1-epoch header run (raw_input_size 32 on 24^3 crops: 4x4 feature maps) learns nothing; the
+    header says so and gives a second CPU command, with the encoder's maps at the raw resolution and a
+    measured score. Both are valid configs, and the first is the overrides this module trains with."""
+    import re
+
+    from medfuse.config import load_config, validate_params
+    from medfuse.families.context_seg.params import ContextSegDataParams, ContextSegParams
+
+    header, commands = _header_commands()
+    assert len(commands) == 2
+    plumbing, learning = ([a.replace("REPLICA", "/data/cellmap") for a in c] for c in commands)
+    assert "plumbing check only" in header and re.search(r"learns nothing \(measured: mean IoU 0\.\d+", header)
+    assert re.search(r"run that learns.*mean IoU 0\.[3-9]\d", header)
+    assert set(plumbing) - {"data.root=/data/cellmap"} <= set(TINY_CELLMAP)
+    cfgs = [load_config(CONFIG, c) for c in (plumbing, learning)]
+    data = [validate_params(ContextSegDataParams, c.data.params, "data.params") for c in cfgs]
+    for c in cfgs:
+        validate_params(ContextSegParams, c.model.params, "model.params")
+    assert data[0].raw_input_size == 32 and cfgs[0].train.max_epochs == 1
+    assert data[1].raw_input_size == 8 * 24 and data[1].patch_size == (16, 16, 16)  # stride 8: one feature per voxel
+    assert cfgs[1].train.max_epochs > 1 and tuple(cfgs[1].eval.roi_size) == (16, 16, 16)

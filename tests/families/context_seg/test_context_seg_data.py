@@ -360,6 +360,9 @@ def test_train_evaluate_predict_end_to_end(trained):
         assert {"value", "low", "high", "n"} <= set(entry) and entry["n_items"] == rep["n"] == 2 and entry["n"] == 1
     assert set(rep["per_class"]["dark"]) >= {"precision", "recall", "f1", "iou", "dice", "hd95"}
     assert set(rep["case_metrics"]) == {"dice", "iou", "hd95"} and rep["class_names"] == ["bright", "dark"]
+    # mm-scale voxels keep the platform's HD95 keys (in mm), and the report names the unit
+    assert rep["context_seg"]["hd95_unit"] == "mm" and any("HD95 (hd95 " in n and " in mm" in n for n in rep["notes"])
+    assert {"hd95_bright", "hd95_dark"} <= set((run / "metrics_per_case.csv").read_text().splitlines()[0].split(","))
     assert rep["context_seg"]["fusion"] == "attention"
     assert (run / "report.html").is_file()
     assert len(list((run / "predictions" / "test").glob("*.nii.gz"))) == 2  # the generic evaluator's files
@@ -452,3 +455,15 @@ def test_data_params_errors_name_the_key(tmp_path):
         assert "\n" not in e.value.one_line() and msg in e.value.one_line()
         with pytest.raises(ConfigError, match=f"data.params.{key}"):  # also when the module is built directly
             ContextSegDataModule(cfg_for(root, tmp_path, params), None)
+
+
+@pytest.mark.parametrize(("lengths_mm", "unit", "text"), [
+    ((8e-6, 8e-6, 8e-6), "nm", "(8, 8, 8) nm"),  # FIB-SEM voxels from OME-Zarr (nm -> mm)
+    ((4e-5, 4e-6, 4e-6), "nm", "(40, 4, 4) nm"),
+    ((1.0, 0.5, 0.5), "mm", "(1, 0.5, 0.5) mm"),  # CT / MR
+    ((1e-3, 1e-4, 1e-4), "mm", "(0.001, 0.0001, 0.0001) mm"),  # one axis at 1 um: not all under it
+])
+def test_lengths_are_shown_in_nm_only_when_all_are_under_a_micrometre(lengths_mm, unit, text):
+    from medfuse.families.context_seg.units import format_lengths, length_unit
+
+    assert length_unit(lengths_mm)[0] == unit and format_lengths(lengths_mm) == text

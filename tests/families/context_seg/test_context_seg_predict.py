@@ -146,6 +146,14 @@ def test_package_round_trip(run, tmp_path, monkeypatch):
         state = json.loads(zf.read("predictor.json"))
     assert state["num_classes"] == 2 and state["label_scale"] == [1.0, 1.0, 1.0] and state["encoder_weights_id"]
     assert state["raw_spacing"] == [1.0, 1.0, 1.0]
+    with zipfile.ZipFile(pkg) as zf:
+        card = {line.split(":")[0]: line for line in zf.read("model_card.md").decode().splitlines()}
+    # what predict takes and does, not the generic one-image-per-modality input and intensity chain
+    assert card["- inputs"].startswith("- inputs: RAW CONTEXT (`medfuse predict model.zip RAW CONTEXT`)")
+    assert "training raw voxel size (1, 1, 1) mm" in card["- inputs"] and "one image per modality" not in card["- inputs"]
+    assert "frozen encoder `tiny`" in card["- preprocessing"] and "raw 64x64" in card["- preprocessing"]
+    assert "orientation" not in card["- preprocessing"].split("(not")[0] and "percentile\"" not in card["- preprocessing"]
+    assert "NIfTI-1) on RAW's grid" in card["- outputs"] and "(x, y, z)" in card["- outputs"]
     copies = tmp_path / "inputs"
     copies.mkdir()
     new = [shutil.copy(p, copies) for p in inputs]
@@ -206,3 +214,44 @@ def test_a_raw_at_another_voxel_size_is_refused_from_run_and_package(run, tmp_pa
     pkg = export(run_dir, tmp_path / "ctx.zip")
     with pytest.raises(DataError, match=msg):
         predict(str(pkg), [str(r), str(c)], tmp_path / "o2")
+
+
+@pytest.mark.parametrize(("raw", "name"), [
+    ("jrc_hela-2.zarr/recon-1/em/fibsem-uint8/s1", "jrc_hela-2_recon-1_em_fibsem-uint8"),  # not "s1"
+    ("jrc_hela-2.zarr/recon-1/em/fibsem-uint8", "jrc_hela-2_recon-1_em_fibsem-uint8"),  # the multiscales group
+    ("jrc_hela-2.zarr/recon-1/em/fibsem-uint8/crop155/s0", "jrc_hela-2_crop155"),  # as evaluate names the crop
+    ("preds.zarr/crop7/raw/0", "preds_crop7"),
+    ("sample.zarr/0", "sample"),  # OME-NGFF numeric scale level
+    ("jrc_mus-liver.n5/em/fibsem-uint8/s0", "jrc_mus-liver_em_fibsem-uint8"),
+    ("jrc_x.zarr/recon-1/em/fibsem-uint8/raw_crop", "jrc_x_recon-1_em_fibsem-uint8_raw_crop"),  # not a scale level
+])
+def test_a_zarr_raw_is_named_after_its_data_not_its_scale_level(tmp_path, raw, name):
+    """``predict`` names a case after its raw input; an array inside a Zarr/N5 container gets the
+    container and group (or CellMap crop) name, so two data sets' ``s1`` do not both become ``s1``."""
+    from types import SimpleNamespace
+
+    from medfuse.families.context_seg.params import ContextSegDataParams
+    from medfuse.families.context_seg.predict import ContextSegPredictor
+
+    pred = object.__new__(ContextSegPredictor)  # cases() reads only the data params (Zarr: no 2D check here)
+    pred.dm, pred.refused = SimpleNamespace(params=ContextSegDataParams()), []
+    (tmp_path / raw).mkdir(parents=True)
+    (tmp_path / "ctx.zarr" / "s3").mkdir(parents=True)
+    (case,) = pred.cases([str(tmp_path / raw), str(tmp_path / "ctx.zarr" / "s3")], None)
+    assert case.case_id == case.patient_id == name
+
+
+def test_a_zarr_name_that_is_no_case_id_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from medfuse.errors import DataError
+    from medfuse.families.context_seg.params import ContextSegDataParams
+    from medfuse.families.context_seg.predict import ContextSegPredictor
+
+    pred = object.__new__(ContextSegPredictor)
+    pred.dm, pred.refused = SimpleNamespace(params=ContextSegDataParams()), []
+    raw = tmp_path / "my data.zarr" / "s0"
+    raw.mkdir(parents=True)
+    with pytest.raises(DataError, match="has characters outside") as err:
+        pred.cases([str(raw), str(raw)], None)
+    assert str(raw) in err.value.one_line() and "rename the case" in err.value.one_line()

@@ -60,8 +60,15 @@ class ContextSegEvaluator(SegmentationEvaluator):
       ``mean_dice`` from voxel counts pooled over cases (means over the foreground classes);
     * ``per_class``: those five scores per class, plus the generic per-case ``hd95``;
     * ``case_metrics``: the generic per-case ``dice``, ``iou`` and ``hd95`` means;
-    * ``context_seg``: the fusion, how the scores are computed, and the figures (overlays on the
-      raw intensities and, with attention fusion, the level-1 attention map).
+    * ``context_seg``: the fusion, how the scores are computed, the HD95 unit (``hd95_unit``) and
+      the figures (overlays on the raw intensities and, with attention fusion, the level-1
+      attention map);
+    * ``notes``: the HD95 unit, in words.
+
+    HD95 is in mm, the affines' unit, unless every label grid voxel of the split is under a
+    micrometre (EM from OME-Zarr in nm, whose 8 nm voxels are 8e-06 mm): then it is in nm, and its
+    key says so everywhere (``hd95_nm`` in ``per_class``, ``case_metrics`` and the
+    ``metrics_per_case.csv`` columns ``hd95_nm_<class>``); :func:`~medfuse.families.context_seg.units.length_unit`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -69,6 +76,8 @@ class ContextSegEvaluator(SegmentationEvaluator):
         self.counts: list[np.ndarray] = []  # per case: (K, 3) tp, fp, fn
         self.ids: list[str] = []
         self.figures: dict[str, str] = {}  # title -> png path relative to the run
+        self.spacings: list[tuple[float, float, float]] = []  # per case: the label grid's (D, H, W) voxel size, mm
+        self.hd95_unit = "mm"
 
     @property
     def fusion(self) -> str:
@@ -91,8 +100,27 @@ class ContextSegEvaluator(SegmentationEvaluator):
             return self.task.infer_intermediates(batch)  # logits + attention gates, one pass
         return self.task.infer(batch)
 
+    @property
+    def hd95_key(self) -> str:
+        """``hd95`` in mm (the platform's unit), ``hd95_<unit>`` otherwise."""
+        return "hd95" if self.hd95_unit == "mm" else f"hd95_{self.hd95_unit}"
+
+    def per_case_table(self, names: list[str]) -> dict[str, Any]:
+        """The generic table, its HD95 columns named by :attr:`hd95_key` (``hd95_nm_<class>``)."""
+        table = super().per_case_table(names)
+        if self.hd95_key != "hd95":
+            table["columns"] = [self.hd95_key + c[len("hd95"):] if c.startswith("hd95_") else c
+                                for c in table["columns"]]
+        return {**table, "hd95_unit": self.hd95_unit}  # the report's caption (reports.html) names it
+
     def update(self, batch, out):
-        super().update(batch, out)
+        super().update(batch, out)  # scores on the label grid of batch["affine"] (reference() is None)
+        from medfuse.engine.segmentation_evaluator import spacing_of
+
+        for i in range(len(batch["case_id"])):
+            spacing = spacing_of(batch, i)
+            if spacing is not None:
+                self.spacings.append(spacing)
         from medfuse.metrics import confusion_stats
         from medfuse.reports.plots import plot_gate_overlay, plot_overlay
 
@@ -119,7 +147,14 @@ class ContextSegEvaluator(SegmentationEvaluator):
                 self.plots[f"attention {cid}"] = png
 
     def compute(self):
+        from medfuse.families.context_seg.units import length_unit
+
+        unit, factor = length_unit(v for s in self.spacings for v in s)
+        if unit != self.hd95_unit and "hd95" in self.per_case:  # before the generic report and metrics_per_case.csv
+            self.per_case["hd95"] = [np.asarray(v) * factor for v in self.per_case["hd95"]]  # once: unit is now set
+        self.hd95_unit = unit
         rep = super().compute()  # per-case Dice/IoU/HD95 of the same pass
+        hd = self.hd95_key
         names = self.class_names()
         n_boot, seed = self.n_boot, self.seed
         c = np.stack(self.counts)  # (N, K, 3)
@@ -136,13 +171,17 @@ class ContextSegEvaluator(SegmentationEvaluator):
             metrics[f"mean_{score}"] = ci(score, fg)
         per_class = {names[j]: {s: ci(s, [j]) for s in SCORES} for j in fg}
         for name in names[1:]:
-            per_class[name]["hd95"] = rep["per_class"][name]["hd95"]
+            per_class[name][hd] = rep["per_class"][name]["hd95"]
+        where = "nm: every label grid voxel is under 1 um (EM), so mm would read ~1e-05" if hd != "hd95" else \
+            "mm, the unit of the label grid's affine (world units; for files without a voxel size, voxels)"
         return {
             **rep,
             "metrics": metrics,
             "per_class": per_class,
             "n": len(self.ids),
-            "case_metrics": {m: rep["metrics"][m] for m in ("dice", "iou", "hd95")},
+            "case_metrics": {"dice": rep["metrics"]["dice"], "iou": rep["metrics"]["iou"], hd: rep["metrics"]["hd95"]},
             "context_seg": {"fusion": self.fusion, "scores": "voxel counts pooled over cases; mean over "
-                            "foreground classes; case-bootstrap 95% CI", "plots": dict(self.figures)},
+                            "foreground classes; case-bootstrap 95% CI", "hd95_unit": self.hd95_unit,
+                            "plots": dict(self.figures)},
+            "notes": [*rep.get("notes", []), f"HD95 ({hd} in case_metrics, per_class and metrics_per_case.csv) in {where}"],
         }

@@ -3,6 +3,8 @@ raw input's own grid."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,100 @@ from medfuse.errors import DataError, WeightsError
 from medfuse.families.context_seg.data import ContextSegDataModule
 from medfuse.families.context_seg.params import ContextSegDataParams
 
+_SCALE_LEVEL = re.compile(r"s?\d+")  # OME-Zarr / CellMap scale levels: s0, s1, ... or 0, 1, ...
+_CROP = re.compile(r"crop\d+", re.IGNORECASE)  # CellMap crop folders: crop123
+
+
+def default_case_id(raw: str | Path) -> str:
+    """The case id ``medfuse predict`` gives a raw input when ``--case-id`` does not name it.
+
+    A file (NIfTI, TIFF, ...) is named as by every family (:func:`~medfuse.data.inputs.case_id_of`:
+    the file name without its ending and an nnU-Net ``_XXXX`` suffix). An array inside a Zarr/N5
+    container is named after the data, not the array: a scale level is the same name in every
+    data set (``s1``). So the id is the container's name without ``.zarr``/``.n5``, then
+
+    * under a CellMap crop folder (``crop<N>``): ``<container>_crop<N>``, as ``medfuse evaluate``
+      names a crop (``jrc_hela-2.zarr/.../crop155/s0`` -> ``jrc_hela-2_crop155``);
+    * otherwise the group path without a last scale level (``s<N>`` or ``<N>``), ``/`` -> ``_``:
+      ``jrc_hela-2.zarr/recon-1/em/fibsem-uint8/s1`` -> ``jrc_hela-2_recon-1_em_fibsem-uint8``,
+      ``sample.zarr/0`` -> ``sample``.
+
+    The caller checks the id (:func:`~medfuse.data.paths.check_case_id`).
+    """
+    from medfuse.data.containers import CONTAINER_SUFFIXES, split_container_path
+    from medfuse.data.inputs import case_id_of
+
+    split = split_container_path(raw)
+    if split is None:
+        return case_id_of(raw)
+    root, inner = split
+    stem = next((root.name[: -len(s)] for s in CONTAINER_SUFFIXES if root.name.lower().endswith(s)), root.name)
+    parts = [part for part in inner.split("/") if part]
+    crop = next((part for part in reversed(parts) if _CROP.fullmatch(part)), None)
+    if crop is not None:
+        return f"{stem}_{crop}"
+    if parts and _SCALE_LEVEL.fullmatch(parts[-1]):
+        parts = parts[:-1]
+    return "_".join([stem, *parts])
+
+
+OUTPUT_GRID = ("`<case_id>.nii.gz` (NIfTI-1) on RAW's grid: RAW's shape, voxel size and origin; the affine and the "
+               "header unit are mm (an OME-Zarr/N5 raw's nm scale and translation times 1e-6); NIfTI axes (i, j, k) "
+               "= the raw's (W, H, D), so a Zarr (z, y, x) array or a TIFF stack (page, row, column) comes back "
+               "transposed to (x, y, z): `nib.load(f).get_fdata()[x, y, z]` labels raw voxel `[z, y, x]`")
+
+
+def model_card_lines(p: ContextSegDataParams, raw_spacing: Any, label_scale: Any, cellmap: bool) -> dict[str, str]:
+    """The model card's ``inputs``, ``preprocessing`` and ``outputs`` lines of a context_seg package
+    (the package's ``labels.json`` ``card``, read by the engine's ``model_card``).
+
+    Args:
+        p: the run's ``data.params``.
+        raw_spacing: the training raw voxel size (d, h, w) in mm, or None when unknown.
+        label_scale: label voxels per raw voxel (d, h, w) of the training cases.
+        cellmap: the run was trained on a CellMap layout (crops of OME-Zarr volumes).
+    """
+    from medfuse.families.context_seg.units import format_lengths
+
+    size = "at any voxel size" if raw_spacing is None else \
+        f"at the training raw voxel size {format_lengths(raw_spacing)} (d, h, w) within 10%"
+    raw = (f"RAW, a 3D volume {size} (NIfTI, NRRD, DICOM series, TIFF stack, or an array of an OME-Zarr/N5 "
+           "container such as `<ds>.zarr/recon-1/em/fibsem-uint8/s0`)")
+    if p.context_mode == "derived":
+        inputs = (f"RAW only (`medfuse predict model.zip RAW`): {raw}; the context is made from it (the whole file "
+                  f"block-averaged by {p.context_scale}, the raw stream its central 1/{p.context_fov:g})")
+    else:
+        if cellmap:
+            r = p.context_resolution
+            res = "raw voxel size" if r is None else \
+                (f"{r:g} nm" if np.isscalar(r) else "(" + ", ".join(f"{v:g}" for v in r) + ") nm")
+            ctx = f"trained on boxes {p.context_extent:g}x the crop's per axis at {res}"
+            if p.context_resolution is None:
+                ctx += f" x {p.context_extent:g}"
+        elif p.context_scale == "auto":
+            ctx = "voxel ratio to RAW read from the two files' spacings"
+        else:
+            ctx = f"voxels {p.context_scale} times RAW's"
+        inputs = (f"RAW CONTEXT (`medfuse predict model.zip RAW CONTEXT`): {raw}; CONTEXT, the same place at "
+                  f"coarser voxels ({ctx}) whose field of view contains RAW's, placed by the two files' affines")
+    sizes = {"raw": p.raw_input_size, "context": p.context_input_size}
+    resize = ", ".join(f"{k} {v}x{v}" if v else f"{k} at the encoder's own input size" for k, v in sizes.items())
+    planes = {True: "XY, XZ and YZ passes averaged for both streams", False: "axial (XY) slices only",
+              "raw": "XY, XZ and YZ passes averaged for the raw stream", "context":
+              "XY, XZ and YZ passes averaged for the context stream"}[p.tri_planar]
+    intensity = "per-slice percentiles" if p.intensity == "mr" else f"CT window {p.window}"
+    scale = ", ".join(f"{float(v):g}" for v in label_scale)
+    prep = (f"its own (not the generic orientation/spacing/intensity chain): each stream slice by slice through the "
+            f"frozen encoder `{p.encoder}` ({json.dumps(p.encoder_params)}), slices resized to {resize}, intensity "
+            f"`{p.intensity}` ({intensity}), {planes}; both feature streams resampled (trilinear) onto the label grid "
+            f"= RAW's grid scaled by ({scale}) (d, h, w)")
+    return {"inputs": inputs, "preprocessing": prep, "outputs": OUTPUT_GRID}
+
 
 class ContextSegPredictor(SegmentationPredictor):
     """RAW (and CONTEXT in ``context_mode: paired``) -> ``<case_id>.nii.gz`` with exactly the raw
-    file's shape and affine.
+    file's shape and affine (in mm, NIfTI axes (x, y, z): :data:`OUTPUT_GRID`); the case id is
+    ``--case-id`` or :func:`default_case_id` of RAW.
 
     The inputs go through the run's data pipeline (frozen encoder, resampling onto the label grid:
     the raw grid scaled by the training cases' ``label_scale``, and in ``context_mode: derived``
@@ -39,6 +131,16 @@ class ContextSegPredictor(SegmentationPredictor):
     """
 
     partial_modalities = True  # its cases check RAW [CONTEXT] themselves (derived context needs none)
+
+    @classmethod
+    def package_labels(cls, dm: Any, cfg: Config) -> dict[str, Any]:
+        """The generic labels plus ``card``: the model card's inputs, preprocessing and outputs lines
+        for this family (:func:`model_card_lines`); the generic chain of the card is not used here."""
+        train_spacing = getattr(dm, "train_raw_spacing", None)  # a stand-in data module may not have it
+        spacing = train_spacing() if train_spacing is not None else None
+        params = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
+        cellmap = bool(getattr(dm, "cellmap", False))  # trained on CellMap crops (a stand-in: no)
+        return {**super().package_labels(dm, cfg), "card": model_card_lines(params, spacing, dm._predict_scale(), cellmap)}
 
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
@@ -65,12 +167,11 @@ class ContextSegPredictor(SegmentationPredictor):
             if not Path(path).exists():
                 raise DataError(path, "file not found", "check the path")
         images = {p.raw: inputs[0]} | ({p.context: inputs[1]} if want == 2 else {})
-        from medfuse.data.inputs import case_id_of
+        from medfuse.data.containers import split_container_path
         from medfuse.data.paths import check_case_id
 
-        name = check_case_id(case_id_of(inputs[0]), inputs[0])  # nnU-Net naming: no _XXXX, no ending
+        name = check_case_id(default_case_id(inputs[0]), inputs[0])
         case = Case(case_id=name, patient_id=name, images=images)
-        from medfuse.data.containers import split_container_path
 
         files = {m: f for m, f in images.items() if split_container_path(f) is None}  # Zarr: read_zarr checks dims
         if files:
