@@ -151,3 +151,21 @@ def test_cli_case_id(cls_run, cls_dataset, tmp_path, capsys):
         main(["predict", str(cls_run), *files, "--out", str(tmp_path / "o"), "--case-id", "patient9"])
     assert e.value.code in (0, None), capsys.readouterr().err
     assert list(_rows(tmp_path / "o")) == ["patient9"]
+
+
+def test_a_file_whose_name_is_no_case_id_is_predicted_under_case_id(cls_run, cls_dataset, tmp_path):
+    """Scanner exports name files and series folders with spaces ('T2 AX 3mm.nii.gz'): without
+    --case-id the refusal now says to give one, and with it the case is predicted under that id (it
+    was refused either way: the file's own name was checked before --case-id was applied)."""
+    from medfuse.engine.predict import predict
+
+    root = tmp_path / "export"
+    root.mkdir()
+    files = [str(shutil.copy(cls_dataset.parent / "images" / f"case000_{m}.nii.gz", root / f"T2 AX {m}.nii.gz"))
+             for m in "ab"]
+    with pytest.raises(DataError) as err:
+        predict(cls_run, files, tmp_path / "out")
+    line = err.value.one_line()
+    assert line.startswith(files[0]) and "Fix: name the case with --case-id NAME" in line
+    out = predict(cls_run, files, tmp_path / "out", case_id="patient7")
+    assert list(_rows(out)) == ["patient7"]

@@ -97,9 +97,23 @@ class Predictor:
     skip_refused: bool = False
     """Set by :meth:`run`: a refused case is noted (:meth:`refuse`) instead of stopping the run."""
 
+    given_case_id: str | None = None
+    """``--case-id`` of the current :meth:`run`, checked; :meth:`single_case_id` names the case by it."""
+
     def __init__(self, task: BaseTask, dm: Any, cfg: Config):
         self.task, self.dm, self.cfg = task, dm, cfg
         self.refused: list[tuple[Any, DataError]] = []  # (case, why) of the last run, in skip mode
+
+    def single_case_id(self, default: str, where: str) -> str:
+        """The id of the one case that a run's inputs hold: ``--case-id`` when given (a file or
+        series folder whose own name is no case id, ``T2 AX/``, is then predicted under it), else
+        ``default``, checked (its refusal names ``--case-id`` as the fix)."""
+        if self.given_case_id is not None:
+            return self.given_case_id
+        try:
+            return check_case_id(default, where)
+        except DataError as e:
+            raise DataError(e.where, e.problem, f"name the case with --case-id NAME, or {e.fix}") from None
 
     def refuse(self, case: Any, err: DataError) -> None:
         """A case that cannot be predicted: raise ``err`` (the default), or with :attr:`skip_refused`
@@ -200,7 +214,7 @@ class Predictor:
         if unknown:
             raise DataError(unknown[0], "not a modality of this run", f"use some of: {', '.join(mods)}")
         first = Path(inputs[0])
-        name = check_case_id(first.name if first.is_dir() else case_id_of(first), inputs[0])  # a series: its folder
+        name = self.single_case_id(first.name if first.is_dir() else case_id_of(first), inputs[0])  # a series: its folder
         cases = [Case(case_id=name, patient_id=name, images=dict(zip(given, inputs, strict=True)))]
         self.check_dims(cases)
         return cases
@@ -320,6 +334,7 @@ class Predictor:
         """
         output_dir(out_dir)
         self.skip_refused, self.refused = skip_refused, []
+        self.given_case_id = None if case_id is None else check_case_id(str(case_id), "--case-id")
         cases = self.cases(list(inputs), modalities)  # the 2D/3D check runs here (check_dims)
         if not cases:
             raise DataError(" ".join(map(str, inputs)), "holds no case to predict",
@@ -328,7 +343,7 @@ class Predictor:
             if len(cases) != 1:
                 raise ConfigError("--case-id", f"names one case, but the inputs hold {len(cases)}",
                                   "give the images of one case, or leave --case-id out")
-            name = check_case_id(str(case_id), "--case-id")
+            name = self.given_case_id
             renamed = dataclasses.replace(cases[0], case_id=name, patient_id=name)
             self.refused = [(renamed if c is cases[0] else c, e) for c, e in self.refused]
             cases = [renamed]

@@ -168,9 +168,8 @@ class ContextSegPredictor(SegmentationPredictor):
                 raise DataError(path, "file not found", "check the path")
         images = {p.raw: inputs[0]} | ({p.context: inputs[1]} if want == 2 else {})
         from medfuse.data.containers import split_container_path
-        from medfuse.data.paths import check_case_id
 
-        name = check_case_id(default_case_id(inputs[0]), inputs[0])
+        name = self.single_case_id(default_case_id(inputs[0]), inputs[0])
         case = Case(case_id=name, patient_id=name, images=images)
 
         files = {m: f for m, f in images.items() if split_container_path(f) is None}  # Zarr: read_zarr checks dims

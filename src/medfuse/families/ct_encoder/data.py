@@ -52,6 +52,7 @@ layout) for :class:`~medfuse.families.ct_encoder.predict.CTEncoderPredictor`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -392,9 +393,12 @@ def ct_encoder_datamodule(cfg: Config, run_dir: Path | None = None) -> CTEncoder
     return CTEncoderDataModule(cfg, run_dir)
 
 
-def predict_cases(inputs: list[str], p: CTEncoderDataParams) -> list[Case]:
+def predict_cases(inputs: list[str], p: CTEncoderDataParams,
+                  name: Callable[[str, str], str] = check_case_id) -> list[Case]:
     """``medfuse predict``'s inputs as cases: ``VOLUME MASK`` (HU conversion as configured; ``hu:
-    metadata`` needs a folder) or one CT-RATE-style folder (all its volumes)."""
+    metadata`` needs a folder) or one CT-RATE-style folder (all its volumes). ``name(default,
+    where)`` gives the id of a ``VOLUME MASK`` case (the predictor's ``--case-id``, or the checked
+    file name)."""
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         return read_dataset(inputs[0], p)[0].cases
     if len(inputs) == 2:
@@ -405,7 +409,7 @@ def predict_cases(inputs: list[str], p: CTEncoderDataParams) -> list[Case]:
             raise DataError(inputs[0], "this run converts to HU with per-volume metadata",
                             "pass a dataset folder with its metadata CSV instead of single files")
         hu = [float(p.hu_slope), float(p.hu_intercept)] if p.hu == "fixed" else None
-        stem = check_case_id(Path(inputs[0]).name.split(".")[0], inputs[0])
+        stem = name(Path(inputs[0]).name.split(".")[0], inputs[0])
         return [Case(case_id=stem, patient_id=stem, images={"ct": inputs[0]}, mask=inputs[1], text="",
                      extra={"hu": hu})]
     raise DataError(" ".join(inputs), "ct_encoder predicts from a VOLUME MASK pair or one dataset folder",

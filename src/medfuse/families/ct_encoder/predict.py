@@ -50,7 +50,7 @@ class CTEncoderPredictor(Predictor):
         or listed with ``--skip-refused``). OmniAbnorm-CT slabs (slice folders) are not checked."""
         from medfuse.families.ct_encoder.data import predict_cases
 
-        cases = predict_cases(inputs, self.dm.params)
+        cases = predict_cases(inputs, self.dm.params, self.single_case_id)
         if self.dm.params.source != "omniabnorm":
             self.check_dims(cases)
         return cases

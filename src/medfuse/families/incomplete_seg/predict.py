@@ -71,7 +71,6 @@ class IncompleteSegPredictor(Predictor):
     def cases(self, inputs, modalities):
         from medfuse.data.inputs import channel_of, dataset_test_folder, is_image_folder
         from medfuse.data.layouts import Case
-        from medfuse.data.paths import check_case_id
 
         p0 = Path(inputs[0]) if inputs else None
         if len(inputs) == 1 and p0.is_dir() and (dataset_test_folder(p0) or is_image_folder(p0) or
@@ -82,7 +81,7 @@ class IncompleteSegPredictor(Predictor):
         if modalities is None and len(inputs) > 1 and all(channel_of(p) is not None for p in inputs):
             return super().cases(inputs, modalities)
         case_id, files = resolve_predict_inputs(list(inputs), modalities, list(self.dm.modalities))
-        check_case_id(case_id, next(iter(files.values())))
+        case_id = self.single_case_id(case_id, next(iter(files.values())))
         cases = [Case(case_id=case_id, patient_id=case_id, images=files)]
         self.check_dims(cases)  # a 2D image for a 3D run (and the reverse), as on the generic paths
         return cases
