@@ -42,10 +42,6 @@ def csv_columns(path: Path | str) -> list[str]:
         return []
 
 
-def _header_of(path: Path) -> set[str]:
-    return set(csv_columns(path))
-
-
 def _looks_like_reports(path: Path, header: set[str]) -> bool:
     """A CT-RATE CSV (``VolumeName``) meant as the reports: named so, or with a findings/impression column."""
     words = ("finding", "impression")
@@ -60,7 +56,7 @@ def ctrate_reports(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     csvs = [*sorted(root.glob("*.csv")), *sorted(root.glob("*/*.csv"))]
-    headers = {p: _header_of(p) for p in csvs}
+    headers = {p: set(csv_columns(p)) for p in csvs}
     found = [p for p in csvs if {"VolumeName", "Findings_EN"} <= headers[p]]
     return found or [p for p in csvs if _looks_like_reports(p, headers[p])]
 
@@ -149,7 +145,7 @@ def load_ctrate(root: Path) -> CaseTable:
         if names:
             mask_labels = region_mask_labels(region_ids(names, regions_path))
     masks = root / "masks"
-    meta_csvs = [p for p in [*root.glob("*.csv"), *root.glob("*/*.csv")] if {"VolumeName", "RescaleSlope"} <= _header_of(p)]
+    meta_csvs = [p for p in [*root.glob("*.csv"), *root.glob("*/*.csv")] if {"VolumeName", "RescaleSlope"} <= set(csv_columns(p))]
     meta = {volume_stem(r.get("VolumeName", "")): r for p in meta_csvs for r in read_csv_rows(p)}
     index = {volume_stem(f.name): f for f in sorted(root.rglob("*"))
              if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES) and masks not in f.parents}
