@@ -157,3 +157,77 @@ def test_truncated_seg_is_a_data_error_naming_it(tmp_path, cut, early_slicer):
         assert not isinstance(err.value, DicomError)  # the `unreadable` rule of data check, as before
         line = err.value.one_line()
         assert str(seg_path) in line and "\n" not in line
+
+
+def _cut_seg(tmp_path: Path, n_bytes: int | str) -> tuple[list[Path], Path]:
+    """A CT and its SEG cut after ``n_bytes`` bytes (``"before_pixels"``: just before PixelData)."""
+    ct = _ct(tmp_path)
+    seg_path = write_seg(ct, (_labels() > 0).astype(np.uint8), tmp_path / "study" / "seg" / "seg.dcm")
+    data = seg_path.read_bytes()
+    if n_bytes == "before_pixels":
+        n_bytes = data.rindex(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) PixelData tag, little endian
+    seg_path.write_bytes(data[: int(n_bytes)])
+    return ct, seg_path
+
+
+@pytest.mark.parametrize("n_bytes", [300, 700, 2000, "before_pixels"])
+def test_seg_cut_short_anywhere_in_its_header_is_one_line_naming_it(tmp_path, n_bytes):
+    """`head -c 2000` of a SEG given as a case's mask (a generic manifest: read_label with the case's CT)
+    raised AttributeError ('FileDataset' object has no attribute 'Rows'); every cut is now a DataError
+    naming the SEG (data check: unreadable)."""
+    from medfuse.data.seg import read_label, read_seg
+    from medfuse.errors import DataError
+
+    ct, seg_path = _cut_seg(tmp_path, n_bytes)
+    for read in (lambda: read_label(seg_path, ct[0].parent), lambda: read_label(seg_path, ct[0]),
+                 lambda: read_seg(seg_path, reference=ct[0].parent)):
+        with pytest.raises(DataError, match="truncated or corrupt") as err:
+            read()
+        line = err.value.one_line()
+        assert line.startswith(str(seg_path)) and "\n" not in line and "Fix:" in line
+
+
+def test_generic_manifest_with_a_cut_seg_an_empty_file_and_ct_files_as_masks(tmp_path):
+    """data check of a manifest (image_ct = the CT series, mask = ...): one problem per bad mask, naming
+    it, and no exception out of the check (the cut SEG was an AttributeError traceback)."""
+    import csv
+
+    from medfuse.data.checks import check_dataset
+
+    ct, seg_path = _cut_seg(tmp_path, 2000)
+    good = write_seg(ct, (_labels() > 0).astype(np.uint8), tmp_path / "good" / "seg.dcm")
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    lone = tmp_path / "lone" / "slice.dcm"  # one CT slice copied out of its series
+    lone.parent.mkdir()
+    lone.write_bytes(ct[0].read_bytes())
+    masks = {"cut": seg_path, "empty": empty, "lone_slice": lone, "ct_file": ct[2], "good": good}
+    with (tmp_path / "manifest.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "patient_id", "image_ct", "mask"])
+        for cid, m in masks.items():
+            w.writerow([cid, cid, str(ct[0].parent), str(m)])
+    problems = check_dataset(tmp_path / "manifest.csv")
+    by_case = {p.case_id: p for p in problems}
+    assert set(by_case) == {"cut", "empty", "lone_slice", "ct_file"}, problems
+    assert by_case["cut"].rule == "unreadable" and "cut short" in by_case["cut"].message
+    assert by_case["empty"].rule in {"unreadable", "dicom"}
+    # a file of the CT series, beside it or copied out of it: the CT was read as a label map of HU values
+    for cid in ("lone_slice", "ct_file"):
+        assert by_case[cid].rule == "dicom" and "image series" in by_case[cid].message
+    for cid, p in by_case.items():
+        assert p.path == str(masks[cid])
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_the_case_image_series_given_as_its_mask_is_refused(tmp_path, as_folder):
+    """read_label(mask, image) with the mask a file or the folder of the image's own series read the CT as
+    a label map of HU values (text_seg: every voxel above 0 HU a target); now one line naming it."""
+    from medfuse.data.seg import read_label
+
+    ct = _ct(tmp_path)
+    mask = ct[0].parent if as_folder else ct[1]
+    with pytest.raises(DicomError, match="is part of the case's image series") as err:
+        read_label(mask, ct[0].parent)
+    assert err.value.one_line().startswith(str(mask))
+    assert read_label(ct[1]).shape[1] == 5  # without the case's image: an image read as before

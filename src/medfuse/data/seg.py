@@ -102,7 +102,12 @@ def read_seg(path: str | Path, reference: str | Path | None = None, options: Dic
     opts = options or current_options()
     path = Path(path)
     head = read_header(path)
-    ref_uid = referenced_series_uid(head.ds)
+    try:
+        ref_uid = referenced_series_uid(head.ds)
+    except Exception:  # noqa: BLE001 - pydicom parses sequences lazily and raises many types on one cut short
+        raise _cut_short(path, "its ReferencedSeriesSequence cannot be read") from None
+    if not (head.rows and head.cols):  # before the CT is searched and read: a cut header misleads both
+        raise _cut_short(path, "no Rows/Columns")
     reference = reference or opts.reference
     if reference is None:
         if ref_uid is None:
@@ -124,8 +129,9 @@ def read_seg(path: str | Path, reference: str | Path | None = None, options: Dic
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
         raise _unreadable(path, exc) from None
     _, d, h, w = image.shape
-    if (int(ds.Rows), int(ds.Columns)) != (h, w):
-        raise DicomError(path, f"frames are {ds.Rows} x {ds.Columns} but the referenced series is {h} x {w}",
+    size = _frame_size(path, ds)
+    if size != (h, w):
+        raise DicomError(path, f"frames are {size[0]} x {size[1]} but the referenced series is {h} x {w}",
                          "pass the series the SEG was drawn on")
     labels = None
     try:
@@ -147,6 +153,23 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
     """A corrupt or truncated SEG (``medfuse data check`` rule ``unreadable``), naming the file."""
     return DataError(path, f"cannot read the SEG's pixel data ({_short(exc)})",
                      "re-export or re-download the SEG (it is corrupt or truncated), or leave the case out")
+
+
+def _cut_short(path: Path, why: str) -> DataError:
+    """A SEG whose header ends early (a truncated download or copy), naming the file (rule ``unreadable``)."""
+    return DataError(path, f"is a DICOM SEG whose header is cut short ({why}): the file is truncated or corrupt",
+                     "re-export or re-download the SEG, or leave the case out")
+
+
+def _frame_size(path: Path, ds) -> tuple[int, int]:
+    """(Rows, Columns) of the SEG's frames; a header without them, or without pixel data, is cut short."""
+    try:
+        size = (int(ds.get("Rows")), int(ds.get("Columns")))
+    except Exception:  # noqa: BLE001 - absent (None) or unparsable values of a damaged header
+        raise _cut_short(path, "no Rows/Columns") from None
+    if "PixelData" not in ds:
+        raise _cut_short(path, "no pixel data")
+    return size
 
 
 def _segment_numbers(ds) -> list[int]:
@@ -228,24 +251,48 @@ def _with_pydicom(path: Path, ds, image, opts: DicomOptions) -> np.ndarray:
     return out
 
 
-def is_seg_file(path: str | Path) -> bool:
-    """A DICOM file whose header says SEG (cheap: the header only)."""
-    p = Path(path)
-    if not p.is_file() or not looks_like_dicom(p):
-        return False
-    try:
-        return read_header(p).is_seg
-    except DicomError:
-        return False
-
-
 def read_label(path: str | Path, image: str | Path | None = None) -> Any:
     """A case's label map: a DICOM SEG on the grid of the case's own ``image`` (when it is DICOM),
     any other mask through :func:`medfuse.data.io.read_image`."""
     from medfuse.data.io import read_image
 
-    if image is not None and is_seg_file(path):
+    p = Path(path)
+    head = None
+    if p.is_file() and looks_like_dicom(p):
+        try:
+            head = read_header(p)
+        except DicomError:
+            head = None  # read_image names the file and what is wrong
+        if head is not None and not head.sop_class and not head.modality:
+            raise DataError(p, "is a DICOM file whose header is cut short (no SOPClassUID or Modality): the file is "
+                            "truncated or corrupt", "re-export or re-download the mask, or leave the case out")
+    if image is not None and head is not None and head.is_seg:
         ref = Path(image)
         if ref.is_dir() or looks_like_dicom(ref):
             return read_seg(path, reference=ref)
+    if image is not None:
+        _refuse_the_image_as_its_mask(p, Path(image))
     return read_image(path)
+
+
+def _first_dicom_header(path: Path):
+    """The header of ``path`` (a DICOM file) or of the first DICOM file directly in it (a folder); None
+    when there is none or it cannot be read."""
+    try:
+        first = path if path.is_file() else next(
+            (f for f in sorted(path.iterdir()) if f.is_file() and looks_like_dicom(f)), None)
+        return None if first is None or not looks_like_dicom(first) else read_header(first)
+    except (OSError, DicomError):
+        return None
+
+
+def _refuse_the_image_as_its_mask(mask: Path, image: Path) -> None:
+    """A mask that is a file or folder of the case's own DICOM image series (a manifest's ``mask`` column
+    pointing at the CT) would be read as a label map of HU values: refused by name."""
+    if not (mask.is_dir() or looks_like_dicom(mask)) or not (image.is_dir() or looks_like_dicom(image)):
+        return
+    m, i = _first_dicom_header(mask), _first_dicom_header(image)
+    if m is None or i is None or not m.is_image or not m.series_uid or m.series_uid != i.series_uid:
+        return
+    raise DicomError(mask, f"is part of the case's image series {i.series_uid} ({image}), not a mask",
+                    "give the case's mask: its DICOM SEG or a label map (NIfTI, NRRD, PNG) on the image's grid")
