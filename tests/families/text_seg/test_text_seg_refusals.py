@@ -152,6 +152,42 @@ def test_patient_without_a_seg_is_still_a_note(replica):
     assert any("1 without a SEG" in n for n in table.notes)
 
 
+def test_seg_whose_ct_series_is_absent_is_named_not_counted_as_without_a_seg(replica, tmp_path, capsys, caplog):
+    """A partial download (the SEG of R01-002 and AMC-001 but not their CT series): they were counted among
+    the patients "without a SEG". Left out, as patients without a folder are, with a note naming them in
+    data check and in train's log."""
+    import logging
+
+    from medfuse.data.checks import run_check
+    from medfuse.data.layouts import load_cases
+    from medfuse.families.text_seg.data import TextSegDataModule
+
+    root = _copy(replica, tmp_path)
+    for pid in ("R01-002", "AMC-001"):
+        shutil.rmtree(next((root / "NSCLC Radiogenomics" / pid).glob("*/3.000000-CT-*")))
+    table = load_cases(root)
+    assert {c.patient_id for c in table.cases} == {"R01-001", "R01-003", "AMC-002", "R01-004"}
+    note = next(n for n in table.notes if n.startswith("NSCLC:"))
+    assert "1 without a SEG and 2 with a SEG but not the CT series it references (R01-002, AMC-001;" in note
+    assert note.endswith("are left out")
+    assert run_check(root) == 0 and note in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING):
+        TextSegDataModule(_nsclc_cfg(root, tmp_path / "runs"))
+    assert note in caplog.text  # train's log says it too
+
+
+def test_no_patient_with_its_ct_names_the_patients_whose_ct_is_absent(replica, tmp_path):
+    from medfuse.data.layouts import load_cases
+
+    root = _copy(replica, tmp_path)
+    for ct in (root / "NSCLC Radiogenomics").glob("*/*/3.000000-CT-*"):
+        shutil.rmtree(ct)
+    with pytest.raises(DataError) as e:
+        load_cases(root)
+    assert "6 with a SEG but not the CT series it references (R01-001, R01-002, R01-003, AMC-001, AMC-002 and 1 " \
+           "more;" in e.value.problem
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. text template fields are checked against the table up front
 

@@ -68,11 +68,13 @@ def _referenced_uid(head) -> tuple[str | None, str | None]:
     return uid, None if head.rows and head.cols else "no Rows/Columns"
 
 
-def nsclc_pair(patient: Path) -> tuple[Path, Path] | None:
+def nsclc_pair(patient: Path) -> tuple[Path | None, Path] | None:
     """(CT series folder, SEG file) of one patient folder: the SEG's referenced series, by UID.
 
-    None: the patient has no SEG (left out with a note). A patient whose SEG cannot be paired because
-    a file is damaged is not taken for one without a SEG: a folder whose DICOM files are all
+    None: the patient has no SEG (left out with a note). ``(None, SEG)``: a readable SEG whose CT
+    series is not in the patient's folder (a partial download: left out with a note naming the
+    patient, as a patient without a folder is). A patient whose SEG cannot be paired because a file
+    is damaged is not taken for one without a SEG or a CT: a folder whose DICOM files are all
     unreadable, a header without a SOPClassUID, or a SEG header cut short (no
     ReferencedSeriesSequence, no Rows/Columns: a truncated file) is refused by name.
 
@@ -81,7 +83,7 @@ def nsclc_pair(patient: Path) -> tuple[Path, Path] | None:
     """
     from medfuse.data.dicom import DicomError
 
-    headers, damaged = [], []
+    headers, damaged, unpaired = [], [], None
     for folder in _leaf_folders(patient):
         head, bad = _first_header(folder)
         if head is not None and not head.sop_class and not head.modality:
@@ -100,16 +102,17 @@ def nsclc_pair(patient: Path) -> tuple[Path, Path] | None:
         ct = next((f for f, h in headers if h.is_image and h.series_uid == uid), None)
         if ct is not None:
             return ct, seg.path
+        unpaired = unpaired or seg.path
     if damaged:
-        raise damaged[0]
-    return None
+        raise damaged[0]  # the absent CT may be the damaged folder: refused by name, not left out
+    return None if unpaired is None else (None, unpaired)
 
 
 def load_nsclc(source: Path) -> CaseTable:
     root = source.parent
     rows = read_csv_rows(source)
     folders = {p.name: p for p in [*root.iterdir(), *root.glob("*/*")] if p.is_dir()}
-    cases, no_seg, no_folder = [], 0, 0
+    cases, no_seg, no_folder, no_ct = [], 0, 0, []
     for i, r in enumerate(rows, start=2):
         fields = {snake(k): v for k, v in r.items()}
         pid = fields.get("case_id", "")
@@ -122,17 +125,36 @@ def load_nsclc(source: Path) -> CaseTable:
         if pair is None:
             no_seg += 1
             continue
+        if pair[0] is None:
+            no_ct.append(pid)
+            continue
         extra: dict[str, Any] = dict(fields)
         # a renamed or missing column stays missing (data.params.text_template names it as not a column)
         extra.update({short: fields[long] for long, short in NSCLC_FIELDS.items() if long in fields})
         cases.append(Case(case_id=safe_id(pid), patient_id=pid, images={"ct": str(pair[0])}, mask=str(pair[1]),
                           extra=extra))
     if not cases:
-        raise DataError(root, f"has no patient with both a folder and a SEG among the {len(rows)} rows of "
-                        f"{source.name}", "point at the NSCLC-Radiogenomics download (patient folders + CSV)")
+        ct_hint = f"; {_no_ct_text(no_ct)}" if no_ct else ""
+        raise DataError(root, f"has no patient with a folder, a SEG and the SEG's CT series among the {len(rows)} "
+                        f"rows of {source.name}{ct_hint}",
+                        "point at the NSCLC-Radiogenomics download (patient folders with their CT and SEG series + CSV)")
+    left = [f"{no_seg} without a SEG" if no_seg else "", f"{no_folder} without a folder" if no_folder else "",
+            _no_ct_text(no_ct) if no_ct else ""]
+    left = [t for t in left if t]
     notes = [f"NSCLC: {len(cases)} patients with a tumour SEG"
-             + (f"; {no_seg} without a SEG and {no_folder} without a folder are left out" if no_seg or no_folder
-                else "")]
+             + (f"; {_join(left)} {'is' if no_seg + no_folder + len(no_ct) == 1 else 'are'} left out" if left else "")]
     return CaseTable(root=root, layout="nsclc", modalities=["ct"], cases=cases,
                      mask_labels={"background": 0, "tumour": 1}, mask_required=True, patient_ids_given=True,
                      source=source, notes=notes)
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _no_ct_text(pids: list[str], show: int = 5) -> str:
+    """'N with a SEG but not ... (ids ...; what to do)' for the patients whose SEG's CT series is absent."""
+    ids = ", ".join(pids[:show]) + (f" and {len(pids) - show} more" if len(pids) > show else "")
+    return (f"{len(pids)} with a SEG but not the CT series it references ({ids}; a partial download? download "
+            f"{'its' if len(pids) == 1 else 'their'} CT series into the patient's folder to use "
+            f"{'it' if len(pids) == 1 else 'them'})")

@@ -35,6 +35,7 @@ rendering; :meth:`TextSegDataModule.loader` applies it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -52,6 +53,8 @@ from medfuse.errors import ConfigError, DataError
 from medfuse.families.text_seg.params import TextSegDataParams
 from medfuse.families.text_seg.pixels import _volume, box_from_mask, is_volume, read_mask, read_plane
 from medfuse.families.text_seg.prompts import case_fields, check_text_fields, render_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Record", "SplitRecords", "TextSegDataModule", "TextSegDataset", "apply_counterfactual",
            "records_from_cases", "tumour_slice_records"]
@@ -318,6 +321,9 @@ class TextSegDataModule(CaseDataModule):
             raise ConfigError("data.params.modality", f"'{mod}' is not a modality of the manifest",
                               f"use one of: {', '.join(self.modalities)}")
         self.modality = mod
+        if table.layout == "nsclc":  # after the refusals: the patients left out, and why (data check's note)
+            for note in (n for n in table.notes if "left out" in n):
+                log.warning("%s", note)
         to_records = tumour_slice_records if self.table.layout == "nsclc" else records_from_cases
         # Every split's records are built when first asked for: training builds train and val in
         # setup("fit"), which the engine calls before anything is written, so their data errors come
