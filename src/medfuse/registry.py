@@ -120,6 +120,8 @@ class Family:
             is the full model.
         demo_compare: ``demo_compare(rows) -> {name: {"markdown": str, ...}}``, paired comparisons of
             the demo's trained variants added to its report (None: the ablation table only).
+        demo_quick: config overrides that ``medfuse demo --quick`` adds after the engine's quick
+            settings, for a family whose demo needs other sizes to learn on that budget.
     """
 
     name: str
@@ -130,6 +132,7 @@ class Family:
     make_demo: Callable[..., Path] | None = None
     demo_ablations: tuple[tuple[str, tuple[str, ...]], ...] = (("full", ()),)
     demo_compare: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    demo_quick: tuple[str, ...] = ()
 
     @property
     def demo_config(self) -> Path:

@@ -93,6 +93,11 @@ def split_harness(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 QUICK = ["data.demo_params.quick=true", "train.max_epochs=2", "eval.n_boot=50"]
 
 
+def quick_overrides(family: str, quick: bool) -> list[str]:
+    """``--quick``'s config overrides: :data:`QUICK`, then the family's own (``Family.demo_quick``)."""
+    return [*QUICK, *demo_family(family).demo_quick] if quick else []
+
+
 def demo_paths(out: Path, family: str, quick: bool) -> list[str]:
     """Where a demo keeps its phantom, feature cache and runs under ``out``: the phantom in
     ``data/<family>`` (``data/<family>-quick`` for ``--quick``), so that demos of several families, or
@@ -263,7 +268,7 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
     console = console or Console()
     out = Path(out)
     cfg_path = demo_family(family).demo_config
-    base = [*demo_paths(out, family, quick), *(QUICK if quick else []), *(overrides or [])]
+    base = [*demo_paths(out, family, quick), *quick_overrides(family, quick), *(overrides or [])]
     variants = [(i, n, o) for i, (n, o) in enumerate(ablations(family))]
     if main_only:
         variants = variants[:1]
@@ -421,7 +426,8 @@ def run_seeds(family: str, out: str | Path, seeds: list[int], quick: bool = Fals
     ci = 0.95
     t0 = time.perf_counter()
     for s in seeds:
-        base = [*demo_paths(out, family, quick), *(QUICK if quick else []), *(overrides or []), f"train.seed={s}"]
+        base = [*demo_paths(out, family, quick), *quick_overrides(family, quick), *(overrides or []),
+                f"train.seed={s}"]
         rows, reports = _run_variants(family, cfg_path, base, variants, f"{family}_{{i}}_seed{s}{_suffix(quick)}",
                                       console)
         per_seed[s] = [r for r in rows if r["name"] in names]

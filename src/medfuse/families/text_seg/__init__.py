@@ -11,7 +11,7 @@ CSV), ``data.py`` (the data module), ``demo.py`` (the ultrasound-like phantom); 
 from __future__ import annotations
 
 from medfuse.families.text_seg.data import TextSegDataModule
-from medfuse.families.text_seg.demo import make_text_seg_demo
+from medfuse.families.text_seg.demo import QUICK_OVERRIDES, make_text_seg_demo
 from medfuse.families.text_seg.evaluate import TextSegEvaluator
 from medfuse.families.text_seg.params import TextSegDataParams, TextSegParams, build_text_seg
 from medfuse.families.text_seg.predict import TextSegPredictor
@@ -28,6 +28,7 @@ FAMILY = Family(
     data_params=TextSegDataParams,
     datamodule=TextSegDataModule,
     make_demo=make_text_seg_demo,
+    demo_quick=QUICK_OVERRIDES,  # 64 px, batch 4, 6 epochs: the quick budget's 6 steps learned nothing
     # Rows with demo.weights_from are not trained: MedSAM as it is takes the box-only run's image
     # side and decoder without any adapter (with a frozen MedSAM: MedSAM itself, untouched); the
     # wrong-text rows evaluate the hierarchical model's weights with wrong test text.
