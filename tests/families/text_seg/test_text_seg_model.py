@@ -478,3 +478,23 @@ def test_predict_refuses_manifests_it_cannot_honour(trained_run, tmp_path):
     for name, (path, message) in cases.items():
         with pytest.raises(DataError, match=message):
             predict(run, [path], tmp_path / f"out_{name}")
+
+
+def test_restrict_to_box_keeps_the_grown_box_and_nothing_else():
+    import torch
+
+    from medfuse.families.text_seg.model import BACKGROUND_LOGIT, restrict_to_box
+
+    logits = torch.full((2, 1, 32, 32), 3.0)  # over a 64 x 64 input: cells of 2 px, centres 0.5, 2.5, ...
+    boxes = torch.tensor([[10.0, 20.0, 29.0, 39.0], [0.0, 0.0, 63.0, 63.0]])
+    out = restrict_to_box(logits, boxes, 64, 0.1)
+    keep = out[0, 0] > 0
+    ys, xs = torch.nonzero(keep, as_tuple=True)
+    centres = lambda i: 2 * i + 0.5  # noqa: E731
+    # grown by 0.1 x 19 px + one 2 px cell on each side: x in [6.1, 32.9], y in [16.1, 42.9]
+    assert centres(xs.min()) >= 6.1 and centres(xs.max()) <= 32.9 and centres(xs.min() - 1) < 6.1
+    assert centres(ys.min()) >= 16.1 and centres(ys.max()) <= 42.9 and centres(ys.max() + 1) > 42.9
+    assert (out[0, 0][~keep] == BACKGROUND_LOGIT).all() and (out[0, 0][keep] == 3.0).all()
+    assert (out[1] == 3.0).all()  # a box over the whole image keeps everything
+    tight = restrict_to_box(logits, boxes, 64, 0.0)[0, 0] > 0
+    assert tight.sum() < keep.sum() and (keep | ~tight).all()

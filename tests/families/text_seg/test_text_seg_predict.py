@@ -155,3 +155,80 @@ def test_predict_refuses_a_volume_slice_for_a_2d_run(run, tmp_path):
         predict(run_dir, [str(manifest)], tmp_path / "out")
     assert e.value.where == str(vol) and "case v is a volume of slices" in e.value.problem
     assert "trained on 2D images" in e.value.problem
+
+
+def _box_blind(monkeypatch) -> None:
+    """A model that ignores its box prompt: every mask logit +5 (the audit's NSCLC model gave the same
+    mask at the tumour for a box in the far corner)."""
+    import torch
+
+    from medfuse.families.text_seg.sam_prompt import PromptableSegmenter
+
+    def decode(self, embedding, boxes):
+        b, _, h, w = embedding.shape
+        return torch.full((b, 1, 4 * h, 4 * w), 5.0) + 0 * embedding.mean()
+
+    monkeypatch.setattr(PromptableSegmenter, "decode", decode)
+
+
+def test_a_far_box_gives_no_mask_at_the_target(run, tmp_path, monkeypatch):
+    """The box prompt says where the target is (MedSAM; seed 002): evaluate and predict set the pixels
+    outside the box, grown by model.params.box_margin (0.1, the training jitter), to background.
+    Before, a box in the far corner still gave the mask at the target."""
+    import numpy as np
+    from PIL import Image
+
+    from medfuse.engine.evaluate import evaluate
+    from medfuse.engine.predict import predict
+
+    _, data, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    _box_blind(monkeypatch)
+    row = next(iter(csv.DictReader((data / "manifest.csv").open())))
+    mask = np.array(Image.open(data / row["mask"])) > 0
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    tight = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    far_x0 = 0 if xs.mean() > w / 2 else w - 12
+    far_y0 = 0 if ys.mean() > h / 2 else h - 12
+    far = (far_x0, far_y0, far_x0 + 11, far_y0 + 11)  # 12 x 12 px in the corner away from the target
+    rows = [{**row, "case_id": "tight", "box": " ".join(map(str, tight))},
+            {**row, "case_id": "far", "box": " ".join(map(str, far))}]
+    out = predict(copy, [_manifest(tmp_path / "m.csv", data, rows)], tmp_path / "pred")
+    pred = {c: np.array(Image.open(out / f"{c}.png")) > 0 for c in ("tight", "far")}
+    assert not (pred["far"] & mask).any()  # the far box no longer yields a mask at the target
+    ys_f, xs_f = np.nonzero(pred["far"])
+    assert pred["far"].any() and xs_f.min() >= far[0] - 3 and xs_f.max() <= far[2] + 3
+    assert ys_f.min() >= far[1] - 3 and ys_f.max() <= far[3] + 3  # the 12 px box grown by 10 % and a cell
+    assert pred["tight"][mask].all() and not pred["tight"][: max(tight[1] - 4, 0)].any()
+    # evaluate scores the same restricted output
+    evaluate(copy, split="test", n_boot=10)
+    tests = {r["case_id"]: r for r in csv.DictReader((copy / "predictions" / "test" / "per_case.csv").open())}
+    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open())}
+    for cid in tests:
+        box = [int(v) for v in by_id[cid]["box"].split()]
+        p = np.array(Image.open(copy / "predictions" / "test" / f"{cid}.png")) > 0
+        grow = [0.1 * (box[2] - box[0]) + 2, 0.1 * (box[3] - box[1]) + 2]
+        ys_p, xs_p = np.nonzero(p)
+        assert xs_p.min() >= box[0] - grow[0] and xs_p.max() <= box[2] + grow[0]
+        assert ys_p.min() >= box[1] - grow[1] and ys_p.max() <= box[3] + grow[1]
+
+
+def test_box_margin_null_leaves_the_output_unrestricted(run, tmp_path, monkeypatch):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from medfuse.engine.predict import predict
+
+    _, data, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["model"]["params"]["box_margin"] = None
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _box_blind(monkeypatch)
+    row = {**next(iter(csv.DictReader((data / "manifest.csv").open()))), "case_id": "far", "box": "0 0 11 11"}
+    out = predict(copy, [_manifest(tmp_path / "m.csv", data, [row])], tmp_path / "pred")
+    assert (np.array(Image.open(out / "far.png")) > 0).all()

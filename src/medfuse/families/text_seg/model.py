@@ -73,6 +73,9 @@ class TextSegModel(nn.Module):
         init_temperature, min_temperature, max_temperature: the contrastive temperature.
         contrastive_pool: ``mask`` (pool the image embedding under the target) or ``global``.
         embedding_cache: folder of the disk cache of frozen image embeddings (``None``: off).
+        box_margin: with ``restrict_to_box`` (evaluate, predict), mask cells outside the box prompt
+            grown by ``box_margin`` x its width / height on each side are background
+            (:func:`restrict_to_box`); ``None``: the output is not restricted.
     """
 
     def __init__(self, image_encoder: str = "medsam", image_weights: str | None = None, image_size: int | None = None,
@@ -80,7 +83,8 @@ class TextSegModel(nn.Module):
                  text_encoder: str = "minilm", fusion: str = "hierarchical", token_dim: int = 96,
                  coarse_heads: int = 4, fine_heads: int = 8, coarse_gate: float = 0.5, fine_gate: float = 0.8,
                  gated_init: float = 0.8, init_temperature: float = 0.07, min_temperature: float = 0.01,
-                 max_temperature: float = 1.0, contrastive_pool: str = "mask", embedding_cache: str | None = None):
+                 max_temperature: float = 1.0, contrastive_pool: str = "mask", embedding_cache: str | None = None,
+                 box_margin: float | None = 0.1):
         super().__init__()
         from medfuse.families.text_seg.sam_prompt import build_image_side
         from medfuse.losses import InfoNCE
@@ -118,6 +122,7 @@ class TextSegModel(nn.Module):
             self.image_proj.requires_grad_(False)
             self.contrastive.requires_grad_(False)
         self.contrastive_pool = contrastive_pool
+        self.box_margin = box_margin
         self.extractor = None
         if embedding_cache is not None:
             if not self.frozen_image_side:
@@ -199,11 +204,12 @@ class TextSegModel(nn.Module):
         return self.forward_intermediates(image, boxes, texts, out_size)[0]
 
     def forward_intermediates(self, image: torch.Tensor, boxes: torch.Tensor, texts: list[str],
-                              out_size: tuple[int, int] | None = None
+                              out_size: tuple[int, int] | None = None, restrict: bool = False,
                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One forward pass that also returns what evaluation shows.
 
-        Args: as :meth:`forward`.
+        Args: as :meth:`forward`, and ``restrict``: logits outside the box prompt (grown by
+            ``box_margin``) are background (:func:`restrict_to_box`; evaluation and prediction).
 
         Returns:
             :meth:`forward`'s dict and the intermediates: ``gate`` (B,), the gated baseline's image
@@ -218,6 +224,8 @@ class TextSegModel(nn.Module):
         pos = rearrange(self.image_side.decoder.dense_pe(), "1 c h w -> 1 (h w) c")
         fused, inter = self.fusion.forward_intermediates(rearrange(emb, "b c h w -> b (h w) c"), text, pos)  # (B, L, C)
         low = self.image_side.decode(rearrange(fused, "b (h w) c -> b c h w", h=h), boxes)  # (B, 1, 4h, 4w)
+        if restrict and self.box_margin is not None:
+            low = restrict_to_box(low, boxes, self.image_side.input_size, self.box_margin)
         if out_size is not None and tuple(low.shape[-2:]) != tuple(out_size):
             low = F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
         extra = {"gate": inter["gate"].float().mean(dim=(1, 2))} if "gate" in inter else {}
@@ -236,6 +244,41 @@ class TextSegModel(nn.Module):
             image_emb (B, E) and text_emb (B, E), E = ``fusion.embed_dim`` (not normalised).
         """
         return self.image_proj(_pool(embedding, weights)), self.fusion.text_embedding(text)
+
+
+BACKGROUND_LOGIT = -1e4
+"""The logit of a mask cell outside the box prompt (:func:`restrict_to_box`): finite, so that resizing
+the logits to an image's own size stays a plain interpolation."""
+
+
+def restrict_to_box(logits: torch.Tensor, boxes: torch.Tensor, size: int, margin: float) -> torch.Tensor:
+    """Mask logits outside the box prompt set to background.
+
+    MedSAM's box says where the target is (seed 002: the text picks the target *inside* the box), so
+    a prediction outside it contradicts the prompt. A cell is kept when its centre lies within the
+    box grown on each side by ``margin`` x the box's width (height), the largest outward move of the
+    training box jitter (``data.params.box_jitter``), plus one cell.
+
+    Args:
+        logits: (B, 1, m, n) mask logits over the S x S model input.
+        boxes: (B, 4) (x0, y0, x1, y1) in input pixels.
+        size: S.
+        margin: growth as a fraction of the box's width / height.
+
+    Returns:
+        (B, 1, m, n) logits, :data:`BACKGROUND_LOGIT` outside the grown box.
+    """
+    m, n = logits.shape[-2:]
+    b = boxes.to(logits.device, torch.float32)
+    x0, y0, x1, y1 = b.unbind(-1)  # (B,) each
+    cy, cx = size / m, size / n  # cell sizes in input pixels
+    ys = (torch.arange(m, device=logits.device, dtype=torch.float32) + 0.5) * cy - 0.5  # (m,) cell centres
+    xs = (torch.arange(n, device=logits.device, dtype=torch.float32) + 0.5) * cx - 0.5  # (n,)
+    gy, gx = margin * (y1 - y0) + cy, margin * (x1 - x0) + cx  # (B,)
+    in_y = (ys[None] >= (y0 - gy)[:, None]) & (ys[None] <= (y1 + gy)[:, None])  # (B, m)
+    in_x = (xs[None] >= (x0 - gx)[:, None]) & (xs[None] <= (x1 + gx)[:, None])  # (B, n)
+    inside = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, m, n)
+    return torch.where(inside, logits, logits.new_full((), BACKGROUND_LOGIT))
 
 
 def _pool(emb: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -72,6 +72,10 @@ class TextSegParams(Params):
     contrastive_pool: Literal["mask", "global"] = Field(
         "mask", description="image side of InfoNCE: the embedding pooled under the target mask, or its global mean")
     embedding_cache: str | None = Field(None, description="disk cache of frozen image embeddings (None: off)")
+    box_margin: float | None = Field(
+        0.1, ge=0, description="evaluate and predict: pixels outside the box prompt grown by box_margin x its "
+                               "width / height on each side are background, as the box says where the target is "
+                               "(0.1: data.params.box_jitter's default); null: the output is not restricted")
 
 
 class TextSegDataParams(Params):

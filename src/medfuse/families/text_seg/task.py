@@ -110,7 +110,8 @@ class TextSegTask(BaseTask):
         return {"dice": float(np.mean(merged["dice"]))}
 
     def infer(self, batch: TextSegBatch) -> TextSegOutput:
-        """Evaluation/prediction forward: mask logits at the decoder's resolution (B, 1, 4h, 4w), and
-        with ``fusion: gated`` the mean image share ``gate`` (B,), from one forward pass."""
-        out, inter = self.model.forward_intermediates(batch["image"], batch["box"], batch["text"])
+        """Evaluation/prediction forward: mask logits at the decoder's resolution (B, 1, 4h, 4w), outside
+        the box prompt (grown by ``model.params.box_margin``) background, and with ``fusion: gated`` the
+        mean image share ``gate`` (B,), from one forward pass."""
+        out, inter = self.model.forward_intermediates(batch["image"], batch["box"], batch["text"], restrict=True)
         return {"mask_logits": out["mask_logits"], **inter}
