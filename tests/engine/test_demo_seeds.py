@@ -224,8 +224,8 @@ def test_the_combined_report_keeps_every_variants_evaluation_notes(tmp_path, mon
         rows = [_row("full", 0.9, 0.8, 1.0), _row("ablated", 0.7, 0.6, 0.8)]
         for r in rows:
             r["run"] = str(tmp_path / r["run"])
-        return rows, {"full": {"ci": 0.95, "notes": ["R@k left out for k = 10"]},
-                      "ablated": {"ci": 0.95, "notes": ["3 of 8 generated reports are empty"]}}
+        return rows, {"full": {"ci": 0.95, "notes": ["R@k left out for k = 10", "a phantom of 8 cases"]},
+                      "ablated": {"ci": 0.95, "notes": ["a phantom of 8 cases", "3 of 8 generated reports are empty"]}}
 
     written = {}
     monkeypatch.setattr(demo, "_run_variants", fake_runs)
@@ -234,5 +234,6 @@ def test_the_combined_report_keeps_every_variants_evaluation_notes(tmp_path, mon
                         lambda family: type("F", (), {"demo_config": tmp_path / "x.yaml", "demo_compare": None})())
     monkeypatch.setattr(medfuse.reports, "write_report", lambda run, rep, plots: written.update(rep))
     combined = demo.run_demo("fam", tmp_path / "out")
-    assert combined["notes"][:2] == ["R@k left out for k = 10", "ablated: 3 of 8 generated reports are empty"]
+    assert combined["notes"][:3] == ["R@k left out for k = 10", "a phantom of 8 cases",
+                                     "ablated: 3 of 8 generated reports are empty"]  # the same note once
     assert any(n.startswith("demo wall time") for n in combined["notes"]) and written["notes"] == combined["notes"]

@@ -282,10 +282,12 @@ def run_demo(family: str, out: str | Path, quick: bool = False, overrides: list[
         combined["paired"] = compare([r for r in rows if "weights_from" not in r])
         for c in combined["paired"].values():
             console.print(c["markdown"])
-    # the main variant's own evaluation notes stay; another variant's are kept under its name
-    combined["notes"] = [*reports[variants[0][1]].get("notes", []),
+    # the main variant's own evaluation notes stay; another variant's are kept under its name,
+    # unless the main variant has the same note (the data set's description, say)
+    main_notes = list(reports[variants[0][1]].get("notes", []))
+    combined["notes"] = [*main_notes,
                          *(f"{name}: {note}" for _, name, _ in variants[1:]
-                           for note in reports[name].get("notes", [])),
+                           for note in reports[name].get("notes", []) if note not in main_notes),
                          f"demo wall time {time.perf_counter() - t0:.0f} s",
                          "each variant selected on validation; test evaluated once per variant"]
     if any("weights_from" in r for r in rows):
