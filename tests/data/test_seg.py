@@ -201,7 +201,8 @@ def test_generic_manifest_with_a_cut_seg_an_empty_file_and_ct_files_as_masks(tmp
     lone = tmp_path / "lone" / "slice.dcm"  # one CT slice copied out of its series
     lone.parent.mkdir()
     lone.write_bytes(ct[0].read_bytes())
-    masks = {"cut": seg_path, "empty": empty, "lone_slice": lone, "ct_file": ct[2], "good": good}
+    masks = {"cut": seg_path, "empty": empty, "lone_slice": lone, "ct_file": ct[2], "ct_folder": ct[0].parent,
+             "good": good}
     with (tmp_path / "manifest.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case_id", "patient_id", "image_ct", "mask"])
@@ -209,11 +210,11 @@ def test_generic_manifest_with_a_cut_seg_an_empty_file_and_ct_files_as_masks(tmp
             w.writerow([cid, cid, str(ct[0].parent), str(m)])
     problems = check_dataset(tmp_path / "manifest.csv")
     by_case = {p.case_id: p for p in problems}
-    assert set(by_case) == {"cut", "empty", "lone_slice", "ct_file"}, problems
+    assert set(by_case) == {"cut", "empty", "lone_slice", "ct_file", "ct_folder"}, problems
     assert by_case["cut"].rule == "unreadable" and "cut short" in by_case["cut"].message
     assert by_case["empty"].rule in {"unreadable", "dicom"}
     # a file of the CT series, beside it or copied out of it: the CT was read as a label map of HU values
-    for cid in ("lone_slice", "ct_file"):
+    for cid in ("lone_slice", "ct_file", "ct_folder"):  # the folder: the very path of image_ct, read once
         assert by_case[cid].rule == "dicom" and "image series" in by_case[cid].message
     for cid, p in by_case.items():
         assert p.path == str(masks[cid])

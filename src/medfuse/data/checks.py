@@ -331,12 +331,15 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
     if table.layout in LAYOUT_RULES:
         return LAYOUT_RULES[table.layout](table, case)
     problems: list[Problem] = []
-    volumes: dict[str, Volume | None] = {}  # path -> volume (None: missing or unreadable); one case only
+    # (path, read as the mask) -> volume (None: missing or unreadable); one case only. A mask path that
+    # is also an image path is read again as a mask, so a case's image given as its mask is refused.
+    volumes: dict[tuple[str, bool], Volume | None] = {}
     first_image = next(iter(case.images.values()), None)
 
     def load(path: str, what: str) -> Volume | None:
-        if path not in volumes:
-            volumes[path] = None
+        key = (path, what == "mask")
+        if key not in volumes:
+            volumes[key] = None
             if not Path(path).exists():
                 problems.append(
                     Problem(path, "missing", f"{what} of case '{cid}' does not exist", case_id=cid)
@@ -344,7 +347,7 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
             else:
                 try:
                     # a DICOM SEG mask goes on the grid of the case's own image series
-                    volumes[path] = read_label(path, first_image) if what == "mask" else read_image(path)
+                    volumes[key] = read_label(path, first_image) if what == "mask" else read_image(path)
                 except _READ_ERRORS as e:
                     reason = e.problem if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
                     rule = getattr(e, "rule", "unreadable")
@@ -352,11 +355,11 @@ def _case_problems(table: CaseTable, case: Case, grid_atol: float, affine_atol: 
                                             e.fix if rule != "unreadable" and isinstance(e, DataError) else "",
                                             case_id=cid))  # fmt: skip
                 else:
-                    bad = nonfinite_problem(volumes[path].array, path, what, cid)
+                    bad = nonfinite_problem(volumes[key].array, path, what, cid)
                     if bad is None and table.layout == "ctrate" and what != "mask":
-                        bad = hu_problem(volumes[path].array, path, cid)
+                        bad = hu_problem(volumes[key].array, path, cid)
                     problems.extend([bad] if bad else [])
-        return volumes[path]
+        return volumes[key]
 
     if not case.images:
         problems.append(
