@@ -407,7 +407,7 @@ def test_em_hd95_is_reported_in_nm_and_named(cm_run, tmp_path, monkeypatch):
     rep = evaluate(copy, split="test")
     assert rep["context_seg"]["hd95_unit"] == "nm" and set(rep["case_metrics"]) == {"dice", "iou", "hd95_nm"}
     assert all("hd95_nm" in rep["per_class"][c] and "hd95" not in rep["per_class"][c] for c in ("mito", "er"))
-    page = (copy / "report.html").read_text()
+    page = (copy / "report.html").read_text(encoding="utf-8")
     assert any("in nm" in n for n in rep["notes"]) and "HD95 in nm on the label grid" in page
     assert "HD95 in mm" not in page  # the per-case table's caption said mm whatever the unit
     assert 4.0 <= rep["case_metrics"]["hd95_nm"]["value"] <= 16.0  # one 8 nm voxel along each axis: 8 to 8 * sqrt(3) nm
