@@ -235,7 +235,7 @@ def resolve_splits(cfg: Config, run_dir: Path | None, table: Any = None,
                               stratify=s.stratify if stratify is None else stratify,
                               fold=s.fold)
         if saved is not None:
-            with atomic_open(saved, "w", newline="") as f:  # every DDP rank writes the same file at once
+            with atomic_open(saved, "w", newline="", encoding="utf-8") as f:  # every DDP rank writes the same file at once
                 w = csv.writer(f)
                 w.writerow(["case_id", "patient_id", "split"])
                 for c in table.cases:

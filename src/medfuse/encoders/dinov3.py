@@ -42,7 +42,7 @@ def _folder_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]] |
     if not cfg_path.is_file():
         return None
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise WeightsError(cfg_path, f"cannot read the preprocessor config ({e})", "fix or remove the file") from None
     mean, std = cfg.get("image_mean"), cfg.get("image_std")

@@ -186,7 +186,7 @@ class ClassificationEvaluator(Evaluator):
         self.plots["ROC"] = plot_roc(y, probs, names, self.out_path("plots", "roc.png"))
         out_dir = self.run_dir / "predictions"
         out_dir.mkdir(exist_ok=True)
-        with self.out_path("predictions", f"{self.split}.csv").open("w", newline="") as f:
+        with self.out_path("predictions", f"{self.split}.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["case_id", "label", "pred", *[f"p_{n}" for n in names]])
             for cid, yt, p in zip(self.case_ids, y, probs, strict=True):

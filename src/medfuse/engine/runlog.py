@@ -29,7 +29,7 @@ class HistoryWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
         if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
+            with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
     def _check_log_dir_exists(self) -> None:  # keep the history (Lightning deletes the file here)
@@ -44,7 +44,7 @@ class HistoryWriter(ExperimentWriter):
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         path = Path(self.metrics_file_path)
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         _write_csv_atomic(path, list(fieldnames), rows)
 
@@ -77,7 +77,7 @@ def prepare_log(path: Path, resume_epoch: int | None) -> None:
     if resume_epoch is None:
         path.unlink()
         return
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
@@ -96,7 +96,7 @@ def prepare_log(path: Path, resume_epoch: int | None) -> None:
 
 
 def _write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    with atomic_open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -117,7 +117,7 @@ def merge_stage_logs(run_dir: Path, stages: list[str]) -> Path | None:
         path = run_dir / "stages" / name / "metrics.csv"
         if not path.is_file():
             continue
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             part = list(csv.DictReader(f))
         last = -1
         for r in part:

@@ -212,7 +212,7 @@ class SegmentationEvaluator(Evaluator):
     def write_per_case(self, names: list[str]) -> dict[str, Any]:
         """``metrics_per_case.csv`` (the :meth:`per_case_table` rows, with the split); returns the table."""
         table = self.per_case_table(names)
-        with self.out_path("metrics_per_case.csv").open("w", newline="") as f:
+        with self.out_path("metrics_per_case.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["split", *table["columns"]])
             for row in table["rows"]:

@@ -157,7 +157,7 @@ def write_manifest(table: CaseTable, path: str | Path) -> Path:
         path.write_text(json.dumps({"cases": rows, **meta}, indent=2))
         return path
     columns = list(dict.fromkeys(k for row in rows for k in row)) or ["case_id"]
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)

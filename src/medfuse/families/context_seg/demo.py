@@ -335,7 +335,7 @@ def make_context_seg_demo(out: str | Path, n_cells: int = 48, seed: int = 0, qui
             _write(out / rel["mask"], case["label"], 1.0 / label_scale)
             rows.append([cid, pid, rel["raw"], rel["context"], rel["mask"], COMPARTMENTS[comp]])
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
         wr.writerow(["case_id", "patient_id", "image_raw", "image_context", "mask", "compartment"])
         wr.writerows(rows)

@@ -281,7 +281,7 @@ def make_ct_encoder_demo(out: str | Path, n_patients: int = 360, seed: int = 0, 
         cot.append({"volumename": f"{name}.nii.gz", "region": "Chest", "category": rep["impression"],
                     "cot_reasoning": rep["cot"]})
     for fname, table in (("reports.csv", rows), ("metadata.csv", meta), ("labels.csv", labels)):
-        with (out / fname).open("w", newline="") as f:
+        with (out / fname).open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(table[0]))
             w.writeheader()
             w.writerows(table)

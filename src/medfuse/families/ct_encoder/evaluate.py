@@ -451,7 +451,7 @@ class CTEncoderEvaluator(RetrievalEvaluator):
 
         out = self.run_dir / "predictions"
         out.mkdir(exist_ok=True)
-        with (out / f"{self.split}_reports.csv").open("w", newline="") as f:
+        with (out / f"{self.split}_reports.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["case_id", "reference", *systems])
             for i, cid in enumerate(self.case_ids):

@@ -43,7 +43,7 @@ def save_combination_dice(path: str | Path, case_ids: list[str], combinations: l
         raise ValueError(f"{len(patient_ids)} patient ids for {len(case_ids)} cases")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
         wr.writerow(["case_id", *(["patient_id"] if patient_ids is not None else []), "combination",
                      *[f"dice_{r}" for r in regions]])

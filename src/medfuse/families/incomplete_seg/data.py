@@ -165,7 +165,7 @@ def _regions_from_nnunet(source: Path | None) -> dict[str, list[int]] | None:
     """Region-based nnU-Net v2 ``labels`` (``{"whole tumor": [1, 2, 3], ...}``), outer to inner."""
     if source is None or source.name != "dataset.json" or not source.is_file():
         return None
-    labels = json.loads(source.read_text()).get("labels") or {}
+    labels = json.loads(source.read_text(encoding="utf-8")).get("labels") or {}
     regions = {str(k): sorted(int(x) for x in (v if isinstance(v, list) else [v]))
                for k, v in labels.items() if k != "background" and (isinstance(v, list) or int(v) != 0)}
     if any(isinstance(v, list) for v in labels.values()):

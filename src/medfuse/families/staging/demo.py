@@ -436,7 +436,7 @@ def make_staging_demo(
             rows.append([case_id, pid, rel["t2w"], rel["dwi"], int(stage)])
 
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
         wr.writerow(["case_id", "patient_id", "image_t2w", "image_dwi", "label"])
         wr.writerows(rows)

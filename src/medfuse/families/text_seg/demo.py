@@ -244,7 +244,7 @@ def make_text_seg_demo(out: str | Path, n_patients: int = 300, seed: int = 0, qu
                          "box": " ".join(str(v) for v in _box(lesions, shape, rng, shift)),
                          "text": TEMPLATE.format(**attrs)})
     manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as f:
+    with manifest.open("w", newline="", encoding="utf-8") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)

@@ -212,7 +212,7 @@ class TextSegEvaluator(Evaluator):
         self.base_metrics = metrics
         out_dir = self.run_dir / "predictions" / self.split
         out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / "per_case.csv").open("w", newline="") as f:
+        with (out_dir / "per_case.csv").open("w", newline="", encoding="utf-8") as f:
             wr = csv.writer(f)
             wr.writerow(["case_id", "text", "dice", "iou", "hd95_px"])
             for j, cid in enumerate(res.case_id):
