@@ -470,14 +470,10 @@ class ContrastiveTask(BaseTask):
     """Validation Recall@k cut-offs (``val/i2t_R@k``, ``val/t2i_R@k``, averaged in ``val/mean_recall``)."""
 
     def epoch_metrics(self, merged):
-        """Validation Recall@k both ways and their mean, with the evaluation's rule
-        (:func:`~medfuse.metrics.retrieval.paired_recalls`): a k at or above the split's pair count
-        is 1.0 for any model, so it is left out of the logged keys and of ``mean_recall`` (logged
-        once). The key ``train.monitor`` names is still logged when its k are all left out (its
-        value is then the constant), because checkpoint selection stops on a missing key.
-
-        ``merged``: ``image_emb`` and ``text_emb`` (N, C), L2-normalised; pair i is (i, i).
-        """
+        """Validation Recall@k both ways and their mean, k at or above the pair count left out as in
+        evaluation (:func:`~medfuse.metrics.retrieval.paired_recalls`; said once); a monitored key
+        whose k are all left out is still logged, as the constant (checkpointing needs the key).
+        ``merged``: ``image_emb`` and ``text_emb`` (N, C), L2-normalised; pair i is (i, i)."""
         from medfuse.metrics.retrieval import paired_recalls, trivial_ks_note
 
         sim = merged["image_emb"] @ merged["text_emb"].T  # (N, N), rows images, columns texts
