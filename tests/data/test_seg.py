@@ -181,7 +181,9 @@ def test_seg_cut_short_anywhere_in_its_header_is_one_line_naming_it(tmp_path, n_
     ct, seg_path = _cut_seg(tmp_path, n_bytes)
     for read in (lambda: read_label(seg_path, ct[0].parent), lambda: read_label(seg_path, ct[0]),
                  lambda: read_seg(seg_path, reference=ct[0].parent)):
-        with pytest.raises(DataError, match="truncated or corrupt") as err:
+        # which reader notices depends on where the cut falls (highdicom's random UIDs move it): the
+        # header reader ("not a readable DICOM file") or the SEG reader ("cut short")
+        with pytest.raises(DataError, match="truncated or corrupt|not a readable DICOM file") as err:
             read()
         line = err.value.one_line()
         assert line.startswith(str(seg_path)) and "\n" not in line and "Fix:" in line
@@ -211,7 +213,9 @@ def test_generic_manifest_with_a_cut_seg_an_empty_file_and_ct_files_as_masks(tmp
     problems = check_dataset(tmp_path / "manifest.csv")
     by_case = {p.case_id: p for p in problems}
     assert set(by_case) == {"cut", "empty", "lone_slice", "ct_file", "ct_folder"}, problems
-    assert by_case["cut"].rule == "unreadable" and "cut short" in by_case["cut"].message
+    cut = by_case["cut"]  # unreadable by the SEG reader, or by the header reader (where the cut falls)
+    assert (cut.rule, "cut short" in cut.message) == ("unreadable", True) or \
+        (cut.rule, "not a readable DICOM file" in cut.message) == ("dicom", True), cut
     assert by_case["empty"].rule in {"unreadable", "dicom"}
     # a file of the CT series, beside it or copied out of it: the CT was read as a label map of HU values
     for cid in ("lone_slice", "ct_file", "ct_folder"):  # the folder: the very path of image_ct, read once
