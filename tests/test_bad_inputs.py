@@ -127,7 +127,7 @@ def run(box, trained) -> Path:
     src, _ = trained
     dst = box.runs / "trained"
     shutil.copytree(src, dst)
-    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg = yaml.safe_load((dst / "config.yaml").read_text(encoding="utf-8"))
     cfg["data"]["root"] = str(box.data)
     cfg["output_dir"] = str(box.runs)
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -136,7 +136,7 @@ def run(box, trained) -> Path:
 
 
 def _split_of(run: Path, split: str) -> list[str]:
-    with (run / "splits.csv").open() as f:
+    with (run / "splits.csv").open(encoding="utf-8") as f:
         return [r["case_id"] for r in csv.DictReader(f) if r["split"] == split]
 
 
@@ -489,7 +489,7 @@ def test_out_is_an_existing_file(box, run, capsys):
     code, _, err = run_cli(["predict", run, images / "case000_a.nii.gz", images / "case000_b.nii.gz",
                             "--out", target], capsys)
     one_error_line(code, err, str(target), "is a file")
-    assert target.read_text() == "keep me\n"
+    assert target.read_text(encoding="utf-8") == "keep me\n"
 
 
 def test_unwritable_out_folder(box, run, capsys, monkeypatch):
@@ -572,7 +572,7 @@ def test_ctrl_c_reports_last_checkpoint_and_resumes(box, capsys, monkeypatch):
         return original(cfg, run_dir, ckpt_dir, max_epochs, [*(callbacks or []), CtrlC()], stage=stage)
 
     config = box.config("ctrlc")
-    cfg = yaml.safe_load(config.read_text())
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     cfg["train"]["max_epochs"] = 2
     config.write_text(yaml.safe_dump(cfg))
     run_dir = box.runs / "ctrlc"
@@ -584,7 +584,7 @@ def test_ctrl_c_reports_last_checkpoint_and_resumes(box, capsys, monkeypatch):
     monkeypatch.setattr(trainer_mod, "build_trainer", original)
     code, _, err = run_cli(["train", "--resume", run_dir], capsys)
     assert code == 0, err
-    with (run_dir / "metrics.csv").open() as f:
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as f:
         epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val/loss")]
     assert epochs == [0, 1]
     assert box.new_files_outside(box.runs) == []

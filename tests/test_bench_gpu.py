@@ -39,7 +39,7 @@ def test_write_section_replaces_between_markers_and_keeps_the_rest(bench, tmp_pa
     doc.write_text("intro\n\n<!-- bench_gpu:scan -->\nold\n<!-- /bench_gpu:scan -->\n\noutro\n")
     bench.write_section(doc, "scan", ["new 1", "new 2"])
     bench.write_section(doc, "gemm", ["rate"])
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     assert "old" not in text and "intro" in text and "outro" in text
     assert "<!-- bench_gpu:scan -->\nnew 1\nnew 2\n<!-- /bench_gpu:scan -->" in text
     assert text.rstrip().endswith("<!-- bench_gpu:gemm -->\nrate\n<!-- /bench_gpu:gemm -->")
@@ -72,10 +72,10 @@ def test_device_session_script_runs_its_steps_into_the_output_folder(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["benchmarks_gpu.md", "environment.txt", "part1.log"]
-    assert "medfuse imports" in (out / "environment.txt").read_text()
-    log = (out / "part1.log").read_text()
+    assert "medfuse imports" in (out / "environment.txt").read_text(encoding="utf-8")
+    log = (out / "part1.log").read_text(encoding="utf-8")
     assert log.count(": exit 0 ") == 3 and "bench scan gemm" in log and "bench encoders" in log
-    assert (out / "benchmarks_gpu.md").read_text() == (ROOT / "docs" / "benchmarks_gpu.md").read_text()
+    assert (out / "benchmarks_gpu.md").read_text(encoding="utf-8") == (ROOT / "docs" / "benchmarks_gpu.md").read_text(encoding="utf-8")
     bad = subprocess.run(["bash", "bench/gpu_session.sh", str(tmp_path / "o2"), "3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "part is 1 or 2" in bad.stdout

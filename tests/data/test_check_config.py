@@ -52,7 +52,7 @@ def _config(path: Path, root: Path | None = None, **data) -> Path:
     section.update(data)
     path.write_text(yaml.safe_dump({"name": "r", "family": "staging", "task": "classification",
                                     "output_dir": str(path.parent / "runs"), "data": section,
-                                    "model": {"name": "staging"}}))
+                                    "model": {"name": "staging"}}), encoding="utf-8")
     return path
 
 
@@ -248,7 +248,7 @@ def test_a_mask_value_outside_data_num_classes_is_reported_as_train_refuses_it(t
 def test_every_bad_case_id_is_reported_not_only_the_first(tmp_path, capsys):
     manifest = _nifti_set(tmp_path / "d", [{"case_id": "c0", "label": "T1"}, {"case_id": "c1", "label": "T2"},
                                            {"case_id": "c2", "label": "T3"}])
-    text = manifest.read_text().replace("\nc0,", "\nc 0/x,").replace("\nc2,", "\n../c2,")
+    text = manifest.read_text(encoding="utf-8").replace("\nc0,", "\nc 0/x,").replace("\nc2,", "\n../c2,")
     manifest.write_text(text)
     code, out, _ = run_cli(["data", "check", str(manifest), "--config", str(_config(tmp_path / "s.yaml"))], capsys)
     assert code == 2

@@ -243,7 +243,7 @@ def test_write_manifest_round_trip(tmp_path, suffix):
     assert [(c.case_id, c.patient_id, c.images, c.mask, c.label, c.split, c.text) for c in again.cases] == [
         (c.case_id, c.patient_id, c.images, c.mask, c.label, c.split, c.text) for c in table.cases
     ]
-    assert "img/c0_t1.nii.gz" in out.read_text()  # paths inside the folder are written relative
+    assert "img/c0_t1.nii.gz" in out.read_text(encoding="utf-8")  # paths inside the folder are written relative
 
 
 def test_by_split(tmp_path):

@@ -24,5 +24,5 @@ def test_config_validates_with_its_family(name):
     validate_params(entry.params, cfg.model.params, "model.params")
     if family.data_params is not None:
         validate_params(family.data_params, cfg.data.params, "data.params")
-    header = (CONFIGS / f"{name}.yaml").read_text().split("\nname:")[0]
+    header = (CONFIGS / f"{name}.yaml").read_text(encoding="utf-8").split("\nname:")[0]
     assert "Tiny CPU smoke run" in header and "data check" in header

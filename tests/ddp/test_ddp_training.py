@@ -59,7 +59,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _rows(run_dir: Path, key: str) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open() as f:
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r.get(key)]
 
 

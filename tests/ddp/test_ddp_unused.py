@@ -91,7 +91,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ddp_unused")
     root = base / "ct_data"
     make_ct_encoder_demo(root, n_patients=24, quick=True, shape=(16, 24, 24))
-    cot = json.loads((root / "cot.json").read_text())
+    cot = json.loads((root / "cot.json").read_text(encoding="utf-8"))
     keep = [c for c in cot if c["volumename"] == "train_1_a_1.nii.gz"]  # a training case (split seed 0)
     assert len(keep) == 1 and len(keep[0]["cot_reasoning"]) >= 2
     (root / "cot.json").write_text(json.dumps(keep))
@@ -106,9 +106,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_plain_ddp_trains_ct_encoder_with_cot_on_one_rank_only(runs):
     run = runs["ct"]
     assert (run / "checkpoints" / "done").is_file(), runs["log"]
-    with (run / "splits.csv").open() as f:
+    with (run / "splits.csv").open(encoding="utf-8") as f:
         assert {"case_id": "train_1_a_1", "patient_id": "train_1", "split": "train"} in list(csv.DictReader(f))
-    with (run / "metrics.csv").open() as f:
+    with (run / "metrics.csv").open(encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     # the step level (gathered over the ranks) and the anchor (this rank's steps only) ran in both
     # epochs, on the step where one rank held the CoT case
@@ -121,6 +121,6 @@ def test_plain_ddp_trains_every_incomplete_seg_stage(runs):
     ck = runs["inc"] / "checkpoints"
     for stage in ("reconstruct", "contrast", "adapt"):
         assert (ck / stage / "done").is_file(), (stage, runs["log"])
-    with (runs["inc"] / "metrics.csv").open() as f:
+    with (runs["inc"] / "metrics.csv").open(encoding="utf-8") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses

@@ -52,7 +52,7 @@ def test_claim_waits_for_the_writer_instead_of_computing(tmp_path):
     t = _write_later(target)
     start = time.monotonic()
     with claim(target) as mine:
-        assert not mine and target.read_text() == "done"
+        assert not mine and target.read_text(encoding="utf-8") == "done"
     assert time.monotonic() - start >= 0.25
     t.join()
 

@@ -72,7 +72,7 @@ def test_payload_really_executes_when_unpickled_unsafely(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"w": _Payload(marker)}, evil)
     torch.load(evil, weights_only=False)
-    assert marker.read_text() == "pwned"
+    assert marker.read_text(encoding="utf-8") == "pwned"
 
 
 def test_pickled_module_is_refused(tmp_path):

@@ -43,7 +43,7 @@ def test_contrastive_aligns_image_and_text(tmp_path):
         "eval": {"n_boot": 50},
     })
     run = fit(cfg)
-    with (run / "metrics.csv").open() as f:
+    with (run / "metrics.csv").open(encoding="utf-8") as f:
         losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert losses[-1] < 0.8 * losses[0]
     rep = evaluate(run, split="test")

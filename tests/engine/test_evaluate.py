@@ -28,7 +28,7 @@ def test_run_directory_contract(trained):
 
 
 def test_split_is_by_patient_and_saved(trained):
-    with (trained / "splits.csv").open() as f:
+    with (trained / "splits.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_patient = {}
     for r in rows:
@@ -63,7 +63,7 @@ def test_evaluate_infers_the_split_once(trained, count_forwards):
 def test_predict_files_and_errors(trained, cls_dataset, tmp_path):
     root = cls_dataset.parent
     out = predict(trained, [str(root / "images/case000_a.nii.gz"), str(root / "images/case000_b.nii.gz")], tmp_path)
-    with (out / "predictions.csv").open() as f:
+    with (out / "predictions.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["pred"] in ("c0", "c1")
     with pytest.raises(DataError, match="not a modality"):

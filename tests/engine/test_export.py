@@ -250,8 +250,8 @@ def test_classification_package_gives_the_runs_probabilities(cls_dataset, tmp_pa
     shutil.move(str(run_dir), tmp_path / "moved")
     monkeypatch.chdir(tmp_path)
     out = predict(str(pkg), [str(cls_dataset)], "pk")
-    text = (own / "predictions.csv").read_text()
-    assert text == (tmp_path / out / "predictions.csv").read_text()
+    text = (own / "predictions.csv").read_text(encoding="utf-8")
+    assert text == (tmp_path / out / "predictions.csv").read_text(encoding="utf-8")
     assert text.splitlines()[0] == "case_id,pred,p_c0,p_c1" and len(text.splitlines()) == 25
 
 
@@ -358,7 +358,7 @@ def test_export_without_ids_leaves_the_split_and_data_paths_out_and_still_predic
         cfg = yaml.safe_load(zf.read("config.yaml"))
     assert "splits.csv" not in names and cfg["data"]["root"] is None and cfg["data"]["cache_dir"] is None
     assert "counts only" in card and "train 4 cases" in card
-    for line in (run_dir / "splits.csv").read_text().splitlines()[1:]:
+    for line in (run_dir / "splits.csv").read_text(encoding="utf-8").splitlines()[1:]:
         assert line.split(",")[0] not in card  # no case id in the card either
     out = predict(str(pkg), [str(root / "imagesTs")], tmp_path / "p")
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ts_lps.nii.gz", "ts_ras.nii.gz"]

@@ -17,7 +17,7 @@ def test_a_case_without_a_modality_is_refused_before_the_run_folder_is_written(c
 
     data = tmp_path / "data"
     shutil.copytree(cls_dataset.parent, data)
-    lines = (data / "manifest.csv").read_text().splitlines()
+    lines = (data / "manifest.csv").read_text(encoding="utf-8").splitlines()
     lines[3] = lines[3].replace("images/case002_b.nii.gz", "")  # case002 has no 'b' image
     (data / "manifest.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
@@ -36,7 +36,7 @@ def test_a_refused_data_check_keeps_the_split_of_a_run_that_had_one(cls_dataset,
     shutil.copytree(cls_dataset.parent, data)
     run = tmp_path / "runs" / "t"
     run.mkdir(parents=True)
-    rows = (data / "manifest.csv").read_text().splitlines()
+    rows = (data / "manifest.csv").read_text(encoding="utf-8").splitlines()
     header = rows[0].split(",")
     id_col = header.index("case_id")
     saved = "case_id,patient_id,split\n" + "".join(f"{r.split(',')[id_col]},{r.split(',')[id_col]},train\n"
@@ -47,7 +47,7 @@ def test_a_refused_data_check_keeps_the_split_of_a_run_that_had_one(cls_dataset,
     with pytest.raises(DataError) as err:
         fit(validate(tiny_cls_config(data / "manifest.csv", tmp_path / "runs", train__max_epochs=1)))
     assert "has no 'b' image" in err.value.one_line()
-    assert (run / "splits.csv").read_text() == saved  # regression guard: only a split this call wrote goes
+    assert (run / "splits.csv").read_text(encoding="utf-8") == saved  # regression guard: only a split this call wrote goes
     assert run.is_dir()  # a run folder that was there before the call stays
 
 
@@ -82,10 +82,10 @@ def test_a_run_refused_while_training_before_its_first_checkpoint_keeps_no_split
     assert not (tmp_path / "runs" / "t" / "splits.csv").exists()
     assert not (tmp_path / "runs" / "t").exists()  # the folder this refused call created goes too
     assert (tmp_path / "runs").is_dir()  # ... not its parent
-    lines = (data / "manifest.csv").read_text().splitlines()
+    lines = (data / "manifest.csv").read_text(encoding="utf-8").splitlines()
     extra = lines[1].replace("case000", "case099").replace("p000", "p099")
     shutil.copy(data / "images" / "case000_a.nii.gz", data / "images" / "case099_a.nii.gz")
     shutil.copy(data / "images" / "case000_b.nii.gz", data / "images" / "case099_b.nii.gz")
     (data / "manifest.csv").write_text("\n".join([ln for ln in lines if "case004" not in ln] + [extra]) + "\n")
     run = fit(validate(cfg))
-    assert (run / "checkpoints").exists() and "case099" in (run / "splits.csv").read_text()
+    assert (run / "checkpoints").exists() and "case099" in (run / "splits.csv").read_text(encoding="utf-8")

@@ -29,7 +29,7 @@ def _patient(root, src, name):
 
 
 def _rows(out):
-    return {r["case_id"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    return {r["case_id"]: r for r in csv.DictReader((out / "predictions.csv").open(encoding="utf-8"))}
 
 
 def test_case_after_case_keeps_every_row_and_refuses_a_second_patient_under_one_id(cls_run, cls_dataset, tmp_path):
@@ -40,14 +40,14 @@ def test_case_after_case_keeps_every_row_and_refuses_a_second_patient_under_one_
     second = _patient(tmp_path / "p2", cls_dataset, "case001")
     predict(cls_run, first, out)
     assert list(_rows(out)) == ["scan_a"]
-    before = (out / "predictions.csv").read_text()
+    before = (out / "predictions.csv").read_text(encoding="utf-8")
     with pytest.raises(DataError) as err:  # the same case id "scan_a" from p2's files
         predict(cls_run, second, out)
     line = err.value.one_line()
     assert "case scan_a was predicted into this folder from" in line and "p1" in line and "p2" in line
-    assert "--case-id" in line and (out / "predictions.csv").read_text() == before  # nothing replaced
+    assert "--case-id" in line and (out / "predictions.csv").read_text(encoding="utf-8") == before  # nothing replaced
     predict(cls_run, first, out)  # the same files again: its row is replaced, not doubled
-    assert len(list(csv.DictReader((out / "predictions.csv").open()))) == 1
+    assert len(list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))) == 1
     predict(cls_run, [str(cls_dataset)], out)  # a whole manifest into the same folder
     rows = _rows(out)
     assert "scan_a" in rows and len(rows) == 1 + 24
@@ -66,14 +66,14 @@ def test_a_refused_prediction_records_nothing_so_the_mended_rerun_goes_through(c
     mended = _patient(tmp_path / "p1_again", cls_dataset, "case000")  # the same case id from other files
     predict(cls_run, mended, out)
     assert list(_rows(out)) == ["scan_a"]
-    assert "p1_again" in (out / "inputs.csv").read_text()
+    assert "p1_again" in (out / "inputs.csv").read_text(encoding="utf-8")
 
 
 def test_write_rows_merges_by_case_and_refuses_other_columns(tmp_path):
     path = tmp_path / "predictions.csv"
     write_rows(path, ["case_id", "pred"], [["a", 1], ["b", 0]])
     write_rows(path, ["case_id", "pred"], [["b", 1], ["c", 0]])
-    assert [r for r in csv.reader(path.open())] == [["case_id", "pred"], ["a", "1"], ["b", "1"], ["c", "0"]]
+    assert [r for r in csv.reader(path.open(encoding="utf-8"))] == [["case_id", "pred"], ["a", "1"], ["b", "1"], ["c", "0"]]
     with pytest.raises(DataError, match="holds other columns"):
         write_rows(path, ["case_id", "dice"], [["a", 0.5]])
 
@@ -100,7 +100,7 @@ def test_ct_encoder_reports_keep_the_rows_of_earlier_runs(tmp_path):
         p = CTEncoderPredictor(None, None, None)
         p.reports = list(reports)
         p.finish(tmp_path)
-    rows = list(csv.reader((tmp_path / "reports.csv").open()))
+    rows = list(csv.reader((tmp_path / "reports.csv").open(encoding="utf-8")))
     assert rows == [["case_id", "report"], ["v2", "second, report"], ["v1", "again"]]
 
 
@@ -111,10 +111,10 @@ def test_an_input_named_like_the_folders_tables_is_refused(cls_run, cls_dataset,
     out.mkdir()
     manifest = out / "inputs.csv"
     shutil.copy(cls_dataset, manifest)
-    text = manifest.read_text()
+    text = manifest.read_text(encoding="utf-8")
     with pytest.raises(DataError, match="is an input of this prediction"):
         predict(cls_run, [str(manifest)], out)
-    assert manifest.read_text() == text
+    assert manifest.read_text(encoding="utf-8") == text
 
 
 def test_case_id_names_the_one_case_and_resolves_the_clash(cls_run, cls_dataset, tmp_path):
@@ -136,7 +136,7 @@ def test_a_manifest_whose_columns_differ_in_case_from_the_runs_modalities(cls_ru
     (it used to say "case has no a / b image" although the columns were there)."""
     from medfuse.engine.predict import predict
 
-    text = cls_dataset.read_text().replace("image_a", "image_A").replace("image_b", "image_B")
+    text = cls_dataset.read_text(encoding="utf-8").replace("image_a", "image_A").replace("image_b", "image_B")
     manifest = cls_dataset.parent / "upper.csv"
     manifest.write_text(text)
     out = predict(cls_run, [str(manifest)], tmp_path / "preds")

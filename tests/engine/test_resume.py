@@ -32,7 +32,7 @@ fit(validate(json.loads(sys.argv[1])), callbacks=[Kill()])
 
 
 def _rows(run_dir, key):
-    with (run_dir / "metrics.csv").open() as f:
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r.get(key)]
 
 

@@ -23,7 +23,7 @@ def test_evaluate_and_predict_from_another_folder(cls_dataset, tmp_path, monkeyp
     cfg = tiny_cls_config("data/manifest.csv", "runs", train__max_epochs=1)
     cfg["data"]["cache_dir"] = "cache"
     run = fit(validate(cfg))
-    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert saved["data"]["root"] == str(work / "data" / "manifest.csv")
     assert saved["data"]["cache_dir"] == str(work / "cache")
     elsewhere = tmp_path / "elsewhere"

@@ -39,7 +39,7 @@ def test_segmentation_trains_and_evaluates(seg_dataset, tmp_path):
     assert any((run / "plots").glob("overlay_*.png"))
     table = rep["per_case"]  # the same rows as metrics_per_case.csv, shown in report.html
     assert len(table["rows"]) == 4 and table["columns"][:2] == ["case_id", "dice_lesion"]
-    with (run / "metrics_per_case.csv").open() as f:
+    with (run / "metrics_per_case.csv").open(encoding="utf-8") as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in csv_rows] == [r[0] for r in table["rows"]]
     assert abs(float(csv_rows[0]["dice_lesion"]) - table["rows"][0][1]) < 1e-5
@@ -48,5 +48,5 @@ def test_segmentation_trains_and_evaluates(seg_dataset, tmp_path):
 
 
 def rep_case(run):
-    with (run / "splits.csv").open() as f:
+    with (run / "splits.csv").open(encoding="utf-8") as f:
         return next(r["case_id"] for r in csv.DictReader(f) if r["split"] == "test")

@@ -76,7 +76,7 @@ def test_evaluate_dice_equals_nibabel_recomputation(trained):
 
     root, run = trained
     evaluate(run, n_boot=20)
-    rows = list(csv.DictReader((run / "metrics_per_case.csv").open()))
+    rows = list(csv.DictReader((run / "metrics_per_case.csv").open(encoding="utf-8")))
     assert rows
     for r in rows:
         pred = np.asarray(nib.load(run / "predictions" / "test" / f"{r['case_id']}.nii.gz").dataobj)

@@ -33,7 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_metrics_csv(path: Path) -> Path:
     """A sparse metrics.csv shaped like Lightning's CSVLogger output."""
     columns = ["epoch", "step", "train/loss", "val/loss", "val/balanced_accuracy"]
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for epoch in range(3):

@@ -221,9 +221,9 @@ TINY_CELLMAP = [
 
 def test_config_trains_one_cpu_epoch(cm_run):
     _, run = cm_run
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     assert rows and any(r.get("val/loss") not in (None, "") for r in rows)
-    splits = {r["case_id"]: r for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: r for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     assert len(splits) == 4 and json.dumps(sorted({r["split"] for r in splits.values()})) == '["test", "train", "val"]'
 
 
@@ -411,7 +411,7 @@ def test_em_hd95_is_reported_in_nm_and_named(cm_run, tmp_path, monkeypatch):
     assert any("in nm" in n for n in rep["notes"]) and "HD95 in nm on the label grid" in page
     assert "HD95 in mm" not in page  # the per-case table's caption said mm whatever the unit
     assert 4.0 <= rep["case_metrics"]["hd95_nm"]["value"] <= 16.0  # one 8 nm voxel along each axis: 8 to 8 * sqrt(3) nm
-    rows = list(csv.DictReader((copy / "metrics_per_case.csv").open()))
+    rows = list(csv.DictReader((copy / "metrics_per_case.csv").open(encoding="utf-8")))
     assert {"hd95_nm_mito", "hd95_nm_er"} <= set(rows[0]) and not {"hd95_mito", "hd95_er"} & set(rows[0])
     values = [float(r[k]) for r in rows for k in ("hd95_nm_mito", "hd95_nm_er") if r[k] != "nan"]
     assert values and all(4.0 <= v <= 16.0 for v in values)
@@ -421,7 +421,7 @@ def _header_commands() -> tuple[str, list[list[str]]]:
     """The config header's comment (one line) and its CPU ``medfuse train`` commands (overrides only)."""
     import shlex
 
-    header = [line for line in CONFIG.read_text().splitlines() if line.startswith("#")]
+    header = [line for line in CONFIG.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
     commands: list[list[str]] = []
     current: list[str] | None = None
     for line in header:

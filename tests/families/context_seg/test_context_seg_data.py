@@ -61,7 +61,7 @@ def make_set(root: Path, n: int = 6, raw: int = 16, ctx: int = 16, ctx_spacing: 
             origin = (raw - 1) / 2 - (ctx - 1) / 2 * ctx_spacing  # centred on the raw crop (raw voxels of 1 mm)
             row["image_context"] = _write(root / f"c{i}_ctx{ext}", c, ctx_spacing, origin)
         rows.append(row)
-    with open(root / "manifest.csv", "w", newline="") as f:
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -362,7 +362,7 @@ def test_train_evaluate_predict_end_to_end(trained):
     assert set(rep["case_metrics"]) == {"dice", "iou", "hd95"} and rep["class_names"] == ["bright", "dark"]
     # mm-scale voxels keep the platform's HD95 keys (in mm), and the report names the unit
     assert rep["context_seg"]["hd95_unit"] == "mm" and any("HD95 (hd95 " in n and " in mm" in n for n in rep["notes"])
-    assert {"hd95_bright", "hd95_dark"} <= set((run / "metrics_per_case.csv").read_text().splitlines()[0].split(","))
+    assert {"hd95_bright", "hd95_dark"} <= set((run / "metrics_per_case.csv").read_text(encoding="utf-8").splitlines()[0].split(","))
     assert rep["context_seg"]["fusion"] == "attention"
     assert (run / "report.html").is_file()
     assert len(list((run / "predictions" / "test").glob("*.nii.gz"))) == 2  # the generic evaluator's files

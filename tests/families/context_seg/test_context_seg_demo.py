@@ -25,7 +25,7 @@ CLASSES_IN = {"nucleus": {1, 4}, "cytoplasm": {2, 4}, "periphery": {2, 3}}
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("ctx")
     manifest = make_demo("context_seg", out, quick=True, seed=1)
-    rows = list(csv.DictReader(open(manifest, newline="")))
+    rows = list(csv.DictReader(open(manifest, newline="", encoding="utf-8")))
     return out, rows
 
 
@@ -35,7 +35,7 @@ def test_registered_files_and_declarations(demo):
     assert len(rows) >= 12 and len({r["case_id"] for r in rows}) == len(rows)
     assert len({r["patient_id"] for r in rows}) == 12 < len(rows)  # repeat crops share their patient
     assert {r["compartment"] for r in rows} == set(COMPARTMENTS)
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["modalities"] == ["raw", "context"]
     assert meta["mask_labels"] == {n: k for k, n in enumerate(CLASS_NAMES)}
     r = rows[0]
@@ -109,8 +109,8 @@ def test_local_patch_identical_only_context_differs():
 def test_same_seed_same_data(tmp_path):
     a = make_demo("context_seg", tmp_path / "a", quick=True, n_cells=2, seed=5)
     b = make_demo("context_seg", tmp_path / "b", quick=True, n_cells=2, seed=5)
-    ra = list(csv.DictReader(open(a)))
-    rb = list(csv.DictReader(open(b)))
+    ra = list(csv.DictReader(open(a, encoding="utf-8")))
+    rb = list(csv.DictReader(open(b, encoding="utf-8")))
     assert [r["compartment"] for r in ra] == [r["compartment"] for r in rb]
     for x, y in zip(ra, rb, strict=True):
         for key in ("image_raw", "image_context", "mask"):

@@ -46,5 +46,5 @@ def test_evaluate_on_cellmap_counts_datasets(tmp_path):
                                "data.split.val=0.34", "data.split.test=0.34"])
     run = fit(cfg)
     evaluate(run)
-    rep = json.loads((run / "report.json").read_text())
+    rep = json.loads((run / "report.json").read_text(encoding="utf-8"))
     assert (rep["metrics"]["mean_f1"]["n"], rep["metrics"]["mean_f1"]["n_items"]) == (1, 2)

@@ -53,7 +53,7 @@ def test_reads_ctrate_layout_with_cot_labels_and_masks(demo_root):
     assert c.images["ct"].endswith("train/train_1/train_1_a/train_1_a_1.nii.gz") and c.mask.endswith("masks/train_1_a_1.nii.gz")
     assert c.extra["hu"] == [1.0, -1024.0]
     assert abn[0] == "Right upper lobe nodule" and len(c.extra["labels"]) == len(abn) == 8
-    rows = {r["VolumeName"]: r for r in csv.DictReader((demo_root / "reports.csv").open())}
+    rows = {r["VolumeName"]: r for r in csv.DictReader((demo_root / "reports.csv").open(encoding="utf-8"))}
     assert c.text == rows["train_1_a_1.nii.gz"]["Impressions_EN"]
     # one sentence per region, matched by name
     assert [r for r, _ in c.extra["region_text"]] == list(range(1, 10))
@@ -126,7 +126,7 @@ def _set_header_scaling(path, slope, inter):
 
 def test_patients_stay_in_one_split_and_reconstructions(demo_root, tmp_path):
     root = _copy(demo_root, tmp_path / "recon")
-    rows = list(csv.DictReader((root / "reports.csv").open()))
+    rows = list(csv.DictReader((root / "reports.csv").open(encoding="utf-8")))
     src = next((root / "train").rglob("train_2_a_1.nii.gz"))
     for name in ("train_2_a_2", "train_2_b_1"):  # another reconstruction and another scan of patient 2
         (src.parent / f"{name}.nii.gz").write_bytes(src.read_bytes())
@@ -137,7 +137,7 @@ def test_patients_stay_in_one_split_and_reconstructions(demo_root, tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    meta = list(csv.DictReader((root / "metadata.csv").open()))
+    meta = list(csv.DictReader((root / "metadata.csv").open(encoding="utf-8")))
     meta += [{**meta[1], "VolumeName": n} for n in ("train_2_a_2.nii.gz", "train_2_b_1.nii.gz")]
     with (root / "metadata.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(meta[0]))
@@ -188,11 +188,11 @@ def test_user_errors(demo_root, tmp_path, caplog):
 
 def test_cot_jsonl_and_region_names_from_params(demo_root, tmp_path):
     root = _copy(demo_root, tmp_path / "jsonl")
-    records = json.loads((root / "cot.json").read_text())
+    records = json.loads((root / "cot.json").read_text(encoding="utf-8"))
     (root / "cot.json").unlink()
     (root / "steps.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (root / "regions.json").unlink()
-    names = json.loads((demo_root / "regions.json").read_text())
+    names = json.loads((demo_root / "regions.json").read_text(encoding="utf-8"))
     dm = CTEncoderDataModule(_cfg(root, tmp_path, cot="steps.jsonl", region_names=list(names["region_names"].values()),
                                   region_groups=names["region_groups"]), None)
     assert all(c.extra["steps"] for c in dm.table.cases)

@@ -29,7 +29,7 @@ def cases():
 def test_generator_is_deterministic_and_writes_ctrate_layout(tmp_path):
     a = make_ct_encoder_demo(tmp_path / "a", n_patients=3, seed=3, shape=(8, 32, 32))
     b = make_ct_encoder_demo(tmp_path / "b", n_patients=3, seed=3, shape=(8, 32, 32))
-    assert a.read_text() == b.read_text()
+    assert a.read_text(encoding="utf-8") == b.read_text(encoding="utf-8")
     root = a.parent
     for rel in ("train/train_1/train_1_a/train_1_a_1.nii.gz", "masks/train_3_a_1.nii.gz", "metadata.csv",
                 "labels.csv", "cot.json", "regions.json"):
@@ -38,13 +38,13 @@ def test_generator_is_deterministic_and_writes_ctrate_layout(tmp_path):
     vb = np.asarray(nib.load(str(tmp_path / "b/train/train_2/train_2_a/train_2_a_1.nii.gz")).dataobj)
     np.testing.assert_array_equal(va, vb)
     assert va.dtype == np.int16 and va.shape == (32, 32, 8) and va.min() >= 0  # raw stored values (HU + 1024)
-    meta = list(csv.DictReader((root / "metadata.csv").open()))
+    meta = list(csv.DictReader((root / "metadata.csv").open(encoding="utf-8")))
     assert meta[0]["RescaleIntercept"] == "-1024"
-    regions = json.loads((root / "regions.json").read_text())
+    regions = json.loads((root / "regions.json").read_text(encoding="utf-8"))
     assert list(regions["region_names"].values()) == REGIONS
-    labels = list(csv.DictReader((root / "labels.csv").open()))
+    labels = list(csv.DictReader((root / "labels.csv").open(encoding="utf-8")))
     assert list(labels[0])[1:] == ABNORMALITIES
-    reports = list(csv.DictReader(a.open()))
+    reports = list(csv.DictReader(a.open(encoding="utf-8")))
     assert len({r["Impressions_EN"] for r in reports}) == 3  # unique reports: retrieval pairs are well defined
 
 

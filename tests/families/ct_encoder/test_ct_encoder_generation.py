@@ -120,7 +120,7 @@ def test_hf_causal_lm_from_a_local_folder_end_to_end(phantom, tmp_path):
     from medfuse.engine.predict import predict
     from medfuse.engine.trainer import fit
 
-    rows = list(csv.DictReader((phantom / "reports.csv").open()))
+    rows = list(csv.DictReader((phantom / "reports.csv").open(encoding="utf-8")))
     texts = [target_text(r["Findings_EN"], r["Impressions_EN"], []) for r in rows]
     folder = _tiny_gpt2_folder(tmp_path / "gpt2", [*texts, "Right upper lobe: a 21 mm solid nodule.",
                                                    "Heart: enlarged. Small left pleural effusion."])
@@ -134,8 +134,8 @@ def test_hf_causal_lm_from_a_local_folder_end_to_end(phantom, tmp_path):
     for key in ("generation/bleu4", "generation/rouge_l", "generation/meteor", "generation/ce_f1"):
         assert key in rep["metrics"] and rep["metrics"][key]["n"] == rep["n"]
     out = predict(run, [str(phantom)], tmp_path / "pred")
-    reports = list(csv.DictReader((out / "reports.csv").open()))
-    assert len(reports) == 12 and (out / f"{reports[0]['case_id']}.txt").read_text().strip() == reports[0]["report"]
+    reports = list(csv.DictReader((out / "reports.csv").open(encoding="utf-8")))
+    assert len(reports) == 12 and (out / f"{reports[0]['case_id']}.txt").read_text(encoding="utf-8").strip() == reports[0]["report"]
     with pytest.raises(ConfigError, match="gen_decoder"):
         ReportGenerator(8, f"hf:{tmp_path / 'missing'}")
 
@@ -149,7 +149,7 @@ def test_train_evaluate_predict_reports_every_seed_metric(phantom, tmp_path):
 
     run = fit(_cfg(phantom, tmp_path / "runs", "all", epochs=2, retrieval_ks=[1, 2, 100],
                    loss_weights={"gen": 1.0, "anchor": 0.5}, **GEN))
-    logged = (run / "metrics.csv").read_text().splitlines()[0]
+    logged = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "train/gen" in logged and "train/anchor" in logged
     rep = evaluate(run, split="test")
     m = rep["metrics"]
@@ -162,7 +162,7 @@ def test_train_evaluate_predict_reports_every_seed_metric(phantom, tmp_path):
     assert "image_to_text/R@100" not in m and "image_to_text/R@5" not in m  # ks are the configured ones, <= n
     assert 0 <= m["localization_iou"]["value"] <= 1 and -1 <= m["step_patch_corr"]["value"] <= 1
     assert "ce_f1" in json.dumps(rep["per_class"]) and "probe_auroc" in json.dumps(rep["per_class"])
-    saved = list(csv.DictReader((run / "predictions" / "test_reports.csv").open()))
+    saved = list(csv.DictReader((run / "predictions" / "test_reports.csv").open(encoding="utf-8")))
     assert len(saved) == rep["n"] and {"reference", "generation", "nn_copy"} <= set(saved[0])
     # the nearest-neighbour baseline copies training reports verbatim
     train_refs = {target_text(c.extra["findings"], c.text, []) for c in _train_cases(run)}

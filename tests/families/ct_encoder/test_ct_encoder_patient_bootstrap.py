@@ -31,7 +31,7 @@ def two_reconstructions(tmp_path_factory):
     for f in sorted(root.rglob("*_a_1.nii.gz")):
         shutil.copy(f, f.with_name(f.name.replace("_a_1.", "_a_2.")))
     for name in ("reports.csv", "labels.csv", "metadata.csv"):
-        rows = list(csv.DictReader((root / name).open()))
+        rows = list(csv.DictReader((root / name).open(encoding="utf-8")))
         copies = [{**r, "VolumeName": r["VolumeName"].replace("_a_1.", "_a_2.")} for r in rows]
         with (root / name).open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -41,7 +41,7 @@ def two_reconstructions(tmp_path_factory):
 
 
 def _test_patients(run):
-    rows = [r for r in csv.DictReader((run / "splits.csv").open()) if r["split"] == "test"]
+    rows = [r for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8")) if r["split"] == "test"]
     return [r["case_id"] for r in rows], [r["patient_id"] for r in rows]
 
 

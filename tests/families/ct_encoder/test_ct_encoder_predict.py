@@ -58,7 +58,7 @@ def test_package_gives_the_runs_embeddings_and_reports(run, tmp_path, monkeypatc
     for name in files:
         a, b = load_file(str(own / name)), load_file(str(out / name))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
-    assert (own / "reports.csv").read_text() == (out / "reports.csv").read_text()
+    assert (own / "reports.csv").read_text(encoding="utf-8") == (out / "reports.csv").read_text(encoding="utf-8")
 
 
 def _flatten_one_volume(root, case="train_3_a_1"):
@@ -88,7 +88,7 @@ def test_predict_refuses_a_2d_image_for_a_run_trained_on_3d_volumes(run, tmp_pat
     assert str(vol) in str(e.value) and not list((tmp_path / "out").glob("*.safetensors"))
     # --skip-refused: the 2D case is listed in refused.csv, the others are predicted
     out = predict(run_dir, [str(inputs)], tmp_path / "skip", skip_refused=True)
-    refused = (out / "refused.csv").read_text()
+    refused = (out / "refused.csv").read_text(encoding="utf-8")
     assert "train_3_a_1" in refused and "dims" in refused
     names = {p.stem for p in out.glob("*.safetensors")}
     assert names and "train_3_a_1" not in names

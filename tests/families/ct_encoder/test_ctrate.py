@@ -146,7 +146,7 @@ def test_a_report_level_narrative_replaces_the_vqa_traces_it_restates(tmp_path):
 def test_a_scans_cot_serves_the_reconstruction_that_is_kept(tmp_path):
     """CT-RATE reconstructions share one report, so CoT records of train_N_a_2 serve train_N_a_1."""
     root = make_ctrate(tmp_path / "dataset", n_patients=3)
-    text = (root / "vqa.jsonl").read_text().replace("_a_1.nii.gz", "_a_2.nii.gz")
+    text = (root / "vqa.jsonl").read_text(encoding="utf-8").replace("_a_1.nii.gz", "_a_2.nii.gz")
     (root / "vqa.jsonl").write_text(text)
     steps = _steps(root, "vqa.jsonl")
     assert set(steps) == {"train_1_a_1", "train_2_a_1", "train_3_a_1"}  # reconstructions: first
@@ -165,7 +165,7 @@ def test_cot_files_that_match_no_volume_are_refused_and_partial_or_regionless_on
     (root / "none.jsonl").write_text(json.dumps({"question": "no volume named"}) + "\n")
     with pytest.raises(DataError, match="none.jsonl.*holds no record that names a volume"):
         _steps(root, "none.jsonl")
-    lines = (root / "vqa.jsonl").read_text().splitlines()
+    lines = (root / "vqa.jsonl").read_text(encoding="utf-8").splitlines()
     (root / "part.jsonl").write_text("\n".join(ln for ln in lines if "train_3_" not in ln) + "\n")
     with pytest.warns(UserWarning, match="chain-of-thought for 2 of 3 volumes"):
         assert _steps(root, "part.jsonl")["train_3_a_1"] == []
@@ -193,9 +193,9 @@ def test_config_trains_one_cpu_epoch(tmp_path, config, v1):
     root = make_ctrate(tmp_path / "dataset", v1=v1)
     cfg = load_config(CONFIGS / config, [f"data.root={root}", f"output_dir={tmp_path / 'runs'}", *TINY])
     run = fit(cfg)
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     assert any(r.get("val/mean_recall") not in (None, "") for r in rows)
-    splits = list(csv.DictReader((run / "splits.csv").open()))
+    splits = list(csv.DictReader((run / "splits.csv").open(encoding="utf-8")))
     assert len(splits) == 10  # first reconstruction per scan, split by patient
 
 
@@ -382,7 +382,7 @@ def test_a_tiny_validation_split_warns_and_the_report_leaves_trivial_recall_out(
     left = [r.getMessage() for r in caplog.records if "validation i2t/t2i R@k" in r.getMessage()]
     assert len(left) == 1 and "k = 1, 5, 10" in left[0] and "(1 pair)" in left[0]
     assert "train.monitor=val/mean_recall reads only such k" in left[0]
-    with (run / "metrics.csv").open() as f:
+    with (run / "metrics.csv").open(encoding="utf-8") as f:
         header = next(csv.reader(f))
     assert "val/mean_recall" in header and not any("R@" in h for h in header)
     assert (run / "checkpoints" / "best.ckpt").is_file()

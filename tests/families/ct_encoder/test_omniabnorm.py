@@ -101,9 +101,9 @@ def test_config_trains_one_cpu_epoch(tmp_path):
         "model.params.mask_hidden=4", "model.params.embed_dim=16", "data.split.val=0.2", "data.split.test=0.2",
         "train.accelerator=cpu"])
     run = fit(cfg)
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     assert any(r.get("val/mean_recall") not in (None, "") for r in rows)
-    splits = {r["case_id"]: (r["patient_id"], r["split"]) for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: (r["patient_id"], r["split"]) for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     by_patient = {}
     for pid, split in splits.values():
         by_patient.setdefault(pid, set()).add(split)

@@ -62,7 +62,7 @@ def _with_fixed_head(run_dir, dst, q):
     from medfuse.engine.checkpoint import safe_torch_load
 
     shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("predictions", "report.*", "plots", "*.lock"))
-    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg = yaml.safe_load((dst / "config.yaml").read_text(encoding="utf-8"))
     cfg["name"] = dst.name
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
     cond = torch.tensor([q[0], *[b / a for a, b in zip(q, q[1:], strict=False)]], dtype=torch.float64)

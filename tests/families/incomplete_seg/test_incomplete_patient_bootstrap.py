@@ -143,7 +143,7 @@ def test_evaluate_resamples_follow_up_patients(follow_up_run):
     from medfuse.engine.evaluate import evaluate
 
     rep = evaluate(follow_up_run, n_boot=50)
-    split = [r for r in csv.DictReader((follow_up_run / "splits.csv").open()) if r["split"] == "test"]
+    split = [r for r in csv.DictReader((follow_up_run / "splits.csv").open(encoding="utf-8")) if r["split"] == "test"]
     n_patients = len({r["patient_id"] for r in split})
     assert rep["n"] == len(split) == 2 * n_patients >= 4  # both timepoints of every test patient
     for key in ("dice_all_combinations", "dice_incomplete", "dice_complete", "hd95_all_combinations"):

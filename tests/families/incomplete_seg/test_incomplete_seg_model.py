@@ -369,7 +369,7 @@ def test_three_stages_resume_evaluate_and_predict_any_subset(phantom_root, tmp_p
     full = fit(_engine_cfg(phantom_root, tmp_path, "full"))
     import csv
 
-    with (full / "metrics.csv").open() as f:  # every stage's log survives, epochs continue
+    with (full / "metrics.csv").open(encoding="utf-8") as f:  # every stage's log survives, epochs continue
         logged = [r for r in csv.DictReader(f) if r.get("val/loss")]
     assert [r["stage"] for r in logged] == ["reconstruct", "contrast", "contrast", "adapt"]
     assert [int(r["epoch"]) for r in logged] == [0, 1, 2, 3]
@@ -412,7 +412,7 @@ def test_three_stages_resume_evaluate_and_predict_any_subset(phantom_root, tmp_p
     np.testing.assert_array_equal(nib.load(str(pred)).affine, src.affine)
 
     assert set(np.unique(np.asarray(nib.load(str(pred)).dataobj)).tolist()) <= {0, 1, 2, 4}  # raw BraTS labels
-    assert "flair+t1ce" in (out / "predictions.csv").read_text()
+    assert "flair+t1ce" in (out / "predictions.csv").read_text(encoding="utf-8")
     empty = tmp_path / "empty_case"
     empty.mkdir()
     with pytest.raises(DataError, match="empty modality set"):

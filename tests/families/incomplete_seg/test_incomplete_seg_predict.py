@@ -68,7 +68,7 @@ def test_package_predicts_like_the_run_without_data_or_run(run, tmp_path, monkey
     np.testing.assert_array_equal(_label(a), _label(b))
     np.testing.assert_array_equal(nib.load(str(a)).affine, nib.load(str(b)).affine)
     assert a.read_bytes() == b.read_bytes()
-    assert (own / "predictions.csv").read_text() == (cwd / out / "predictions.csv").read_text() \
+    assert (own / "predictions.csv").read_text(encoding="utf-8") == (cwd / out / "predictions.csv").read_text(encoding="utf-8") \
         == "case_id,modalities,prediction\nNewCase,flair+t1ce,NewCase.nii.gz\n"
     assert set(np.unique(_label(b))) <= {0, 1, 2, 4}  # raw BraTS label values
 

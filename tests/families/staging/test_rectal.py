@@ -67,9 +67,9 @@ def test_config_trains_one_cpu_epoch_with_the_tiny_encoder(tmp_path):
         "model.params.slice_batch_size=64", "train.accelerator=cpu", "data.split.val=0.25", "data.split.test=0.25"])
     assert cfg.model.params["encoder"] == "tiny"
     run = fit(cfg)
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     assert any(r.get("val/balanced_accuracy") not in (None, "") for r in rows)
-    splits = {r["case_id"]: (r["patient_id"], r["split"]) for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: (r["patient_id"], r["split"]) for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     assert splits["rec008"][1] == splits["rec009"][1]  # one patient, one split
 
 

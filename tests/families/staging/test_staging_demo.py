@@ -29,7 +29,7 @@ N_PATIENTS = 40
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("staging")
     manifest = make_staging_demo(out, n_patients=N_PATIENTS, seed=3, shape=SHAPE)
-    rows = list(csv.DictReader(open(manifest, newline="")))
+    rows = list(csv.DictReader(open(manifest, newline="", encoding="utf-8")))
     return out, manifest, rows
 
 
@@ -48,7 +48,7 @@ def test_registered_and_unknown_family(tmp_path):
 def test_manifest_columns_and_files(demo):
     out, manifest, rows = demo
     assert manifest == out / "manifest.csv"
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8") as f:
         assert next(csv.reader(f)) == ["case_id", "patient_id", "image_t2w", "image_dwi", "label"]
     assert len({r["case_id"] for r in rows}) == len(rows)
     for r in rows:
@@ -71,7 +71,7 @@ def test_nifti_readable_with_affine_and_shape(demo, modality):
 
 def test_dataset_json(demo):
     out, _, _ = demo
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["modalities"] == ["t2w", "dwi"]
     assert meta["class_names"] == list(CLASS_NAMES)
     assert meta["task"] == "classification"
@@ -124,7 +124,7 @@ def test_deterministic_for_fixed_seed(tmp_path):
     m1 = make_staging_demo(tmp_path / "a", seed=7, **kw)
     m2 = make_staging_demo(tmp_path / "b", seed=7, **kw)
     m3 = make_staging_demo(tmp_path / "c", seed=8, **kw)
-    r1, r2, r3 = (list(csv.DictReader(open(m, newline=""))) for m in (m1, m2, m3))
+    r1, r2, r3 = (list(csv.DictReader(open(m, newline="", encoding="utf-8"))) for m in (m1, m2, m3))
     assert r1 == r2
     for x, y in zip(r1, r2, strict=True):
         for key in ("image_t2w", "image_dwi"):
@@ -138,9 +138,8 @@ def test_deterministic_for_fixed_seed(tmp_path):
 
 
 def test_quick_shrinks(tmp_path):
-    rows = list(
-        csv.DictReader(open(make_staging_demo(tmp_path, n_patients=240, quick=True, shape=(4, 16, 16))))
-    )
+    manifest = make_staging_demo(tmp_path, n_patients=240, quick=True, shape=(4, 16, 16))
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
     assert len({r["patient_id"] for r in rows}) == 60
 
 

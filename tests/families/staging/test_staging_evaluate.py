@@ -44,6 +44,6 @@ def test_predict_writes_probabilities(run, tmp_path):
 
     data = run.parent / "data"
     out = predict(run, [str(data / "manifest.csv")], tmp_path / "pred")
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
-    cases = list(csv.DictReader((data / "manifest.csv").open()))
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
+    cases = list(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))
     assert [r["case_id"] for r in rows] == [c["case_id"] for c in cases] and set(rows[0]) == {"case_id", "pred", "p_T1-2", "p_T3-4"}

@@ -80,6 +80,6 @@ def test_busbra_config_trains_one_cpu_epoch(tmp_path):
         "model.params.tiny_dim=32", "model.params.token_dim=16", "data.split.val=0.2", "data.split.test=0.2",
         "train.accelerator=cpu"])
     run = fit(cfg)
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     dice = [float(r["val/dice"]) for r in rows if r.get("val/dice") not in (None, "")]
     assert dice and 0.0 <= dice[-1] <= 1.0

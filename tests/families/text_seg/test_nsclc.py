@@ -250,7 +250,7 @@ def evaluated(replica, tmp_path_factory):
         "model.params.tiny_dim=32", "model.params.token_dim=16", "data.split.val=0.2", "data.split.test=0.2",
         "train.accelerator=cpu"])
     run = fit(cfg)
-    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     test_patients = [p for p, s in splits.items() if s == "test"]
     counting, opens = _count_opens([replica / "NSCLC Radiogenomics" / p for p in test_patients])
     with pytest.MonkeyPatch.context() as mp:
@@ -261,10 +261,10 @@ def evaluated(replica, tmp_path_factory):
 
 def test_config_trains_one_cpu_epoch(evaluated):
     run, report, test_patients, _ = evaluated
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     dice = [float(r["val/dice"]) for r in rows if r.get("val/dice") not in (None, "")]
     assert dice and 0.0 <= dice[-1] <= 1.0
-    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     assert set(splits) == {p for p, _, _ in PATIENTS if p != "R01-005"}  # split by patient
     # evaluate scores slices, but the bootstrap resamples patients: n is the number of test patients
     dice = report["metrics"]["dice"]
@@ -298,7 +298,7 @@ def test_evaluate_reads_each_series_once(replica, evaluated):
 
 def _predict_manifest(path: Path, rows: list[list[str]]) -> str:
     """A predict manifest: rows of (case_id, image_ct, slice, box, histology, t_stage)."""
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case_id", "image_ct", "slice", "box", "histology", "t_stage"])
         w.writerows(rows)

@@ -117,7 +117,7 @@ def test_train_ignores_a_damaged_test_split_and_evaluate_names_it(test_corrupted
     code, err = run_cli(["train", CONFIG, *_overrides(root, runs)], capsys)
     assert code in (0, None), err
     run = runs / "nsclc"
-    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open())}
+    splits = {r["case_id"]: r["split"] for r in csv.DictReader((run / "splits.csv").open(encoding="utf-8"))}
     assert sorted(p for p, s in splits.items() if s == "test") == sorted(test_ids)  # the saved split is kept
     assert (run / "checkpoints" / "best.ckpt").exists()
     code, err = run_cli(["evaluate", run], capsys)

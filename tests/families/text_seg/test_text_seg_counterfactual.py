@@ -163,7 +163,7 @@ def test_evaluation_only_rows_reuse_weights_and_count_what_changed(box_only_run)
     own = read_checkpoint(run / "checkpoints" / "best.ckpt")["state_dict"]
     theirs = read_checkpoint(src / "checkpoints" / "best.ckpt")["state_dict"]
     assert own and set(own) < set(theirs) and all(torch.equal(v, theirs[k]) for k, v in own.items())
-    assert (run / "splits.csv").read_text() == (src / "splits.csv").read_text()
+    assert (run / "splits.csv").read_text(encoding="utf-8") == (src / "splits.csv").read_text(encoding="utf-8")
     rep = evaluate(run, split="test")
     assert rep["parameters"]["adapter"] == 0 and 0.0 <= rep["metrics"]["dice"]["value"] <= 1.0
 

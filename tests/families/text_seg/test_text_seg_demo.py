@@ -22,7 +22,7 @@ from medfuse.families.text_seg.demo import (
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("tsdemo")
     make_text_seg_demo(out, n_patients=24, seed=3)
-    with (out / "manifest.csv").open() as f:
+    with (out / "manifest.csv").open(encoding="utf-8") as f:
         return out, list(csv.DictReader(f))
 
 
@@ -90,7 +90,7 @@ def test_same_seed_same_files(tmp_path, demo):
     make_text_seg_demo(again, n_patients=24, seed=3)
     first = rows[0]["image_us"]
     assert np.array_equal(np.array(Image.open(out / first)), np.array(Image.open(again / first)))
-    assert (out / "manifest.csv").read_text() == (again / "manifest.csv").read_text()
+    assert (out / "manifest.csv").read_text(encoding="utf-8") == (again / "manifest.csv").read_text(encoding="utf-8")
 
 
 def test_loads_as_a_text_seg_dataset_with_patient_splits(demo, tmp_path):

@@ -350,7 +350,7 @@ def test_demo_config_selects_on_validation_dice(trained_run):
     run, _ = trained_run
     cfg = resolve(load_run(run))
     assert (cfg.task, cfg.train.monitor, cfg.train.mode) == ("segmentation", "val/dice", "max")
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "metrics.csv").open(encoding="utf-8")))
     dice = [float(r["val/dice"]) for r in rows if r.get("val/dice") not in (None, "")]
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
     assert any(r.get("train/contrastive") not in (None, "") for r in rows)
@@ -433,7 +433,7 @@ def test_train_evaluate_counterfactual_and_predict_end_to_end(trained_run, tmp_p
     assert (run / rep["overlays"]).is_file() and (run / "predictions" / "test" / "per_case.csv").is_file()
 
     # inference: boxes and text from a CSV, masks at the original size
-    rows = list(csv.DictReader((data / "manifest.csv").open()))[:3]
+    rows = list(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))[:3]
     infer = tmp_path / "infer.csv"
     with infer.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["case_id", "image_us", "box", *[k for k in rows[0] if k in
@@ -443,7 +443,7 @@ def test_train_evaluate_counterfactual_and_predict_end_to_end(trained_run, tmp_p
             w.writerow({k: (str(data / r[k]) if k == "image_us" else r[k]) for k in w.fieldnames})
     out = predict(run, [str(infer)], tmp_path / "pred")
     assert (out / "predictions.csv").is_file()
-    assert len(list(csv.DictReader((out / "predictions.csv").open()))) == 3
+    assert len(list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))) == 3
     mask = np.array(Image.open(out / f"{rows[0]['case_id']}.png"))  # named by case id, as evaluate names it
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
 
@@ -458,7 +458,7 @@ def test_predict_refuses_manifests_it_cannot_honour(trained_run, tmp_path):
     from medfuse.errors import DataError
 
     run, data = trained_run
-    row = next(csv.DictReader((data / "manifest.csv").open()))
+    row = next(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))
     fields = [k for k in row if k in ("size", "echogenicity", "margin", "position")]
 
     def manifest(name, rows, column="image_us"):

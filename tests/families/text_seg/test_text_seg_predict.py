@@ -34,7 +34,7 @@ def test_package_gives_the_runs_masks(run, tmp_path, monkeypatch):
     from medfuse.engine.predict import predict
 
     tmp, data, run_dir = run
-    rows = list(csv.DictReader((data / "manifest.csv").open()))[:3]
+    rows = list(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))[:3]
     (tmp_path / "img").mkdir()
     infer = tmp_path / "infer.csv"
     keep = ["case_id", "image_us", "box", *[k for k in rows[0] if k in ("size", "echogenicity", "margin", "position")]]
@@ -57,7 +57,7 @@ def test_package_gives_the_runs_masks(run, tmp_path, monkeypatch):
     assert masks == sorted(f"{r['case_id']}.png" for r in rows) == sorted(p.name for p in out.glob("*.png"))
     for name in masks:
         assert (own / name).read_bytes() == (out / name).read_bytes()
-    assert (own / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+    assert (own / "predictions.csv").read_text(encoding="utf-8") == (out / "predictions.csv").read_text(encoding="utf-8")
 
 
 FIELDS = ("size", "echogenicity", "margin", "position")
@@ -89,8 +89,8 @@ def test_predict_writes_what_evaluate_writes(run, tmp_path):
     shutil.copytree(run_dir, copy)
     evaluate(copy, split="test", n_boot=10)
     evaluated = copy / "predictions" / "test"
-    order = [r["case_id"] for r in csv.DictReader((evaluated / "per_case.csv").open())]  # the loader's batches
-    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open())}
+    order = [r["case_id"] for r in csv.DictReader((evaluated / "per_case.csv").open(encoding="utf-8"))]  # the loader's batches
+    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open(encoding="utf-8"))}
     out = predict(copy, [_manifest(tmp_path / "test.csv", data, [by_id[c] for c in order])], tmp_path / "pred")
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == sorted(f"{c}.png" for c in order) == sorted(p.name for p in evaluated.glob("*.png"))
@@ -107,7 +107,7 @@ def test_predict_never_replaces_an_input(run, tmp_path):
     from medfuse.errors import DataError
 
     _, data, run_dir = run
-    rows = list(csv.DictReader((data / "manifest.csv").open()))[:2]
+    rows = list(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))[:2]
     folder = tmp_path / "images"
     folder.mkdir()
     images = {r["case_id"]: shutil.copy(data / r["image_us"], folder / f"{r['case_id']}.png") for r in rows}
@@ -122,10 +122,10 @@ def test_predict_never_replaces_an_input(run, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     inside = Path(_manifest(other / "predictions.csv", data, rows))
-    text = inside.read_text()
+    text = inside.read_text(encoding="utf-8")
     with pytest.raises(DataError, match="is the manifest"):
         predict(run_dir, [str(inside)], other)
-    assert inside.read_text() == text and [p.name for p in other.iterdir()] == ["predictions.csv"]
+    assert inside.read_text(encoding="utf-8") == text and [p.name for p in other.iterdir()] == ["predictions.csv"]
     out = predict(run_dir, [manifest], tmp_path / "elsewhere")
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.png" for c in images), "predictions.csv",
                                                             "inputs.csv"])
@@ -141,7 +141,7 @@ def test_predict_refuses_a_volume_slice_for_a_2d_run(run, tmp_path):
     from medfuse.errors import DataError
 
     _, data, run_dir = run
-    row = dict(list(csv.DictReader((data / "manifest.csv").open()))[0])
+    row = dict(list(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))[0])
     plane = np.asarray(Image.open(data / row["image_us"]), np.float32)
     vol = tmp_path / "vol.nii.gz"
     write_nifti(np.stack([plane] * 3)[None], vol)
@@ -185,7 +185,7 @@ def test_a_far_box_gives_no_mask_at_the_target(run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     _box_blind(monkeypatch)
-    row = next(iter(csv.DictReader((data / "manifest.csv").open())))
+    row = next(iter(csv.DictReader((data / "manifest.csv").open(encoding="utf-8"))))
     mask = np.array(Image.open(data / row["mask"])) > 0
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
@@ -204,8 +204,8 @@ def test_a_far_box_gives_no_mask_at_the_target(run, tmp_path, monkeypatch):
     assert pred["tight"][mask].all() and not pred["tight"][: max(tight[1] - 4, 0)].any()
     # evaluate scores the same restricted output
     evaluate(copy, split="test", n_boot=10)
-    tests = {r["case_id"]: r for r in csv.DictReader((copy / "predictions" / "test" / "per_case.csv").open())}
-    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open())}
+    tests = {r["case_id"]: r for r in csv.DictReader((copy / "predictions" / "test" / "per_case.csv").open(encoding="utf-8"))}
+    by_id = {r["case_id"]: r for r in csv.DictReader((data / "manifest.csv").open(encoding="utf-8"))}
     for cid in tests:
         box = [int(v) for v in by_id[cid]["box"].split()]
         p = np.array(Image.open(copy / "predictions" / "test" / f"{cid}.png")) > 0
@@ -225,10 +225,10 @@ def test_box_margin_null_leaves_the_output_unrestricted(run, tmp_path, monkeypat
     _, data, run_dir = run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg = yaml.safe_load((copy / "config.yaml").read_text(encoding="utf-8"))
     cfg["model"]["params"]["box_margin"] = None
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
     _box_blind(monkeypatch)
-    row = {**next(iter(csv.DictReader((data / "manifest.csv").open()))), "case_id": "far", "box": "0 0 11 11"}
+    row = {**next(iter(csv.DictReader((data / "manifest.csv").open(encoding="utf-8")))), "case_id": "far", "box": "0 0 11 11"}
     out = predict(copy, [_manifest(tmp_path / "m.csv", data, [row])], tmp_path / "pred")
     assert (np.array(Image.open(out / "far.png")) > 0).all()

@@ -96,7 +96,7 @@ def test_shipped_tiny_configs_train_their_image_side(config):
     from medfuse.families.text_seg.params import check_image_side_weights
 
     check_image_side_weights(params, cfg.model.weights, False)
-    header = config.read_text().split("\nname:")[0]
+    header = config.read_text(encoding="utf-8").split("\nname:")[0]
     assert "model.params.image_weights=" in header and "model.params.freeze_image_side=true" in header
 
 
@@ -115,7 +115,7 @@ def test_evaluate_keeps_working_for_a_run_whose_config_freezes_the_image_side(tm
         "data.params.image_size=64", "data.params.mask_size=64", "model.params.image_size=64",
         "model.params.tiny_dim=32", "model.params.token_dim=16", "data.split.val=0.25", "data.split.test=0.3",
         "train.accelerator=cpu"]))
-    saved = (run / "config.yaml").read_text()
+    saved = (run / "config.yaml").read_text(encoding="utf-8")
     assert "freeze_image_side: false" in saved
     (run / "config.yaml").write_text(saved.replace("freeze_image_side: false", "freeze_image_side: true"))
     report = evaluate(run, n_boot=10)
