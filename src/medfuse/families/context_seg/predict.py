@@ -110,6 +110,13 @@ def model_card_lines(p: ContextSegDataParams, raw_spacing: Any, label_scale: Any
     return {"inputs": inputs, "preprocessing": prep, "outputs": OUTPUT_GRID}
 
 
+def _train_raw_spacing(dm: Any) -> Any:
+    """The training raw voxel size (d, h, w) in mm of a run's data module, or None (a stand-in data
+    module has no ``train_raw_spacing``)."""
+    train_spacing = getattr(dm, "train_raw_spacing", None)
+    return train_spacing() if train_spacing is not None else None
+
+
 class ContextSegPredictor(SegmentationPredictor):
     """RAW (and CONTEXT in ``context_mode: paired``) -> ``<case_id>.nii.gz`` with exactly the raw
     file's shape and affine (in mm, NIfTI axes (x, y, z): :data:`OUTPUT_GRID`); the case id is
@@ -136,16 +143,14 @@ class ContextSegPredictor(SegmentationPredictor):
     def package_labels(cls, dm: Any, cfg: Config) -> dict[str, Any]:
         """The generic labels plus ``card``: the model card's inputs, preprocessing and outputs lines
         for this family (:func:`model_card_lines`); the generic chain of the card is not used here."""
-        train_spacing = getattr(dm, "train_raw_spacing", None)  # a stand-in data module may not have it
-        spacing = train_spacing() if train_spacing is not None else None
+        spacing = _train_raw_spacing(dm)
         params = validate_params(ContextSegDataParams, cfg.data.params, "data.params")
         cellmap = bool(getattr(dm, "cellmap", False))  # trained on CellMap crops (a stand-in: no)
         return {**super().package_labels(dm, cfg), "card": model_card_lines(params, spacing, dm._predict_scale(), cellmap)}
 
     @classmethod
     def package_state(cls, dm: Any, cfg: Config) -> dict[str, Any]:
-        train_spacing = getattr(dm, "train_raw_spacing", None)  # a stand-in data module may not have it
-        spacing = train_spacing() if train_spacing is not None else None
+        spacing = _train_raw_spacing(dm)
         return {"num_classes": int(dm.num_classes),
                 "label_scale": [float(v) for v in dm._predict_scale()],  # the training cases' factor
                 "raw_spacing": None if spacing is None else [float(v) for v in spacing],  # training raw voxels
